@@ -1,0 +1,1 @@
+//! Examples for p2pbridge.

@@ -1,0 +1,539 @@
+//! Connection setup through rdma_cm (librdmacm): the active side ([`Connection::connect`])
+//! and the passive side ([`Listener`], [`ConnectRequest::accept`]).
+//!
+//! Each side carries up to 56 bytes (connect) or 196 bytes (accept) of private data: room
+//! for a [`RemoteBuf`](crate::RemoteBuf) descriptor, so that a peer learns where to write
+//! without any other channel.
+//!
+//! rdma_cm resolves addresses in the network namespace of the calling thread.
+
+use std::ffi::CStr;
+use std::net::{IpAddr, SocketAddr};
+use std::ptr::NonNull;
+use std::time::Duration;
+
+use crate::cq::CompletionQueue;
+use crate::device::Context;
+use crate::error::{Error, Result};
+use crate::mr::ProtectionDomain;
+use crate::qp::QueuePair;
+use crate::{library, result, sys};
+
+/// Sizes and limits of a connection's queues, and the private data to send.
+#[derive(Debug, Clone)]
+pub struct ConnectionOptions {
+    /// Send queue depth (outstanding send-side work requests).
+    pub send_depth: u32,
+    /// Receive queue depth.
+    pub recv_depth: u32,
+    /// Largest inline payload asked for.
+    pub max_inline: u32,
+    /// Outstanding RDMA READs we accept as responder.
+    pub responder_resources: u8,
+    /// Outstanding RDMA READs we issue as initiator.
+    pub initiator_depth: u8,
+    /// RNR retries (7 = retry for ever; the default 6 lets a missing receive fail instead of
+    /// hang).
+    pub rnr_retry_count: u8,
+    /// How long each rdma_cm step may take.
+    pub timeout: Duration,
+    /// Bytes sent to the peer with the connect request or the accept (at most 56 / 196).
+    pub private_data: Vec<u8>,
+}
+
+impl Default for ConnectionOptions {
+    fn default() -> Self {
+        ConnectionOptions {
+            send_depth: 256,
+            recv_depth: 256,
+            max_inline: 64,
+            responder_resources: 16,
+            initiator_depth: 16,
+            rnr_retry_count: 6,
+            timeout: Duration::from_secs(10),
+            private_data: Vec::new(),
+        }
+    }
+}
+
+struct Channel(NonNull<sys::rdma_event_channel>);
+
+impl Channel {
+    fn new() -> Result<Self> {
+        // SAFETY: no preconditions; the channel is destroyed on drop.
+        Ok(Channel(result::ptr("rdma_create_event_channel", unsafe { sys::rdma_create_event_channel() })?))
+    }
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        // SAFETY: destroyed once, after every id on it (CmId holds the channel and destroys
+        // its id first).
+        unsafe { sys::rdma_destroy_event_channel(self.0.as_ptr()) };
+    }
+}
+
+/// An rdma_cm id and the channel its events arrive on; destroys QP, id, then channel.
+struct CmId {
+    id: NonNull<sys::rdma_cm_id>,
+    has_qp: bool,
+    // Declared last: dropped after the id.
+    channel: Channel,
+}
+
+// SAFETY: rdma_cm ids may be used from any thread; each is used by one owner at a time.
+unsafe impl Send for CmId {}
+// SAFETY: shared access only reads the id's fields set at creation (verbs, qp).
+unsafe impl Sync for CmId {}
+
+impl CmId {
+    fn new(channel: Channel) -> Result<Self> {
+        let mut id = std::ptr::null_mut();
+        // SAFETY: the channel is live; `id` is a valid out-pointer.
+        let rc = unsafe {
+            sys::rdma_create_id(channel.0.as_ptr(), &mut id, std::ptr::null_mut(), sys::rdma_port_space::RDMA_PS_TCP)
+        };
+        result::neg_errno("rdma_create_id", rc)?;
+        let id = result::ptr("rdma_create_id", id)?;
+        Ok(CmId { id, has_qp: false, channel })
+    }
+
+    fn raw(&self) -> *mut sys::rdma_cm_id {
+        self.id.as_ptr()
+    }
+
+    fn wait(&self, expected: u32, timeout: Duration) -> Result<Event> {
+        wait_event(&self.channel, expected, timeout)
+    }
+
+    /// Checks that the route goes through `pd`'s device context.
+    fn check_pd(&self, pd: &ProtectionDomain) -> Result<()> {
+        // SAFETY: the id is live; `verbs` is set once an address is resolved or bound.
+        let verbs = unsafe { (*self.raw()).verbs };
+        if verbs != pd.context().as_raw() {
+            let routed = match NonNull::new(verbs) {
+                Some(v) => Context::from_cm_context(v).map(|c| c.name().to_string()).unwrap_or_else(|_| "?".into()),
+                None => "no device".into(),
+            };
+            return Err(Error::InvalidArgument(format!(
+                "rdma_cm routed this connection through {routed}, but the protection domain belongs to {}: open the device the address belongs to",
+                pd.context().name()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Creates CQs and an RC QP on the id.
+    fn create_qp(&mut self, pd: &ProtectionDomain, opts: &ConnectionOptions) -> Result<(QueuePair, CompletionQueue, CompletionQueue)> {
+        let send_cq = CompletionQueue::new(pd.context(), opts.send_depth.max(1))?;
+        let recv_cq = CompletionQueue::new(pd.context(), opts.recv_depth.max(1))?;
+        // SAFETY: plain old data; every field that matters is set below.
+        let mut attr: sys::ibv_qp_init_attr = unsafe { std::mem::zeroed() };
+        attr.send_cq = send_cq.as_raw();
+        attr.recv_cq = recv_cq.as_raw();
+        attr.qp_type = sys::ibv_qp_type::IBV_QPT_RC;
+        attr.sq_sig_all = 0;
+        attr.cap.max_send_wr = opts.send_depth.max(1);
+        attr.cap.max_recv_wr = opts.recv_depth.max(1);
+        attr.cap.max_send_sge = 1;
+        attr.cap.max_recv_sge = 1;
+        attr.cap.max_inline_data = opts.max_inline;
+        // SAFETY: the id is live and routed through pd's context (checked by the caller); the
+        // CQs outlive the QP (Connection destroys the QP first).
+        let rc = unsafe { sys::rdma_create_qp(self.raw(), pd.as_raw(), &mut attr) };
+        result::neg_errno("rdma_create_qp", rc)?;
+        self.has_qp = true;
+        // SAFETY: rdma_create_qp set id->qp on success.
+        let qp = result::ptr("rdma_create_qp", unsafe { (*self.raw()).qp })?;
+        // SAFETY: the QP lives until this CmId destroys it, and the Connection keeps both.
+        let qp = unsafe { QueuePair::from_raw(qp, pd, attr.cap.max_inline_data) };
+        Ok((qp, send_cq, recv_cq))
+    }
+}
+
+impl Drop for CmId {
+    fn drop(&mut self) {
+        // SAFETY: each is destroyed once, QP before id; the channel outlives the id (field
+        // order). rdma_destroy_id waits for this id's unacked events; we ack every event.
+        unsafe {
+            if self.has_qp {
+                sys::rdma_destroy_qp(self.raw());
+            }
+            sys::rdma_destroy_id(self.raw());
+        }
+    }
+}
+
+/// What we keep of an rdma_cm event (it is acked before we return).
+struct Event {
+    id: *mut sys::rdma_cm_id,
+    private_data: Vec<u8>,
+}
+
+fn event_name(e: u32) -> String {
+    // SAFETY: rdma_event_str returns a static string for every value.
+    let p = unsafe { sys::rdma_event_str(e) };
+    if p.is_null() {
+        return format!("event {e}");
+    }
+    // SAFETY: non-null results are static NUL-terminated strings.
+    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
+
+fn wait_event(ch: &Channel, expected: u32, timeout: Duration) -> Result<Event> {
+    let expected_name: &'static str = match expected {
+        sys::rdma_cm_event_type::RDMA_CM_EVENT_ADDR_RESOLVED => "RDMA_CM_EVENT_ADDR_RESOLVED",
+        sys::rdma_cm_event_type::RDMA_CM_EVENT_ROUTE_RESOLVED => "RDMA_CM_EVENT_ROUTE_RESOLVED",
+        sys::rdma_cm_event_type::RDMA_CM_EVENT_CONNECT_REQUEST => "RDMA_CM_EVENT_CONNECT_REQUEST",
+        sys::rdma_cm_event_type::RDMA_CM_EVENT_ESTABLISHED => "RDMA_CM_EVENT_ESTABLISHED",
+        sys::rdma_cm_event_type::RDMA_CM_EVENT_DISCONNECTED => "RDMA_CM_EVENT_DISCONNECTED",
+        _ => "an rdma_cm event",
+    };
+    // SAFETY: the channel is live; its fd is valid while it is.
+    let fd = unsafe { (*ch.0.as_ptr()).fd };
+    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    loop {
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        result::neg_errno("poll(rdma_cm channel)", n)?;
+        if n == 0 {
+            return Err(Error::Timeout(timeout, expected_name));
+        }
+        break;
+    }
+    let mut ev: *mut sys::rdma_cm_event = std::ptr::null_mut();
+    // SAFETY: the channel has an event ready; `ev` is a valid out-pointer.
+    let rc = unsafe { sys::rdma_get_cm_event(ch.0.as_ptr(), &mut ev) };
+    result::neg_errno("rdma_get_cm_event", rc)?;
+    let ev = result::ptr("rdma_get_cm_event", ev)?;
+    // SAFETY: the event is valid until acked; we copy what we need first.
+    let (kind, status, id, private_data) = unsafe {
+        let e = ev.as_ref();
+        let conn = e.param.conn;
+        let pd = if conn.private_data.is_null() || conn.private_data_len == 0 {
+            Vec::new()
+        } else {
+            std::slice::from_raw_parts(conn.private_data.cast::<u8>(), conn.private_data_len as usize).to_vec()
+        };
+        (e.event, e.status, e.id, pd)
+    };
+    // SAFETY: acked once; nothing refers to it afterwards.
+    unsafe { sys::rdma_ack_cm_event(ev.as_ptr()) };
+    if kind != expected {
+        use sys::rdma_cm_event_type as t;
+        let hint = match kind {
+            t::RDMA_CM_EVENT_ADDR_ERROR => Some("no RDMA device can reach that address from this network namespace (check `rdma link`, `ip route`)"),
+            t::RDMA_CM_EVENT_ROUTE_ERROR => Some("no route to the peer through an RDMA device"),
+            t::RDMA_CM_EVENT_UNREACHABLE => Some("the peer did not answer: is a server listening there?"),
+            t::RDMA_CM_EVENT_REJECTED => Some("the peer rejected the request, or nothing listens on that port"),
+            t::RDMA_CM_EVENT_CONNECT_ERROR => Some("the connection failed while being set up"),
+            _ => None,
+        };
+        return Err(Error::CmEvent { expected: expected_name, got: event_name(kind), status, hint });
+    }
+    Ok(Event { id, private_data })
+}
+
+fn to_sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain old data; zeroed is valid.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is large and aligned enough for any sockaddr.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: as above.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+fn conn_param(opts: &ConnectionOptions, max_private: usize) -> Result<sys::rdma_conn_param> {
+    if opts.private_data.len() > max_private {
+        return Err(Error::InvalidArgument(format!(
+            "private data of {} bytes exceeds rdma_cm's {max_private}-byte limit",
+            opts.private_data.len()
+        )));
+    }
+    Ok(sys::rdma_conn_param {
+        private_data: if opts.private_data.is_empty() { std::ptr::null() } else { opts.private_data.as_ptr().cast() },
+        private_data_len: opts.private_data.len() as u8,
+        responder_resources: opts.responder_resources,
+        initiator_depth: opts.initiator_depth,
+        flow_control: 1,
+        retry_count: 7,
+        rnr_retry_count: opts.rnr_retry_count.min(7),
+        srq: 0,
+        qp_num: 0,
+    })
+}
+
+/// Largest private data on a connect request (RC over IB/RoCE).
+pub const MAX_CONNECT_PRIVATE_DATA: usize = 56;
+/// Largest private data on an accept.
+pub const MAX_ACCEPT_PRIVATE_DATA: usize = 196;
+
+/// A connected RC queue pair with its completion queues, set up through rdma_cm.
+///
+/// Dropping it disconnects and destroys the QP, the CQs and the rdma_cm id, in that order.
+pub struct Connection {
+    qp: QueuePair,
+    // Destroys the QP and the id; must drop before the CQs.
+    id: CmId,
+    send_cq: CompletionQueue,
+    recv_cq: CompletionQueue,
+    pd: ProtectionDomain,
+    remote_private_data: Vec<u8>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection").field("qp", &self.qp).field("device", &self.pd.context().name()).finish()
+    }
+}
+
+impl Connection {
+    /// Connects to a [`Listener`] at `dst`, through the device `pd` belongs to.
+    ///
+    /// ```no_run
+    /// use p2pbridge_verbs::{Connection, ConnectionOptions, Context, ProtectionDomain};
+    /// let pd = ProtectionDomain::new(&Context::open("rxe_a")?)?;
+    /// let conn = Connection::connect(&pd, "10.77.0.2:7471".parse().unwrap(), &ConnectionOptions::default())?;
+    /// let theirs = p2pbridge_verbs::RemoteBuf::from_bytes(conn.remote_private_data())?;
+    /// # Ok::<(), p2pbridge_verbs::Error>(())
+    /// ```
+    pub fn connect(pd: &ProtectionDomain, dst: SocketAddr, opts: &ConnectionOptions) -> Result<Connection> {
+        library::rdmacm()?;
+        let param = conn_param(opts, MAX_CONNECT_PRIVATE_DATA)?;
+        let mut id = CmId::new(Channel::new()?)?;
+        let ms = i32::try_from(opts.timeout.as_millis()).unwrap_or(i32::MAX);
+        let (mut dst_ss, _) = to_sockaddr(&dst);
+        // SAFETY: the id is live; `dst_ss` holds a valid sockaddr of its family.
+        let rc = unsafe {
+            sys::rdma_resolve_addr(id.raw(), std::ptr::null_mut(), (&mut dst_ss as *mut libc::sockaddr_storage).cast(), ms)
+        };
+        result::neg_errno("rdma_resolve_addr", rc)?;
+        id.wait(sys::rdma_cm_event_type::RDMA_CM_EVENT_ADDR_RESOLVED, opts.timeout)?;
+        // SAFETY: the id's address is resolved.
+        let rc = unsafe { sys::rdma_resolve_route(id.raw(), ms) };
+        result::neg_errno("rdma_resolve_route", rc)?;
+        id.wait(sys::rdma_cm_event_type::RDMA_CM_EVENT_ROUTE_RESOLVED, opts.timeout)?;
+        id.check_pd(pd)?;
+        let (qp, send_cq, recv_cq) = id.create_qp(pd, opts)?;
+        let mut param = param;
+        // SAFETY: the id is routed and has a QP; `param` and its private data outlive the call.
+        let rc = unsafe { sys::rdma_connect(id.raw(), &mut param) };
+        result::neg_errno("rdma_connect", rc)?;
+        let ev = id.wait(sys::rdma_cm_event_type::RDMA_CM_EVENT_ESTABLISHED, opts.timeout)?;
+        Ok(Connection { qp, id, send_cq, recv_cq, pd: pd.clone(), remote_private_data: ev.private_data })
+    }
+
+    /// The queue pair: post work requests here.
+    pub fn qp(&self) -> &QueuePair {
+        &self.qp
+    }
+
+    /// Completions of send-side work (WRITE, READ, SEND).
+    pub fn send_cq(&self) -> &CompletionQueue {
+        &self.send_cq
+    }
+
+    /// Completions of receives.
+    pub fn recv_cq(&self) -> &CompletionQueue {
+        &self.recv_cq
+    }
+
+    /// The protection domain.
+    pub fn pd(&self) -> &ProtectionDomain {
+        &self.pd
+    }
+
+    /// The private data the peer sent with its request or accept. rdma_cm may pad it with
+    /// zeros to the transport's maximum.
+    pub fn remote_private_data(&self) -> &[u8] {
+        &self.remote_private_data
+    }
+
+    /// Waits for the peer to disconnect (`RDMA_CM_EVENT_DISCONNECTED`).
+    pub fn wait_disconnect(&self, timeout: Duration) -> Result<()> {
+        self.id.wait(sys::rdma_cm_event_type::RDMA_CM_EVENT_DISCONNECTED, timeout).map(|_| ())
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // SAFETY: the id is live; disconnecting an already disconnected id only fails.
+        unsafe { sys::rdma_disconnect(self.id.raw()) };
+    }
+}
+
+/// A passive rdma_cm id listening for connections.
+pub struct Listener {
+    id: CmId,
+    addr: SocketAddr,
+}
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listener").field("addr", &self.addr).finish()
+    }
+}
+
+impl Listener {
+    /// Binds to `addr` (an address of an RDMA device in this thread's network namespace;
+    /// port 0 picks a free one) and listens.
+    pub fn bind(addr: SocketAddr) -> Result<Listener> {
+        library::rdmacm()?;
+        let id = CmId::new(Channel::new()?)?;
+        let (mut ss, _) = to_sockaddr(&addr);
+        // SAFETY: the id is live; `ss` holds a valid sockaddr.
+        let rc = unsafe { sys::rdma_bind_addr(id.raw(), (&mut ss as *mut libc::sockaddr_storage).cast()) };
+        result::neg_errno("rdma_bind_addr", rc)?;
+        // SAFETY: the id is bound.
+        let rc = unsafe { sys::rdma_listen(id.raw(), 16) };
+        result::neg_errno("rdma_listen", rc)?;
+        // SAFETY: the id is bound; the port is in network order.
+        let port = u16::from_be(unsafe { sys::rdma_get_src_port(id.raw()) });
+        Ok(Listener { id, addr: SocketAddr::new(addr.ip(), port) })
+    }
+
+    /// The bound address, with the port chosen when 0 was asked for.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The IP address it listens on.
+    pub fn ip(&self) -> IpAddr {
+        self.addr.ip()
+    }
+
+    /// Waits up to `timeout` for the next connection request.
+    pub fn get_request(&self, timeout: Duration) -> Result<ConnectRequest> {
+        let ev = self.id.wait(sys::rdma_cm_event_type::RDMA_CM_EVENT_CONNECT_REQUEST, timeout)?;
+        let id = result::ptr("rdma_get_cm_event (connect request id)", ev.id)?;
+        Ok(ConnectRequest { id: Some(id), private_data: ev.private_data })
+    }
+}
+
+/// A connection request a [`Listener`] received: accept or reject it (dropping rejects).
+pub struct ConnectRequest {
+    id: Option<NonNull<sys::rdma_cm_id>>,
+    private_data: Vec<u8>,
+}
+
+// SAFETY: the request's id is owned by this value alone until accepted or rejected.
+unsafe impl Send for ConnectRequest {}
+
+impl ConnectRequest {
+    /// The private data the client sent (possibly zero-padded).
+    pub fn private_data(&self) -> &[u8] {
+        &self.private_data
+    }
+
+    /// The device the request arrived on.
+    pub fn device_name(&self) -> Option<String> {
+        let id = self.id?;
+        // SAFETY: the id is live until accepted or rejected.
+        let verbs = NonNull::new(unsafe { (*id.as_ptr()).verbs })?;
+        Context::from_cm_context(verbs).ok().map(|c| c.name().to_string())
+    }
+
+    /// Accepts with a QP in `pd` (which must be on the device the request arrived on), sending
+    /// `opts.private_data` back.
+    pub fn accept(mut self, pd: &ProtectionDomain, opts: &ConnectionOptions) -> Result<Connection> {
+        let param = conn_param(opts, MAX_ACCEPT_PRIVATE_DATA)?;
+        let raw = self.id.take().ok_or_else(|| Error::InvalidArgument("request already used".into()))?;
+        let channel = Channel::new()?;
+        // SAFETY: `raw` is a live id whose CONNECT_REQUEST event is acked; moving it to its
+        // own channel lets the connection outlive the listener.
+        let rc = unsafe { sys::rdma_migrate_id(raw.as_ptr(), channel.0.as_ptr()) };
+        if let Err(e) = result::neg_errno("rdma_migrate_id", rc) {
+            // SAFETY: still ours; reject and destroy it once.
+            unsafe {
+                sys::rdma_reject(raw.as_ptr(), std::ptr::null(), 0);
+                sys::rdma_destroy_id(raw.as_ptr());
+            }
+            return Err(e);
+        }
+        let mut id = CmId { id: raw, has_qp: false, channel };
+        if let Err(e) = id.check_pd(pd) {
+            // SAFETY: the id is live and not yet accepted.
+            unsafe { sys::rdma_reject(id.raw(), std::ptr::null(), 0) };
+            return Err(e);
+        }
+        let (qp, send_cq, recv_cq) = id.create_qp(pd, opts)?;
+        let mut param = param;
+        // SAFETY: the id has a QP; `param` and its data outlive the call.
+        let rc = unsafe { sys::rdma_accept(id.raw(), &mut param) };
+        result::neg_errno("rdma_accept", rc)?;
+        id.wait(sys::rdma_cm_event_type::RDMA_CM_EVENT_ESTABLISHED, opts.timeout)?;
+        let private = std::mem::take(&mut self.private_data);
+        Ok(Connection { qp, id, send_cq, recv_cq, pd: pd.clone(), remote_private_data: private })
+    }
+
+    /// Rejects the request.
+    pub fn reject(mut self) {
+        self.reject_now();
+    }
+
+    fn reject_now(&mut self) {
+        if let Some(id) = self.id.take() {
+            // SAFETY: the id is live and ours; rejected and destroyed once.
+            unsafe {
+                sys::rdma_reject(id.as_ptr(), std::ptr::null(), 0);
+                sys::rdma_destroy_id(id.as_ptr());
+            }
+        }
+    }
+}
+
+impl Drop for ConnectRequest {
+    fn drop(&mut self) {
+        self.reject_now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockaddr_conversion_keeps_port_and_address() {
+        let a: SocketAddr = "10.77.0.2:7471".parse().unwrap();
+        let (ss, len) = to_sockaddr(&a);
+        assert_eq!(len as usize, std::mem::size_of::<libc::sockaddr_in>());
+        // SAFETY: written as a sockaddr_in above.
+        let sin: libc::sockaddr_in = unsafe { std::ptr::read((&ss as *const libc::sockaddr_storage).cast()) };
+        assert_eq!(sin.sin_family as i32, libc::AF_INET);
+        assert_eq!(u16::from_be(sin.sin_port), 7471);
+        assert_eq!(sin.sin_addr.s_addr.to_ne_bytes(), [10, 77, 0, 2]);
+    }
+
+    #[test]
+    fn oversized_private_data_is_refused() {
+        let opts = ConnectionOptions { private_data: vec![0; 57], ..Default::default() };
+        assert!(matches!(conn_param(&opts, MAX_CONNECT_PRIVATE_DATA), Err(Error::InvalidArgument(_))));
+        assert!(conn_param(&opts, MAX_ACCEPT_PRIVATE_DATA).is_ok());
+    }
+}

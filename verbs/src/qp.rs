@@ -1,0 +1,237 @@
+//! Reliable-connected queue pairs: posting RDMA WRITE, READ, SEND and RECV.
+
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use bitflags::bitflags;
+
+use crate::error::{Error, Result};
+use crate::mr::{AccessFlags, LocalSlice, PdInner, ProtectionDomain, RemoteSlice};
+use crate::{result, sys};
+
+bitflags! {
+    /// Flags of a send-queue work request (`enum ibv_send_flags`).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct SendFlags: u32 {
+        /// Wait for earlier RDMA READs and atomics before this one.
+        const FENCE = 1;
+        /// Generate a completion (otherwise only errors complete).
+        const SIGNALED = 2;
+        /// Solicited event at the receiver.
+        const SOLICITED = 4;
+        /// Copy the payload into the WQE (up to the QP's inline limit): the buffer may be
+        /// reused as soon as the post returns.
+        const INLINE = 8;
+    }
+}
+
+/// A QP's state (`enum ibv_qp_state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QpState {
+    /// RESET
+    Reset,
+    /// INIT
+    Init,
+    /// Ready to receive.
+    Rtr,
+    /// Ready to send.
+    Rts,
+    /// Send queue drained.
+    Sqd,
+    /// Send queue error.
+    Sqe,
+    /// Error: every outstanding and new request is flushed.
+    Error,
+    /// Something else.
+    Unknown(u32),
+}
+
+/// An RC queue pair. Made by [`crate::cm`] connection setup; owned by its connection.
+pub struct QueuePair {
+    qp: NonNull<sys::ibv_qp>,
+    pd: Arc<PdInner>,
+    max_inline: u32,
+}
+
+// SAFETY: posting and querying are thread-safe verbs (providers lock the queues).
+unsafe impl Send for QueuePair {}
+// SAFETY: as above.
+unsafe impl Sync for QueuePair {}
+
+impl std::fmt::Debug for QueuePair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueuePair").field("qp_num", &self.qp_num()).finish()
+    }
+}
+
+impl QueuePair {
+    /// # Safety
+    /// `qp` must be a live RC QP created in `pd`, that outlives the returned value.
+    pub(crate) unsafe fn from_raw(qp: NonNull<sys::ibv_qp>, pd: &ProtectionDomain, max_inline: u32) -> Self {
+        QueuePair { qp, pd: pd.inner.clone(), max_inline }
+    }
+
+    /// The QP number.
+    pub fn qp_num(&self) -> u32 {
+        // SAFETY: the QP is live; qp_num is set at creation and never changes.
+        unsafe { (*self.qp.as_ptr()).qp_num }
+    }
+
+    /// The raw QP, for the `sys` layer.
+    pub fn as_raw(&self) -> *mut sys::ibv_qp {
+        self.qp.as_ptr()
+    }
+
+    /// Largest inline payload.
+    pub fn max_inline(&self) -> u32 {
+        self.max_inline
+    }
+
+    /// The QP's current state (`ibv_query_qp`). After a failed work request an RC QP is in
+    /// [`QpState::Error`].
+    pub fn state(&self) -> Result<QpState> {
+        // SAFETY: plain old data out-parameters.
+        let mut attr: sys::ibv_qp_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut init: sys::ibv_qp_init_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: the QP is live; the out-pointers are valid.
+        let rc = unsafe {
+            sys::ibv_query_qp(self.qp.as_ptr(), &mut attr, sys::ibv_qp_attr_mask::IBV_QP_STATE.0 as i32, &mut init)
+        };
+        result::pos_errno("ibv_query_qp", rc)?;
+        Ok(match attr.qp_state {
+            0 => QpState::Reset,
+            1 => QpState::Init,
+            2 => QpState::Rtr,
+            3 => QpState::Rts,
+            4 => QpState::Sqd,
+            5 => QpState::Sqe,
+            6 => QpState::Error,
+            o => QpState::Unknown(o),
+        })
+    }
+
+    fn check_local(&self, local: &LocalSlice<'_>, needs_write: bool, verb: &str) -> Result<()> {
+        if local.pd != Arc::as_ptr(&self.pd) {
+            return Err(Error::InvalidArgument(format!(
+                "{verb}: the local memory region belongs to another protection domain than the QP"
+            )));
+        }
+        if needs_write && !local.access.contains(AccessFlags::LOCAL_WRITE) {
+            return Err(Error::InvalidArgument(format!(
+                "{verb}: the local memory region was registered without LOCAL_WRITE, which the NIC needs to write into it"
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_inline(&self, local: &LocalSlice<'_>, flags: SendFlags) -> Result<()> {
+        if flags.contains(SendFlags::INLINE) && local.len > self.max_inline {
+            return Err(Error::InvalidArgument(format!(
+                "inline payload of {} bytes exceeds the QP's limit of {}",
+                local.len, self.max_inline
+            )));
+        }
+        Ok(())
+    }
+
+    fn post_send_wr(
+        &self,
+        wr_id: u64,
+        opcode: u32,
+        local: &LocalSlice<'_>,
+        remote: Option<&RemoteSlice>,
+        imm: Option<u32>,
+        flags: SendFlags,
+    ) -> Result<()> {
+        let mut sge = local.sge();
+        // SAFETY: ibv_send_wr is plain old data; zeroed is a valid empty request.
+        let mut wr: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
+        wr.wr_id = wr_id;
+        wr.sg_list = &mut sge;
+        wr.num_sge = if local.len == 0 { 0 } else { 1 };
+        wr.opcode = opcode;
+        wr.send_flags = flags.bits();
+        if let Some(imm) = imm {
+            wr.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
+        }
+        if let Some(r) = remote {
+            wr.wr.rdma = sys::rdma_t { remote_addr: r.addr, rkey: r.rkey };
+        }
+        let mut bad: *mut sys::ibv_send_wr = std::ptr::null_mut();
+        // SAFETY: the QP is live; `wr` and `sge` outlive the call (the provider copies them
+        // into the send queue); the local range lies in a registered MR of this QP's PD
+        // (checked by the caller), so the NIC touches only registered memory.
+        let rc = unsafe { sys::ibv_post_send(self.qp.as_ptr(), &mut wr, &mut bad) };
+        result::pos_errno("ibv_post_send", rc)
+    }
+
+    /// Posts an RDMA WRITE of `local` to `remote` (lengths must match).
+    pub fn post_write(&self, wr_id: u64, local: &LocalSlice<'_>, remote: &RemoteSlice, flags: SendFlags) -> Result<()> {
+        self.check_local(local, false, "RDMA WRITE")?;
+        self.check_inline(local, flags)?;
+        check_same_len(local, remote)?;
+        self.post_send_wr(wr_id, sys::ibv_wr_opcode::IBV_WR_RDMA_WRITE, local, Some(remote), None, flags)
+    }
+
+    /// Posts an RDMA WRITE with immediate: the peer also gets a receive completion carrying
+    /// `imm` (it must have a receive posted).
+    pub fn post_write_imm(
+        &self,
+        wr_id: u64,
+        local: &LocalSlice<'_>,
+        remote: &RemoteSlice,
+        imm: u32,
+        flags: SendFlags,
+    ) -> Result<()> {
+        self.check_local(local, false, "RDMA WRITE with immediate")?;
+        self.check_inline(local, flags)?;
+        check_same_len(local, remote)?;
+        self.post_send_wr(wr_id, sys::ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM, local, Some(remote), Some(imm), flags)
+    }
+
+    /// Posts an RDMA READ of `remote` into `local` (which needs LOCAL_WRITE).
+    pub fn post_read(&self, wr_id: u64, local: &LocalSlice<'_>, remote: &RemoteSlice, flags: SendFlags) -> Result<()> {
+        self.check_local(local, true, "RDMA READ")?;
+        if flags.contains(SendFlags::INLINE) {
+            return Err(Error::InvalidArgument("RDMA READ cannot be inline".into()));
+        }
+        check_same_len(local, remote)?;
+        self.post_send_wr(wr_id, sys::ibv_wr_opcode::IBV_WR_RDMA_READ, local, Some(remote), None, flags)
+    }
+
+    /// Posts a SEND of `local`, with immediate data if `imm` is given.
+    pub fn post_send(&self, wr_id: u64, local: &LocalSlice<'_>, imm: Option<u32>, flags: SendFlags) -> Result<()> {
+        self.check_local(local, false, "SEND")?;
+        self.check_inline(local, flags)?;
+        let op = if imm.is_some() { sys::ibv_wr_opcode::IBV_WR_SEND_WITH_IMM } else { sys::ibv_wr_opcode::IBV_WR_SEND };
+        self.post_send_wr(wr_id, op, local, None, imm, flags)
+    }
+
+    /// Posts a receive into `local` (which needs LOCAL_WRITE).
+    pub fn post_recv(&self, wr_id: u64, local: &LocalSlice<'_>) -> Result<()> {
+        self.check_local(local, true, "RECV")?;
+        let mut sge = local.sge();
+        let mut wr = sys::ibv_recv_wr {
+            wr_id,
+            next: std::ptr::null_mut(),
+            sg_list: &mut sge,
+            num_sge: if local.len == 0 { 0 } else { 1 },
+        };
+        let mut bad: *mut sys::ibv_recv_wr = std::ptr::null_mut();
+        // SAFETY: the QP is live; `wr` and `sge` outlive the call; the range lies in a
+        // registered, locally writable MR of this PD (checked above).
+        let rc = unsafe { sys::ibv_post_recv(self.qp.as_ptr(), &mut wr, &mut bad) };
+        result::pos_errno("ibv_post_recv", rc)
+    }
+}
+
+fn check_same_len(local: &LocalSlice<'_>, remote: &RemoteSlice) -> Result<()> {
+    if local.len != remote.len {
+        return Err(Error::InvalidArgument(format!(
+            "local slice of {} bytes and remote slice of {} bytes differ",
+            local.len, remote.len
+        )));
+    }
+    Ok(())
+}
