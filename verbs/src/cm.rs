@@ -413,8 +413,9 @@ impl Listener {
         // SAFETY: the id is bound.
         let rc = unsafe { sys::rdma_listen(id.raw(), 16) };
         result::neg_errno("rdma_listen", rc)?;
-        // SAFETY: the id is bound; the port is in network order.
-        let port = u16::from_be(unsafe { sys::rdma_get_src_port(id.raw()) });
+        // SAFETY: the id is bound, so route.addr's source holds the bound sockaddr (the shim
+        // has no rdma_get_src_port); sin_port and sin6_port sit at the same offset.
+        let port = u16::from_be(unsafe { (*id.raw()).route.addr.src_addr_union.src_sin.sin_port });
         Ok(Listener { id, addr: SocketAddr::new(addr.ip(), port) })
     }
 

@@ -213,6 +213,23 @@ impl ProtectionDomain {
         DmaBufSupport::from_probe_errno(Errno::last().0)
     }
 
+    /// Probes whether `ibv_advise_mr` prefetch works here: registers one ODP page and asks
+    /// for it to be prefetched. `Ok(None)` when it works, `Ok(Some(reason))` when it does not
+    /// (no ODP, or the provider lacks advise_mr, as rdma-core's rxe provider before v57 does).
+    pub fn prefetch_support(&self) -> Result<Option<String>> {
+        if let Err(e) = self.require_odp(false) {
+            return Ok(Some(e.to_string()));
+        }
+        let mr = self.register_odp(crate::HostBuffer::new(4096)?, AccessFlags::LOCAL_WRITE)?;
+        match mr.advise_prefetch(.., true) {
+            Ok(()) => Ok(None),
+            Err(e @ Error::Verb { errno: Errno(libc::EOPNOTSUPP), .. }) => {
+                Ok(Some(format!("{e}: the user-space provider of {} does not implement advise_mr", self.context().name())))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     fn require_odp(&self, implicit: bool) -> Result<()> {
         let caps = self.context().caps()?;
         let what = if implicit { "implicit On-Demand Paging (IBV_ODP_SUPPORT_IMPLICIT)" } else { "On-Demand Paging (IBV_ODP_SUPPORT)" };

@@ -12,6 +12,9 @@ use crate::error::{Errno, Error, Result};
 /// The hint we know for an errno from a given verb.
 fn hint(verb: &'static str, errno: i32) -> Option<&'static str> {
     match (verb, errno) {
+        ("ibv_get_device_list", libc::ENOSYS) => Some(
+            "this kernel has no RDMA support (no /sys/class/infiniband): load ib_uverbs and a device driver (e.g. rdma_rxe), or run under scripts/softroce",
+        ),
         (v, libc::ENOMEM) | (v, libc::EAGAIN) if v.starts_with("ibv_reg") => {
             Some("pinned memory is limited by RLIMIT_MEMLOCK: raise `ulimit -l`, or use ODP")
         }
