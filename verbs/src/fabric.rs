@@ -72,3 +72,67 @@ impl SoftRoce {
         Some(SoftRoce { a: host("A")?, b: host("B")?, kernel: v("P2PB_KERNEL").unwrap_or_default() })
     }
 }
+
+/// One connected side of a [`SoftRoce::connect_pair`]: its connection, its protection
+/// domain, and what its set-up closure returned.
+pub struct Side<T> {
+    /// The connection.
+    pub conn: crate::Connection,
+    /// The side's protection domain (on its host's device).
+    pub pd: crate::ProtectionDomain,
+    /// What the set-up made (memory regions, ...).
+    pub state: T,
+}
+
+impl SoftRoce {
+    /// Connects a client on host A to a server on host B over rdma_cm.
+    ///
+    /// Each set-up closure runs on its host's thread with the side's protection domain, before
+    /// connecting, and returns its state and the private data to send the other side (a
+    /// [`RemoteBuf`](crate::RemoteBuf) descriptor, typically). The connections are returned
+    /// to the caller's thread: once connected, a QP is not bound to a namespace.
+    pub fn connect_pair<C, S>(
+        &self,
+        opts: crate::ConnectionOptions,
+        client_setup: impl FnOnce(&crate::ProtectionDomain) -> Result<(C, Vec<u8>)> + Send + 'static,
+        server_setup: impl FnOnce(&crate::ProtectionDomain) -> Result<(S, Vec<u8>)> + Send + 'static,
+    ) -> Result<(Side<C>, Side<S>)>
+    where
+        C: Send + 'static,
+        S: Send + 'static,
+    {
+        use crate::{Connection, ConnectionOptions, Context, Listener, ProtectionDomain};
+        let (port_tx, port_rx) = std::sync::mpsc::channel();
+        let (b, sopts) = (self.b.clone(), opts.clone());
+        let timeout = opts.timeout;
+        let server = std::thread::spawn(move || -> Result<Side<S>> {
+            b.enter()?;
+            let pd = ProtectionDomain::new(&Context::open(&b.device)?)?;
+            let (state, private_data) = server_setup(&pd)?;
+            let listener = Listener::bind((b.addr, 0).into())?;
+            let _ = port_tx.send(listener.local_addr());
+            let req = listener.get_request(timeout)?;
+            let conn = req.accept(&pd, &ConnectionOptions { private_data, ..sopts })?;
+            Ok(Side { conn, pd, state })
+        });
+        let a = self.a.clone();
+        let client = std::thread::spawn(move || -> Result<Side<C>> {
+            a.enter()?;
+            let pd = ProtectionDomain::new(&Context::open(&a.device)?)?;
+            let (state, private_data) = client_setup(&pd)?;
+            let dst = port_rx
+                .recv_timeout(timeout)
+                .map_err(|_| Error::InvalidArgument("the server side did not start listening".into()))?;
+            let conn = Connection::connect(&pd, dst, &ConnectionOptions { private_data, ..opts })?;
+            Ok(Side { conn, pd, state })
+        });
+        let panicked = |who: &str| Error::InvalidArgument(format!("the {who} thread panicked"));
+        let c = client.join().unwrap_or_else(|_| Err(panicked("client")));
+        let s = server.join().unwrap_or_else(|_| Err(panicked("server")));
+        match (c, s) {
+            (Ok(c), Ok(s)) => Ok((c, s)),
+            // The server's error explains a client that saw no listener; report it first.
+            (_, Err(e)) | (Err(e), Ok(_)) => Err(e),
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! RDMA WRITE bandwidth and message rate through `p2pbridge-verbs`, against perftest's
+//! `ib_write_bw` on the same link, in one run.
+//!
+//! ```text
+//! scripts/bench          # builds in release mode and runs this inside scripts/softroce
+//! ```
+//!
+//! Both sides keep the same number of writes in flight (`--depth`, default 128, as perftest's
+//! tx depth) and ask for a completion every `--cq-mod` writes (default 100, as perftest).
+//! Payloads that fit the QP's inline limit are posted inline, as perftest does. Each
+//! measurement runs `--seconds` (default 3) and the pair is repeated `--rounds` times
+//! (default 3), alternating ours and perftest's; the best of each is compared.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use p2pbridge_verbs::fabric::{Side, SoftRoce};
+use p2pbridge_verbs::{
+    AccessFlags, ConnectionOptions, Error, HostBuffer, MemoryRegion, RemoteBuf, SendFlags, WcOpcode, WcStatus,
+    WorkCompletion,
+};
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Figures {
+    /// MiB/s (2^20 bytes, as perftest's MB/sec).
+    mib_s: f64,
+    /// Million messages per second.
+    mpps: f64,
+}
+
+struct Opts {
+    seconds: f64,
+    depth: usize,
+    cq_mod: usize,
+    rounds: usize,
+}
+
+fn ours(fabric: &SoftRoce, size: usize, o: &Opts) -> Result<Figures, Error> {
+    let opts = ConnectionOptions { send_depth: o.depth as u32 + 1, max_inline: 220, ..Default::default() };
+    let (client, _server): (Side<MemoryRegion<HostBuffer>>, Side<MemoryRegion<HostBuffer>>) = fabric.connect_pair(
+        opts,
+        move |pd| Ok((pd.register(HostBuffer::new(size)?, AccessFlags::LOCAL_WRITE)?, Vec::new())),
+        move |pd| {
+            let mr = pd.register(HostBuffer::new(size)?, AccessFlags::remote_rw())?;
+            let d = mr.remote().to_bytes().to_vec();
+            Ok((mr, d))
+        },
+    )?;
+    let remote = RemoteBuf::from_bytes(client.conn.remote_private_data())?.slice(..)?;
+    let local = client.state.slice(..)?;
+    let qp = client.conn.qp();
+    let cq = client.conn.send_cq();
+    let inline = if local.len() <= qp.max_inline() { SendFlags::INLINE } else { SendFlags::empty() };
+    let empty = WorkCompletion {
+        wr_id: 0,
+        status: WcStatus::Success,
+        opcode: WcOpcode::Other(0),
+        byte_len: 0,
+        imm: None,
+        qp_num: 0,
+        vendor_err: 0,
+    };
+    let mut wcs = [empty; 16];
+    let (mut posted, mut completed) = (0usize, 0usize);
+    let deadline = Duration::from_secs_f64(o.seconds);
+    let start = Instant::now();
+    let mut elapsed;
+    loop {
+        while posted - completed < o.depth {
+            let signal = if (posted + 1) % o.cq_mod == 0 { SendFlags::SIGNALED } else { SendFlags::empty() };
+            qp.post_write(posted as u64, &local, &remote, signal | inline)?;
+            posted += 1;
+        }
+        let n = cq.poll(&mut wcs)?;
+        for wc in &wcs[..n] {
+            wc.ok()?;
+            completed = wc.wr_id as usize + 1;
+        }
+        elapsed = start.elapsed();
+        if elapsed >= deadline {
+            break;
+        }
+    }
+    // Drain: what is counted is what completed.
+    let last_signaled = (posted / o.cq_mod) * o.cq_mod;
+    while completed < last_signaled {
+        let n = cq.poll(&mut wcs)?;
+        for wc in &wcs[..n] {
+            wc.ok()?;
+            completed = wc.wr_id as usize + 1;
+        }
+    }
+    let t = elapsed.as_secs_f64();
+    let msgs = completed as f64;
+    Ok(Figures { mib_s: msgs * size as f64 / t / (1 << 20) as f64, mpps: msgs / t / 1e6 })
+}
+
+fn netns_cmd(ns: &str, args: &[String]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]).args(args);
+    c
+}
+
+fn perftest(fabric: &SoftRoce, size: usize, o: &Opts) -> Result<Figures, String> {
+    let common = |dev: &str| -> Vec<String> {
+        let mut v: Vec<String> = vec!["ib_write_bw".into(), "-d".into(), dev.into(), "-s".into(), size.to_string()];
+        v.extend(["-D".into(), format!("{}", o.seconds.ceil() as u64), "-F".into()]);
+        v.extend(["-t".into(), o.depth.to_string(), "-Q".into(), o.cq_mod.to_string()]);
+        v
+    };
+    let mut server: Child = netns_cmd(&fabric.b.netns, &common(&fabric.b.device))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start ib_write_bw (install perftest): {e}"))?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut cargs = common(&fabric.a.device);
+    cargs.push(fabric.b.addr.to_string());
+    let out = netns_cmd(&fabric.a.netns, &cargs).output().map_err(|e| e.to_string())?;
+    let _ = server.wait();
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The result line: "#bytes #iterations BW peak BW average MsgRate".
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() >= 5 && f[0] == size.to_string() {
+            let mib_s: f64 = f[3].parse().map_err(|_| format!("cannot parse {line:?}"))?;
+            let mpps: f64 = f[4].parse().map_err(|_| format!("cannot parse {line:?}"))?;
+            return Ok(Figures { mib_s, mpps });
+        }
+    }
+    Err(format!("ib_write_bw printed no result:\n{text}\n{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+fn best(a: Figures, b: Figures) -> Figures {
+    Figures { mib_s: a.mib_s.max(b.mib_s), mpps: a.mpps.max(b.mpps) }
+}
+
+fn main() {
+    let mut o = Opts { seconds: 3.0, depth: 128, cq_mod: 100, rounds: 3 };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let v = it.next().and_then(|v| v.parse::<f64>().ok()).unwrap_or_else(|| {
+            eprintln!("usage: verbs_write_bw [--seconds S] [--depth N] [--cq-mod N] [--rounds N]");
+            std::process::exit(2)
+        });
+        match k.as_str() {
+            "--seconds" => o.seconds = v,
+            "--depth" => o.depth = v as usize,
+            "--cq-mod" => o.cq_mod = v as usize,
+            "--rounds" => o.rounds = v as usize,
+            _ => {
+                eprintln!("unknown argument {k}");
+                std::process::exit(2)
+            }
+        }
+    }
+    if o.cq_mod == 0 || o.cq_mod > o.depth || o.depth == 0 || o.rounds == 0 || o.seconds <= 0.0 {
+        eprintln!("verbs_write_bw: need 0 < --cq-mod <= --depth, --rounds >= 1, --seconds > 0");
+        std::process::exit(2);
+    }
+    let Some(fabric) = SoftRoce::from_env() else {
+        eprintln!("verbs_write_bw: run it under scripts/softroce (or scripts/bench)");
+        std::process::exit(2);
+    };
+    println!("RDMA WRITE, {} -> {}, kernel {}, depth {}, cq-mod {}, {} s x {} rounds", fabric.a.device, fabric.b.device, fabric.kernel, o.depth, o.cq_mod, o.seconds, o.rounds);
+    let mut failed = false;
+    for (size, what) in [(65_536usize, "bandwidth"), (64, "message rate")] {
+        let (mut us, mut them) = (Figures::default(), Figures::default());
+        for round in 0..o.rounds {
+            match perftest(&fabric, size, &o) {
+                Ok(f) => {
+                    println!("  {size:>6} B round {round}: ib_write_bw    {:>9.2} MiB/s {:>8.4} Mpps", f.mib_s, f.mpps);
+                    them = best(them, f);
+                }
+                Err(e) => {
+                    eprintln!("ib_write_bw failed: {e}");
+                    failed = true;
+                }
+            }
+            match ours(&fabric, size, &o) {
+                Ok(f) => {
+                    println!("  {size:>6} B round {round}: p2pbridge-verbs {:>9.2} MiB/s {:>8.4} Mpps", f.mib_s, f.mpps);
+                    us = best(us, f);
+                }
+                Err(e) => {
+                    eprintln!("p2pbridge-verbs failed: {e}");
+                    failed = true;
+                }
+            }
+        }
+        let (ratio, target) = if size == 64 { (us.mpps / them.mpps, 0.95) } else { (us.mib_s / them.mib_s, 0.97) };
+        println!(
+            "{size} B {what}: p2pbridge-verbs / ib_write_bw = {ratio:.3} (target >= {target}): {}",
+            if ratio >= target { "met" } else { "NOT met" }
+        );
+    }
+    if failed {
+        std::process::exit(1);
+    }
+}
