@@ -429,24 +429,28 @@ impl Listener {
         self.addr.ip()
     }
 
-    /// Waits up to `timeout` for the next connection request.
-    pub fn get_request(&self, timeout: Duration) -> Result<ConnectRequest> {
+    /// Waits up to `timeout` for the next connection request. The request borrows the
+    /// listener: until accepted (or rejected) its id lives on the listener's event channel.
+    pub fn get_request(&self, timeout: Duration) -> Result<ConnectRequest<'_>> {
         let ev = self.id.wait(sys::rdma_cm_event_type::RDMA_CM_EVENT_CONNECT_REQUEST, timeout)?;
         let id = result::ptr("rdma_get_cm_event (connect request id)", ev.id)?;
-        Ok(ConnectRequest { id: Some(id), private_data: ev.private_data })
+        Ok(ConnectRequest { id: Some(id), private_data: ev.private_data, _listener: std::marker::PhantomData })
     }
 }
 
 /// A connection request a [`Listener`] received: accept or reject it (dropping rejects).
-pub struct ConnectRequest {
+/// The accepted [`Connection`] no longer depends on the listener.
+pub struct ConnectRequest<'l> {
     id: Option<NonNull<sys::rdma_cm_id>>,
     private_data: Vec<u8>,
+    _listener: std::marker::PhantomData<&'l Listener>,
 }
 
-// SAFETY: the request's id is owned by this value alone until accepted or rejected.
-unsafe impl Send for ConnectRequest {}
+// SAFETY: the request's id is owned by this value alone until accepted or rejected; the
+// listener it borrows is Sync (its id is only read).
+unsafe impl Send for ConnectRequest<'_> {}
 
-impl ConnectRequest {
+impl ConnectRequest<'_> {
     /// The private data the client sent (possibly zero-padded).
     pub fn private_data(&self) -> &[u8] {
         &self.private_data
@@ -509,7 +513,7 @@ impl ConnectRequest {
     }
 }
 
-impl Drop for ConnectRequest {
+impl Drop for ConnectRequest<'_> {
     fn drop(&mut self) {
         self.reject_now();
     }

@@ -148,6 +148,10 @@ fn devices_ports_gids_and_caps_are_reported() {
     assert_eq!(port.state, PortState::Active);
     assert_eq!(port.link_layer, LinkLayer::Ethernet);
     assert!(port.active_mtu >= 1024, "{port:?}");
+    // Relaxed ordering is an optional flag: accepted, and ignored where unsupported.
+    let pd = ProtectionDomain::new(&ctx).unwrap();
+    let ro = pd.register(HostBuffer::new(8192).unwrap(), AccessFlags::remote_rw() | AccessFlags::RELAXED_ORDERING);
+    assert!(ro.is_ok(), "{ro:?}");
     let gids = ctx.gids().unwrap();
     let std::net::IpAddr::V4(a4) = fab.a.addr else { panic!("fabric uses IPv4") };
     assert!(
