@@ -103,6 +103,9 @@ impl SoftRoce {
     {
         use crate::{Connection, ConnectionOptions, Context, Listener, ProtectionDomain};
         let (port_tx, port_rx) = std::sync::mpsc::channel();
+        // The client says when its set-up is done, so the server's timed wait for the request
+        // does not include it (registering and filling large buffers can take a while).
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
         let (b, sopts) = (self.b.clone(), opts.clone());
         let timeout = opts.timeout;
         let server = std::thread::spawn(move || -> Result<Side<S>> {
@@ -111,6 +114,9 @@ impl SoftRoce {
             let (state, private_data) = server_setup(&pd)?;
             let listener = Listener::bind((b.addr, 0).into())?;
             let _ = port_tx.send(listener.local_addr());
+            ready_rx
+                .recv()
+                .map_err(|_| Error::InvalidArgument("the client side failed before connecting".into()))?;
             let req = listener.get_request(timeout)?;
             let conn = req.accept(&pd, &ConnectionOptions { private_data, ..sopts })?;
             Ok(Side { conn, pd, state })
@@ -121,8 +127,9 @@ impl SoftRoce {
             let pd = ProtectionDomain::new(&Context::open(&a.device)?)?;
             let (state, private_data) = client_setup(&pd)?;
             let dst = port_rx
-                .recv_timeout(timeout)
-                .map_err(|_| Error::InvalidArgument("the server side did not start listening".into()))?;
+                .recv()
+                .map_err(|_| Error::InvalidArgument("the server side failed before listening".into()))?;
+            let _ = ready_tx.send(());
             let conn = Connection::connect(&pd, dst, &ConnectionOptions { private_data, ..opts })?;
             Ok(Side { conn, pd, state })
         });
@@ -131,8 +138,8 @@ impl SoftRoce {
         let s = server.join().unwrap_or_else(|_| Err(panicked("server")));
         match (c, s) {
             (Ok(c), Ok(s)) => Ok((c, s)),
-            // The server's error explains a client that saw no listener; report it first.
-            (_, Err(e)) | (Err(e), Ok(_)) => Err(e),
+            (Ok(_), Err(e)) | (Err(e), Ok(_)) => Err(e),
+            (Err(ce), Err(se)) => Err(Error::InvalidArgument(format!("client: {ce}; server: {se}"))),
         }
     }
 }
