@@ -124,7 +124,11 @@ impl CmId {
     }
 
     /// Creates CQs and an RC QP on the id.
-    fn create_qp(&mut self, pd: &ProtectionDomain, opts: &ConnectionOptions) -> Result<(QueuePair, CompletionQueue, CompletionQueue)> {
+    fn create_qp(
+        &mut self,
+        pd: &ProtectionDomain,
+        opts: &ConnectionOptions,
+    ) -> Result<(QueuePair, CompletionQueue, CompletionQueue)> {
         let send_cq = CompletionQueue::new(pd.context(), opts.send_depth.max(1))?;
         let recv_cq = CompletionQueue::new(pd.context(), opts.recv_depth.max(1))?;
         // SAFETY: plain old data; every field that matters is set below.
@@ -226,7 +230,9 @@ fn wait_event(ch: &Channel, expected: u32, timeout: Duration) -> Result<Event> {
     if kind != expected {
         use sys::rdma_cm_event_type as t;
         let hint = match kind {
-            t::RDMA_CM_EVENT_ADDR_ERROR => Some("no RDMA device can reach that address from this network namespace (check `rdma link`, `ip route`)"),
+            t::RDMA_CM_EVENT_ADDR_ERROR => Some(
+                "no RDMA device can reach that address from this network namespace (check `rdma link`, `ip route`)",
+            ),
             t::RDMA_CM_EVENT_ROUTE_ERROR => Some("no route to the peer through an RDMA device"),
             t::RDMA_CM_EVENT_UNREACHABLE => Some("the peer did not answer: is a server listening there?"),
             t::RDMA_CM_EVENT_REJECTED => Some("the peer rejected the request, or nothing listens on that port"),
@@ -331,7 +337,12 @@ impl Connection {
         let (mut dst_ss, _) = to_sockaddr(&dst);
         // SAFETY: the id is live; `dst_ss` holds a valid sockaddr of its family.
         let rc = unsafe {
-            sys::rdma_resolve_addr(id.raw(), std::ptr::null_mut(), (&mut dst_ss as *mut libc::sockaddr_storage).cast(), ms)
+            sys::rdma_resolve_addr(
+                id.raw(),
+                std::ptr::null_mut(),
+                (&mut dst_ss as *mut libc::sockaddr_storage).cast(),
+                ms,
+            )
         };
         result::neg_errno("rdma_resolve_addr", rc)?;
         id.wait(sys::rdma_cm_event_type::RDMA_CM_EVENT_ADDR_RESOLVED, opts.timeout)?;

@@ -60,6 +60,21 @@ pub struct WorkCompletion {
     pub vendor_err: u32,
 }
 
+impl Default for WorkCompletion {
+    /// A placeholder (successful, id 0) for buffers passed to [`CompletionQueue::poll`].
+    fn default() -> Self {
+        WorkCompletion {
+            wr_id: 0,
+            status: WcStatus::Success,
+            opcode: WcOpcode::Other(0),
+            byte_len: 0,
+            imm: None,
+            qp_num: 0,
+            vendor_err: 0,
+        }
+    }
+}
+
 impl WorkCompletion {
     fn from_raw(wc: &sys::ibv_wc) -> Self {
         const IBV_WC_WITH_IMM: u32 = 1 << 1;
@@ -160,15 +175,7 @@ impl CompletionQueue {
     /// returned as [`Error::WorkCompletion`].
     pub fn wait_one(&self, timeout: Duration) -> Result<WorkCompletion> {
         let deadline = Instant::now() + timeout;
-        let mut wc = [WorkCompletion {
-            wr_id: 0,
-            status: WcStatus::Success,
-            opcode: WcOpcode::Other(0),
-            byte_len: 0,
-            imm: None,
-            qp_num: 0,
-            vendor_err: 0,
-        }];
+        let mut wc = [WorkCompletion::default()];
         let mut spins = 0u32;
         loop {
             if self.poll(&mut wc)? == 1 {

@@ -36,8 +36,9 @@ impl Host {
     /// Moves the calling thread into this host's network namespace.
     pub fn enter(&self) -> Result<()> {
         let path = format!("/run/netns/{}", self.netns);
-        let f = std::fs::File::open(&path)
-            .map_err(|e| Error::InvalidArgument(format!("cannot open {path}: {e} (is this running under scripts/softroce?)")))?;
+        let f = std::fs::File::open(&path).map_err(|e| {
+            Error::InvalidArgument(format!("cannot open {path}: {e} (is this running under scripts/softroce?)"))
+        })?;
         use std::os::fd::AsFd;
         rustix::thread::move_into_link_name_space(f.as_fd(), Some(rustix::thread::LinkNameSpaceType::Network))
             .map_err(|e| crate::result::verb_error("setns(CLONE_NEWNET)", e.raw_os_error()))
@@ -114,9 +115,7 @@ impl SoftRoce {
             let (state, private_data) = server_setup(&pd)?;
             let listener = Listener::bind((b.addr, 0).into())?;
             let _ = port_tx.send(listener.local_addr());
-            ready_rx
-                .recv()
-                .map_err(|_| Error::InvalidArgument("the client side failed before connecting".into()))?;
+            ready_rx.recv().map_err(|_| Error::InvalidArgument("the client side failed before connecting".into()))?;
             let req = listener.get_request(timeout)?;
             let conn = req.accept(&pd, &ConnectionOptions { private_data, ..sopts })?;
             Ok(Side { conn, pd, state })
@@ -126,9 +125,8 @@ impl SoftRoce {
             a.enter()?;
             let pd = ProtectionDomain::new(&Context::open(&a.device)?)?;
             let (state, private_data) = client_setup(&pd)?;
-            let dst = port_rx
-                .recv()
-                .map_err(|_| Error::InvalidArgument("the server side failed before listening".into()))?;
+            let dst =
+                port_rx.recv().map_err(|_| Error::InvalidArgument("the server side failed before listening".into()))?;
             let _ = ready_tx.send(());
             let conn = Connection::connect(&pd, dst, &ConnectionOptions { private_data, ..opts })?;
             Ok(Side { conn, pd, state })

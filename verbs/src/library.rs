@@ -49,9 +49,7 @@ fn probe(soname: &'static str) -> Result<(), String> {
 }
 
 fn cached(cell: &'static OnceLock<Result<(), String>>, soname: &'static str) -> Result<()> {
-    cell.get_or_init(|| probe(soname))
-        .clone()
-        .map_err(|reason| Error::RdmaUnavailable { library: soname, reason })
+    cell.get_or_init(|| probe(soname)).clone().map_err(|reason| Error::RdmaUnavailable { library: soname, reason })
 }
 
 /// `Ok` when libibverbs was loaded at start-up, else [`Error::RdmaUnavailable`].

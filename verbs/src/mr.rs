@@ -179,9 +179,8 @@ impl ProtectionDomain {
             return Err(Error::InvalidArgument("cannot register an empty dma-buf range".into()));
         }
         // SAFETY: the PD is live; the caller vouches for the dma-buf.
-        let p = unsafe {
-            sys::ibv_reg_dmabuf_mr(self.as_raw(), offset, len, iova, fd.as_raw_fd(), access.bits() as i32)
-        };
+        let p =
+            unsafe { sys::ibv_reg_dmabuf_mr(self.as_raw(), offset, len, iova, fd.as_raw_fd(), access.bits() as i32) };
         match NonNull::new(p) {
             Some(mr) => {
                 Ok(MemoryRegion { mr, pd: self.clone(), access, buf: Foreign(()), _not_sync_marker: PhantomData })
@@ -223,16 +222,21 @@ impl ProtectionDomain {
         let mr = self.register_odp(crate::HostBuffer::new(4096)?, AccessFlags::LOCAL_WRITE)?;
         match mr.advise_prefetch(.., true) {
             Ok(()) => Ok(None),
-            Err(e @ Error::Verb { errno: Errno(libc::EOPNOTSUPP), .. }) => {
-                Ok(Some(format!("{e}: the user-space provider of {} does not implement advise_mr", self.context().name())))
-            }
+            Err(e @ Error::Verb { errno: Errno(libc::EOPNOTSUPP), .. }) => Ok(Some(format!(
+                "{e}: the user-space provider of {} does not implement advise_mr",
+                self.context().name()
+            ))),
             Err(e) => Err(e),
         }
     }
 
     fn require_odp(&self, implicit: bool) -> Result<()> {
         let caps = self.context().caps()?;
-        let what = if implicit { "implicit On-Demand Paging (IBV_ODP_SUPPORT_IMPLICIT)" } else { "On-Demand Paging (IBV_ODP_SUPPORT)" };
+        let what = if implicit {
+            "implicit On-Demand Paging (IBV_ODP_SUPPORT_IMPLICIT)"
+        } else {
+            "On-Demand Paging (IBV_ODP_SUPPORT)"
+        };
         if !caps.odp.supported || (implicit && !caps.odp.implicit) {
             return Err(Error::Unsupported { device: self.context().name().to_string(), what: what.to_string() });
         }

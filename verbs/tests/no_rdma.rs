@@ -40,8 +40,5 @@ fn host_without_libibverbs_reports_rdma_unavailable() {
     };
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "expected exit 3 (RdmaUnavailable); stderr: {stderr}");
-    assert!(
-        stderr.contains("libibverbs.so.1 not found: install rdma-core / ibverbs-providers"),
-        "stderr: {stderr}"
-    );
+    assert!(stderr.contains("libibverbs.so.1 not found: install rdma-core / ibverbs-providers"), "stderr: {stderr}");
 }

@@ -9,7 +9,11 @@ use p2pbridge_verbs::{
 
 const SIZES: &[usize] = &[1, 7, 4096, 65_536, 1 << 20, 64 << 20];
 
-fn host_mr(pd: &p2pbridge_verbs::ProtectionDomain, len: usize, access: AccessFlags) -> p2pbridge_verbs::Result<MemoryRegion<HostBuffer>> {
+fn host_mr(
+    pd: &p2pbridge_verbs::ProtectionDomain,
+    len: usize,
+    access: AccessFlags,
+) -> p2pbridge_verbs::Result<MemoryRegion<HostBuffer>> {
     pd.register(HostBuffer::new(len)?, access)
 }
 
@@ -191,12 +195,20 @@ fn implicit_odp_mr_receives_rdma_write() {
             // SAFETY: the rkey goes only to this test's own client, which writes only into
             // `target`; `target` is read after the write's completion.
             let mr = unsafe { pd.register_implicit_odp(AccessFlags::remote_rw())? };
-            let d = RemoteBuf { addr: p2pbridge_verbs::RegisterableBuffer::as_ptr(&target) as u64, len: 65_536, rkey: mr.rkey() };
+            let d = RemoteBuf {
+                addr: p2pbridge_verbs::RegisterableBuffer::as_ptr(&target) as u64,
+                len: 65_536,
+                rkey: mr.rkey(),
+            };
             Ok(((mr, target), d.to_bytes().to_vec()))
         },
     );
     let remote = RemoteBuf::from_bytes(client.conn.remote_private_data()).unwrap();
-    client.conn.qp().post_write(1, &client.state.slice(..).unwrap(), &remote.slice(..).unwrap(), SendFlags::SIGNALED).unwrap();
+    client
+        .conn
+        .qp()
+        .post_write(1, &client.state.slice(..).unwrap(), &remote.slice(..).unwrap(), SendFlags::SIGNALED)
+        .unwrap();
     client.conn.send_cq().wait_one(TIMEOUT).unwrap();
     assert!(server.state.1.as_slice() == client.state.as_slice());
 }

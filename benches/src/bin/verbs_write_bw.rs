@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 
 use p2pbridge_verbs::fabric::{Side, SoftRoce};
 use p2pbridge_verbs::{
-    AccessFlags, ConnectionOptions, Error, HostBuffer, MemoryRegion, RemoteBuf, SendFlags, WcOpcode, WcStatus,
-    WorkCompletion,
+    AccessFlags, ConnectionOptions, Error, HostBuffer, MemoryRegion, RemoteBuf, SendFlags, WorkCompletion,
 };
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -51,16 +50,7 @@ fn ours(fabric: &SoftRoce, size: usize, o: &Opts) -> Result<Figures, Error> {
     let qp = client.conn.qp();
     let cq = client.conn.send_cq();
     let inline = if local.len() <= qp.max_inline() { SendFlags::INLINE } else { SendFlags::empty() };
-    let empty = WorkCompletion {
-        wr_id: 0,
-        status: WcStatus::Success,
-        opcode: WcOpcode::Other(0),
-        byte_len: 0,
-        imm: None,
-        qp_num: 0,
-        vendor_err: 0,
-    };
-    let mut wcs = [empty; 16];
+    let mut wcs = [WorkCompletion::default(); 16];
     let (mut posted, mut completed) = (0usize, 0usize);
     let deadline = Duration::from_secs_f64(o.seconds);
     let start = Instant::now();
@@ -162,7 +152,10 @@ fn main() {
         eprintln!("verbs_write_bw: run it under scripts/softroce (or scripts/bench)");
         std::process::exit(2);
     };
-    println!("RDMA WRITE, {} -> {}, kernel {}, depth {}, cq-mod {}, {} s x {} rounds", fabric.a.device, fabric.b.device, fabric.kernel, o.depth, o.cq_mod, o.seconds, o.rounds);
+    println!(
+        "RDMA WRITE, {} -> {}, kernel {}, depth {}, cq-mod {}, {} s x {} rounds",
+        fabric.a.device, fabric.b.device, fabric.kernel, o.depth, o.cq_mod, o.seconds, o.rounds
+    );
     let mut failed = false;
     for (size, what) in [(65_536usize, "bandwidth"), (64, "message rate")] {
         let (mut us, mut them) = (Figures::default(), Figures::default());
@@ -179,7 +172,10 @@ fn main() {
             }
             match ours(&fabric, size, &o) {
                 Ok(f) => {
-                    println!("  {size:>6} B round {round}: p2pbridge-verbs {:>9.2} MiB/s {:>8.4} Mpps", f.mib_s, f.mpps);
+                    println!(
+                        "  {size:>6} B round {round}: p2pbridge-verbs {:>9.2} MiB/s {:>8.4} Mpps",
+                        f.mib_s, f.mpps
+                    );
                     us = best(us, f);
                 }
                 Err(e) => {

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use p2pbridge_verbs::fabric::SoftRoce;
 use p2pbridge_verbs::{
-    AccessFlags, Connection, ConnectionOptions, Context, Error, HostBuffer, Listener, MemoryRegion,
-    ProtectionDomain, RemoteBuf, SendFlags,
+    AccessFlags, Connection, ConnectionOptions, Context, Error, HostBuffer, Listener, MemoryRegion, ProtectionDomain,
+    RemoteBuf, SendFlags,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -58,7 +58,11 @@ fn parse_args() -> Result<Args, String> {
             "--server" => a.server = Some(v()?.parse().map_err(|e| format!("--server: {e}"))?),
             "--client" => a.client = Some(v()?.parse().map_err(|e| format!("--client: {e}"))?),
             "--device" => a.device = Some(v()?),
-            "-h" | "--help" => return Err(String::from("usage: write_read [--size N] [--server IP:PORT | --client IP:PORT --device NAME]")),
+            "-h" | "--help" => {
+                return Err(String::from(
+                    "usage: write_read [--size N] [--server IP:PORT | --client IP:PORT --device NAME]",
+                ))
+            }
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -74,7 +78,12 @@ fn mib_per_s(bytes: usize, d: Duration) -> f64 {
 }
 
 /// The client's half: write `src` to `remote`, read it back into `back`.
-fn write_then_read(conn: &Connection, src: &MemoryRegion<HostBuffer>, back: &MemoryRegion<HostBuffer>, remote: RemoteBuf) -> Result<(Duration, Duration), Error> {
+fn write_then_read(
+    conn: &Connection,
+    src: &MemoryRegion<HostBuffer>,
+    back: &MemoryRegion<HostBuffer>,
+    remote: RemoteBuf,
+) -> Result<(Duration, Duration), Error> {
     let n = src.len();
     let t = Instant::now();
     conn.qp().post_write(1, &src.slice(..)?, &remote.slice(..n)?, SendFlags::SIGNALED)?;
@@ -91,7 +100,10 @@ fn report(size: usize, write: Duration, read: Duration) {
     println!("RDMA READ  {size} B in {read:?}: {:.1} MiB/s", mib_per_s(size, read));
 }
 
-fn client_buffers(pd: &ProtectionDomain, size: usize) -> Result<(MemoryRegion<HostBuffer>, MemoryRegion<HostBuffer>), Error> {
+fn client_buffers(
+    pd: &ProtectionDomain,
+    size: usize,
+) -> Result<(MemoryRegion<HostBuffer>, MemoryRegion<HostBuffer>), Error> {
     let mut src = pd.register(HostBuffer::new(size)?, AccessFlags::LOCAL_WRITE)?;
     src.as_mut_slice().copy_from_slice(&pattern(size));
     let back = pd.register(HostBuffer::new(size)?, AccessFlags::LOCAL_WRITE)?;
@@ -99,7 +111,10 @@ fn client_buffers(pd: &ProtectionDomain, size: usize) -> Result<(MemoryRegion<Ho
 }
 
 fn on_fabric(fabric: SoftRoce, size: usize) -> Result<(), Error> {
-    println!("Soft-RoCE: client {} ({}) -> server {} ({}), kernel {}", fabric.a.device, fabric.a.addr, fabric.b.device, fabric.b.addr, fabric.kernel);
+    println!(
+        "Soft-RoCE: client {} ({}) -> server {} ({}), kernel {}",
+        fabric.a.device, fabric.a.addr, fabric.b.device, fabric.b.addr, fabric.kernel
+    );
     let opts = ConnectionOptions { timeout: TIMEOUT, ..Default::default() };
     let (client, server) = fabric.connect_pair(
         opts,
@@ -118,7 +133,11 @@ fn on_fabric(fabric: SoftRoce, size: usize) -> Result<(), Error> {
     let back_ok = back.as_slice() == src.as_slice();
     report(size, w, r);
     println!("server buffer matches: {server_ok}; read-back matches: {back_ok}");
-    if server_ok && back_ok { Ok(()) } else { Err(Error::InvalidArgument("data mismatch".into())) }
+    if server_ok && back_ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument("data mismatch".into()))
+    }
 }
 
 fn serve(addr: SocketAddr, size: usize) -> Result<(), Error> {
@@ -128,13 +147,18 @@ fn serve(addr: SocketAddr, size: usize) -> Result<(), Error> {
     let dev = req.device_name().ok_or_else(|| Error::InvalidArgument("request on an unknown device".into()))?;
     let pd = ProtectionDomain::new(&Context::open(&dev)?)?;
     let mr = pd.register(HostBuffer::new(size)?, AccessFlags::remote_rw())?;
-    let opts = ConnectionOptions { private_data: mr.remote().to_bytes().to_vec(), timeout: TIMEOUT, ..Default::default() };
+    let opts =
+        ConnectionOptions { private_data: mr.remote().to_bytes().to_vec(), timeout: TIMEOUT, ..Default::default() };
     let conn = req.accept(&pd, &opts)?;
     println!("client connected on {dev}; waiting for it to finish");
     conn.wait_disconnect(Duration::from_secs(3600))?;
     let ok = mr.as_slice() == pattern(size).as_slice();
     println!("buffer holds the client's pattern: {ok}");
-    if ok { Ok(()) } else { Err(Error::InvalidArgument("data mismatch".into())) }
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument("data mismatch".into()))
+    }
 }
 
 fn connect(addr: SocketAddr, device: &str, size: usize) -> Result<(), Error> {
@@ -149,7 +173,11 @@ fn connect(addr: SocketAddr, device: &str, size: usize) -> Result<(), Error> {
     report(size, w, r);
     let ok = back.as_slice() == src.as_slice();
     println!("read-back matches: {ok}");
-    if ok { Ok(()) } else { Err(Error::InvalidArgument("data mismatch".into())) }
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument("data mismatch".into()))
+    }
 }
 
 fn main() {
@@ -165,7 +193,8 @@ fn main() {
         },
         (None, None, Some(f)) => on_fabric(f, args.size),
         (None, None, None) => Err(Error::InvalidArgument(
-            "no Soft-RoCE fabric here: run `scripts/softroce target/release/write_read`, or give --server/--client".into(),
+            "no Soft-RoCE fabric here: run `scripts/softroce target/release/write_read`, or give --server/--client"
+                .into(),
         )),
         (Some(_), Some(_), _) => Err(Error::InvalidArgument("--server and --client exclude each other".into())),
     };

@@ -10,7 +10,10 @@ fn show(name: &str) -> Result<(), Error> {
     let ctx = Context::open(name)?;
     let caps = ctx.caps()?;
     println!("{name}");
-    println!("  fw_ver {}  vendor {:#x}:{:#x}  max_mr_size {:#x}", caps.fw_ver, caps.vendor_id, caps.vendor_part_id, caps.max_mr_size);
+    println!(
+        "  fw_ver {}  vendor {:#x}:{:#x}  max_mr_size {:#x}",
+        caps.fw_ver, caps.vendor_id, caps.vendor_part_id, caps.max_mr_size
+    );
     println!("  max_qp_wr {}  max_sge {}  max_cqe {}", caps.max_qp_wr, caps.max_sge, caps.max_cqe);
     for p in 1..=caps.phys_port_cnt {
         let port = ctx.port(p)?;
