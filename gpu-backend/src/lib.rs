@@ -1,7 +1,33 @@
-//! Accelerator memory for p2pbridge (the "exporting device" of the design).
+//! Accelerator memory for p2pbridge: the "exporting device" of the design.
 //!
-//! **Not built yet.** This crate holds the place of the backend layer described in
-//! `docs/architecture.md`: allocation, pointer identification, dma-buf export, copies and
-//! invalidation notices for CUDA (through `cudarc`) and host memory (memfd + udmabuf). The
-//! work is tracked as its own issue; nothing here pretends to work before then, so the crate
-//! exports no items.
+//! A [`MemoryBackend`] allocates memory, identifies pointers (a sub-range of a larger
+//! allocation resolves to the allocation), exports ranges as dma-bufs or says why not, copies
+//! to and from the device, makes NIC writes visible to the device, and — before any memory is
+//! freed or an export revoked — calls every subscriber of the range and waits for its
+//! acknowledgement ([`NoticeHub`]). Allocations are identified by (backend, device, id),
+//! never by address alone: addresses are reused after a free.
+//!
+//! Backends:
+//! - [`HostBackend`]: memfd-backed host memory, dma-buf export through `/dev/udmabuf`.
+//! - [`CudaBackend`]: CUDA device memory through `cudarc` (driver API, loaded at run time;
+//!   [`Error::BackendUnavailable`] where there is no driver).
+//! - ROCm and Level Zero: planned, see [`rocm`] and [`level_zero`]; nothing there pretends
+//!   to work yet.
+#![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod alloc;
+mod backend;
+mod cuda;
+mod error;
+mod host;
+pub mod level_zero;
+mod notice;
+pub mod rocm;
+
+pub use alloc::{AllocationInfo, AllocationKey, BackendKind};
+pub use backend::{DeviceBuffer, DmaBufExport, FlushOutcome, MemoryBackend};
+pub use cuda::{CudaBackend, GPU_PAGE};
+pub use error::{Error, Result};
+pub use host::HostBackend;
+pub use notice::{InvalidationReason, Notice, NoticeHub, Subscription};

@@ -1,0 +1,93 @@
+//! The CUDA backend on a real GPU. Ignored where there is none (scripts/test says so and why);
+//! run on a GPU machine with `scripts/test-gpu`.
+
+use p2pbridge_gpu::{BackendKind, CudaBackend, Error, FlushOutcome, InvalidationReason, MemoryBackend, GPU_PAGE};
+
+fn gpu() -> CudaBackend {
+    CudaBackend::new(0).unwrap_or_else(|e| panic!("this test needs a CUDA GPU: {e}"))
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/test-gpu runs it on a GPU machine"]
+fn cuda_alloc_identify_and_free() {
+    let g = gpu();
+    let buf = g.alloc(100_000).unwrap();
+    assert_eq!(buf.len() % GPU_PAGE, 0);
+    assert_eq!(buf.key().backend, BackendKind::Cuda);
+    for off in [0u64, 1, 65_537, buf.len() - 1] {
+        assert_eq!(g.identify(buf.addr() + off).unwrap(), Some(buf.info()), "offset {off}");
+    }
+    let host = vec![0u8; 16];
+    assert_eq!(g.identify(host.as_ptr() as u64).unwrap(), None, "host memory is not CUDA device memory");
+    let (addr, key) = (buf.addr(), buf.key());
+    buf.free().unwrap();
+    let again = g.alloc(100_000).unwrap();
+    assert_ne!(again.key(), key, "a new allocation must get a new buffer id");
+    if again.addr() == addr {
+        assert_eq!(g.identify(addr).unwrap().unwrap().key, again.key());
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/test-gpu runs it on a GPU machine"]
+fn cuda_copies_round_trip_patterns() {
+    let g = gpu();
+    for size in [1usize, 4096, 1 << 20, 64 << 20] {
+        let buf = g.alloc(size).unwrap();
+        let pattern: Vec<u8> = (0..size).map(|i| (i * 13 % 251) as u8).collect();
+        g.copy_to_device(&buf, 0, &pattern).unwrap();
+        let mut back = vec![0u8; size];
+        g.copy_from_device(&buf, 0, &mut back).unwrap();
+        assert!(back == pattern, "{size} B came back changed");
+        let stream = g.new_stream().unwrap();
+        let mut back2 = vec![0u8; size];
+        // SAFETY: both host slices outlive the synchronize below and are not touched before it.
+        unsafe { g.copy_from_device_async(&buf, 0, &mut back2, &stream).unwrap() };
+        stream.synchronize().unwrap();
+        assert!(back2 == pattern);
+        assert!(matches!(g.copy_to_device(&buf, buf.len(), &[1]), Err(Error::OutOfBounds { .. })));
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/test-gpu runs it on a GPU machine"]
+fn cuda_dmabuf_export_has_the_right_size() {
+    let g = gpu();
+    let buf = g.alloc(4 << 20).unwrap();
+    match g.dmabuf_support().unwrap() {
+        Ok(()) => {
+            let e = g.export_dmabuf(buf.addr() + 8192, 1 << 20).unwrap();
+            assert_eq!(e.offset(), 0);
+            let end = rustix::fs::seek(e.fd(), rustix::fs::SeekFrom::End(0)).unwrap();
+            assert_eq!(end, 1 << 20);
+            let (tx, rx) = std::sync::mpsc::channel();
+            let _s = g.notices().subscribe(buf.key(), 0..buf.len(), move |n| tx.send(n.reason).unwrap());
+            assert_eq!(e.revoke(), 1);
+            assert_eq!(rx.recv().unwrap(), InvalidationReason::ExportRevoked);
+        }
+        Err(why) => match g.export_dmabuf(buf.addr(), 4096) {
+            Err(Error::ExportUnsupported(msg)) => assert_eq!(msg, why),
+            other => panic!("dma-buf unsupported ({why}) but export gave {other:?}"),
+        },
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/test-gpu runs it on a GPU machine"]
+fn cuda_notices_come_before_free_and_flush_works() {
+    let g = gpu();
+    let buf = g.alloc(1 << 20).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let g2 = g.clone();
+    let base = buf.addr();
+    let _s = g.notices().subscribe(buf.key(), 0..buf.len(), move |n| {
+        // Still allocated while we are told.
+        tx.send(g2.identify(base).unwrap().is_some()).unwrap();
+        n.ack();
+    });
+    drop(buf);
+    assert!(rx.recv().unwrap(), "the memory was gone before the notice");
+    match g.flush_nic_writes().unwrap() {
+        FlushOutcome::Flushed | FlushOutcome::NotNeeded(_) => {}
+    }
+}
