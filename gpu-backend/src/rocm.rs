@@ -13,4 +13,5 @@
 //! - flush: not needed for coherent (fine-grained) pools; for coarse-grained memory a
 //!   system-scope release fence before the NIC reads and after it writes;
 //! - notices: the same [`NoticeHub`](crate::NoticeHub), fired from its free path.
+//!
 //! Tests would mirror `tests/cuda_backend.rs`, skipping where no AMD GPU is present.

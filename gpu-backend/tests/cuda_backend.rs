@@ -17,7 +17,7 @@ fn cuda_alloc_identify_and_free() {
     for off in [0u64, 1, 65_537, buf.len() - 1] {
         assert_eq!(g.identify(buf.addr() + off).unwrap(), Some(buf.info()), "offset {off}");
     }
-    let host = vec![0u8; 16];
+    let host = [0u8; 16];
     assert_eq!(g.identify(host.as_ptr() as u64).unwrap(), None, "host memory is not CUDA device memory");
     let (addr, key) = (buf.addr(), buf.key());
     buf.free().unwrap();
