@@ -27,7 +27,7 @@ pub mod rocm;
 
 pub use alloc::{AllocationInfo, AllocationKey, BackendKind};
 pub use backend::{DeviceBuffer, DmaBufExport, FlushOutcome, MemoryBackend};
-pub use cuda::{CudaBackend, GPU_PAGE};
+pub use cuda::{CudaBackend, PinnedHostBuffer, GPU_PAGE};
 pub use error::{Error, Result};
 pub use host::HostBackend;
 pub use notice::{InvalidationReason, Notice, NoticeHub, Subscription};

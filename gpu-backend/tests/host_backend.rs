@@ -30,7 +30,11 @@ fn a_sub_range_resolves_to_its_allocation() {
         let info = host.identify(buf.addr() + off).unwrap().expect("inside an allocation");
         assert_eq!(info, buf.info());
     }
-    assert_ne!(host.identify(a.addr() + a.len()).unwrap().map(|i| i.key), Some(a.key()), "one past the end is not inside");
+    assert_ne!(
+        host.identify(a.addr() + a.len()).unwrap().map(|i| i.key),
+        Some(a.key()),
+        "one past the end is not inside"
+    );
     assert_eq!(host.identify(8).unwrap(), None);
 }
 
