@@ -1,8 +1,9 @@
 //! p2pbridge: register accelerator memory as RDMA memory regions, choose the strategy, keep
 //! every registration honest.
-//!
-//! **Not built yet** beyond the layers it stands on: the RDMA layer is [`verbs`]
-//! (`p2pbridge-verbs`), re-exported here. Strategy choice, the registration cache and safe
-//! buffer types are tracked as their own issue (see `docs/architecture.md`).
+#![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod cache;
+
+pub use p2pbridge_gpu as gpu;
 pub use p2pbridge_verbs as verbs;
