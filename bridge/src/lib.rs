@@ -4,6 +4,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod cache;
+pub mod strategy;
 
 pub use p2pbridge_gpu as gpu;
 pub use p2pbridge_verbs as verbs;

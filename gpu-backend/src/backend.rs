@@ -44,11 +44,33 @@ pub trait MemoryBackend: Send + Sync {
     /// host pages; [`DmaBufExport::offset`] says where `addr` lies in it.
     fn export_dmabuf(&self, addr: u64, len: u64) -> Result<DmaBufExport>;
 
+    /// Copies `src` to device address `addr` and waits for it. The range must lie in one
+    /// allocation of this backend (checked).
+    ///
+    /// # Safety
+    /// The allocation must not be freed while the call runs (hold its `DeviceBuffer`, or a
+    /// registration whose invalidation the free waits for).
+    unsafe fn copy_to_addr(&self, addr: u64, src: &[u8]) -> Result<()>;
+
+    /// Copies from device address `addr` into `dst` and waits for it.
+    ///
+    /// # Safety
+    /// As [`copy_to_addr`](Self::copy_to_addr).
+    unsafe fn copy_from_addr(&self, addr: u64, dst: &mut [u8]) -> Result<()>;
+
     /// Copies `src` to `dst` at `offset` and waits for it.
-    fn copy_to_device(&self, dst: &DeviceBuffer, offset: u64, src: &[u8]) -> Result<()>;
+    fn copy_to_device(&self, dst: &DeviceBuffer, offset: u64, src: &[u8]) -> Result<()> {
+        let at = dst.info().check(offset, src.len() as u64)?;
+        // SAFETY: `dst` is borrowed, so its allocation lives through the call.
+        unsafe { self.copy_to_addr(at, src) }
+    }
 
     /// Copies from `src` at `offset` into `dst` and waits for it.
-    fn copy_from_device(&self, src: &DeviceBuffer, offset: u64, dst: &mut [u8]) -> Result<()>;
+    fn copy_from_device(&self, src: &DeviceBuffer, offset: u64, dst: &mut [u8]) -> Result<()> {
+        let at = src.info().check(offset, dst.len() as u64)?;
+        // SAFETY: `src` is borrowed, so its allocation lives through the call.
+        unsafe { self.copy_from_addr(at, dst) }
+    }
 
     /// Makes completed NIC writes visible to the device before it reads them.
     fn flush_nic_writes(&self) -> Result<FlushOutcome>;

@@ -355,16 +355,17 @@ impl MemoryBackend for CudaBackend {
         Ok(DmaBufExport::new(fd, off - start, len, end - start, info.key, off..off + len, self.inner.hub.clone()))
     }
 
-    fn copy_to_device(&self, dst: &DeviceBuffer, offset: u64, src: &[u8]) -> Result<()> {
-        let at = dst.info().check(offset, src.len() as u64)?;
-        self.bind()?;
-        // SAFETY: the range lies in the live allocation `dst` (checked); the copy is synchronous.
+    unsafe fn copy_to_addr(&self, addr: u64, src: &[u8]) -> Result<()> {
+        let info = self.identify(addr)?.ok_or(Error::UnknownAddress(addr))?;
+        let at = info.check(addr - info.base, src.len() as u64)?;
+        // SAFETY: the range lies in a live allocation of this device (checked), which the
+        // caller keeps alive; the copy is synchronous.
         unsafe { result::memcpy_htod_sync(at, src) }.map_err(cuda_err("cuMemcpyHtoD"))
     }
 
-    fn copy_from_device(&self, src: &DeviceBuffer, offset: u64, dst: &mut [u8]) -> Result<()> {
-        let at = src.info().check(offset, dst.len() as u64)?;
-        self.bind()?;
+    unsafe fn copy_from_addr(&self, addr: u64, dst: &mut [u8]) -> Result<()> {
+        let info = self.identify(addr)?.ok_or(Error::UnknownAddress(addr))?;
+        let at = info.check(addr - info.base, dst.len() as u64)?;
         // SAFETY: as above.
         unsafe { result::memcpy_dtoh_sync(dst, at) }.map_err(cuda_err("cuMemcpyDtoH"))
     }

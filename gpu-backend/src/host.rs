@@ -101,6 +101,14 @@ impl HostBackend {
     }
 }
 
+impl HostBackend {
+    /// Checks that `addr..addr+len` lies in one live allocation and returns `addr`.
+    fn live_range(&self, addr: u64, len: u64) -> Result<u64> {
+        let info = self.identify(addr)?.ok_or(Error::UnknownAddress(addr))?;
+        info.check(addr - info.base, len)
+    }
+}
+
 fn open_udmabuf() -> Result<OwnedFd> {
     match rustix::fs::open(
         "/dev/udmabuf",
@@ -205,16 +213,16 @@ impl MemoryBackend for HostBackend {
         Ok(DmaBufExport::new(fd, off - start, len, end - start, a.info.key, off..off + len, self.inner.hub.clone()))
     }
 
-    fn copy_to_device(&self, dst: &DeviceBuffer, offset: u64, src: &[u8]) -> Result<()> {
-        let at = dst.info().check(offset, src.len() as u64)?;
-        // SAFETY: `at..at+len` lies in the live mapping of `dst` (checked); `src` is a
-        // distinct Rust slice, so the ranges cannot overlap.
+    unsafe fn copy_to_addr(&self, addr: u64, src: &[u8]) -> Result<()> {
+        let at = self.live_range(addr, src.len() as u64)?;
+        // SAFETY: `at..at+len` lies in a live mapping of ours (checked), which the caller keeps
+        // alive; `src` is a distinct Rust slice, so the ranges cannot overlap.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), at as *mut u8, src.len()) };
         Ok(())
     }
 
-    fn copy_from_device(&self, src: &DeviceBuffer, offset: u64, dst: &mut [u8]) -> Result<()> {
-        let at = src.info().check(offset, dst.len() as u64)?;
+    unsafe fn copy_from_addr(&self, addr: u64, dst: &mut [u8]) -> Result<()> {
+        let at = self.live_range(addr, dst.len() as u64)?;
         // SAFETY: as above, reading.
         unsafe { std::ptr::copy_nonoverlapping(at as *const u8, dst.as_mut_ptr(), dst.len()) };
         Ok(())
