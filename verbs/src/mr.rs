@@ -420,6 +420,16 @@ impl<B: RegisterableBuffer> MemoryRegion<B> {
     }
 }
 
+impl MemoryRegion<crate::HostBuffer> {
+    /// A raw pointer to the region's memory (an mmap of our own, not derived from a Rust
+    /// reference), for writing into the buffer while views of it may exist elsewhere — as the
+    /// NIC itself does. Writing through it is `unsafe`, with the usual rules for raw pointers:
+    /// stay within `len()` bytes, and do not race with other writers of the same bytes.
+    pub fn raw_ptr(&self) -> *mut u8 {
+        crate::RegisterableBuffer::as_ptr(&self.buf) as *mut u8
+    }
+}
+
 impl<B> Drop for MemoryRegion<B> {
     fn drop(&mut self) {
         // SAFETY: deregistered exactly once; the buffer is dropped after this, so the NIC
