@@ -15,7 +15,9 @@
 //!   registration is released when the last handle goes. [`RegCache::invalidate`] waits for
 //!   those handles, so memory is released only after every user of it is done.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap as HashMap;
 use std::hash::Hash;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -161,7 +163,7 @@ impl<V> RegCache<V> {
     /// An empty cache.
     pub fn new(policy: CachePolicy) -> Self {
         RegCache {
-            index: RwLock::new(Index { maps: HashMap::new(), entries: 0, bytes: 0 }),
+            index: RwLock::new(Index { maps: HashMap::default(), entries: 0, bytes: 0 }),
             clock: AtomicU64::new(1),
             next_generation: AtomicU64::new(1),
             policy,

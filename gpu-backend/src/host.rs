@@ -93,7 +93,7 @@ impl HostBackend {
     /// The bytes of a host buffer (host memory is CPU-addressable). A NIC may write them
     /// while this view lives: read after the completion that says it is done.
     pub fn as_slice<'b>(&self, buf: &'b DeviceBuffer) -> Result<&'b [u8]> {
-        if !self.read().get(&buf.addr()).is_some_and(|a| a.info.key == buf.key()) {
+        if self.read().get(&buf.addr()).is_none_or(|a| a.info.key != buf.key()) {
             return Err(Error::UnknownAddress(buf.addr()));
         }
         // SAFETY: the mapping is `len` bytes at `addr` and stays mapped while `buf` lives.

@@ -182,7 +182,7 @@ impl CompletionQueue {
                 return wc[0].ok();
             }
             spins += 1;
-            if spins % 1024 == 0 {
+            if spins.is_multiple_of(1024) {
                 if Instant::now() >= deadline {
                     return Err(Error::Timeout(timeout, "a work completion"));
                 }

@@ -1,0 +1,92 @@
+//! Registration cache: hit lookup, invalidation of one range among 100k entries, and
+//! free-to-invalidated latency through the host backend's notices.
+//!
+//! `cargo bench -p p2pbridge-benches --bench cache`. Targets (issue 4): hit lookup <= 50 ns
+//! median; invalidation among 100k entries <= 2 us. These measure the cache and the notice
+//! path (no NIC): cold registration, which is the NIC's cost, is in `bridge_reg`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion};
+use p2pbridge::cache::{CachePolicy, Domain, RegCache};
+use p2pbridge::gpu::{AllocationKey, BackendKind, HostBackend, MemoryBackend};
+
+const N: u64 = 100_000;
+
+fn key(id: u64) -> Domain {
+    Domain::Alloc(AllocationKey { backend: BackendKind::Cuda, device: 0, id })
+}
+
+/// 100k entries: 1000 allocations x 100 disjoint 64 KiB registrations, plus host VA ones.
+fn full_cache() -> RegCache<u64> {
+    let c = RegCache::new(CachePolicy { max_entries: 2 * N as usize, max_bytes: u64::MAX, merge: false });
+    for i in 0..N {
+        let (alloc, slot) = (i / 100, i % 100);
+        let start = 0x7f00_0000_0000 + slot * 0x2_0000;
+        c.insert(key(alloc), start..start + 0x1_0000, 7, i).unwrap();
+    }
+    c
+}
+
+fn benches(c: &mut Criterion) {
+    let cache = full_cache();
+    let hot = 0x7f00_0000_0000 + 42 * 0x2_0000 + 4096;
+    c.bench_function("cache hit lookup, hot entry (100k entries)", |b| {
+        b.iter(|| black_box(cache.lookup(key(777), black_box(hot..hot + 8192), 3)))
+    });
+    let mut i = 0u64;
+    c.bench_function("cache hit lookup, random entry of 100k", |b| {
+        b.iter(|| {
+            i = (i + 7919) % N;
+            let start = 0x7f00_0000_0000 + (i % 100) * 0x2_0000 + 4096;
+            black_box(cache.lookup(key(i / 100), start..start + 8192, 3))
+        })
+    });
+
+    c.bench_function("invalidate one range among 100k entries", |b| {
+        let cache = full_cache();
+        let mut j = 0u64;
+        b.iter_batched(
+            || {
+                // Put back what the previous iteration removed, outside the timed part.
+                j = (j + 7919) % N;
+                let start = 0x7f00_0000_0000 + (j % 100) * 0x2_0000;
+                let _ = cache.insert(key(j / 100), start..start + 0x1_0000, 7, j);
+                (key(j / 100), start)
+            },
+            |(d, start)| black_box(cache.invalidate(d, start..start + 0x1_0000, Duration::from_secs(1))),
+            BatchSize::SmallInput,
+        )
+    });
+
+    c.bench_function("free-to-invalidated (host backend notice + cache invalidation)", |b| {
+        let host = HostBackend::new();
+        let cache = Arc::new(RegCache::<u64>::new(CachePolicy::default()));
+        b.iter_batched(
+            || {
+                let buf = host.alloc(65_536).unwrap();
+                let d = Domain::Alloc(buf.key());
+                cache.insert(d, buf.addr()..buf.addr() + buf.len(), 7, 0).unwrap();
+                let c2 = cache.clone();
+                let sub = host.notices().subscribe(buf.key(), 0..buf.len(), move |n| {
+                    let _ = c2.invalidate(Domain::Alloc(n.key), 0..u64::MAX, Duration::from_secs(1));
+                    n.ack();
+                });
+                (buf, sub)
+            },
+            |(buf, sub)| {
+                drop(buf); // notice -> invalidate -> ack -> munmap
+                sub
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+criterion_group! {
+    name = cache;
+    config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    targets = benches
+}
+criterion_main!(cache);
