@@ -163,6 +163,8 @@ struct Inner {
     subs: Mutex<HashMap<AllocationKey, Subscription>>,
     handed_out: Mutex<HashMap<u64, (Domain, Range<u64>)>>,
     invalidate_timeout: Duration,
+    /// The userfaultfd monitor's subscription, or why there is none.
+    watch: std::result::Result<crate::uffd::Watch, String>,
 }
 
 /// Options of a [`Bridge`].
@@ -175,6 +177,9 @@ pub struct BridgeOptions {
     /// How long an invalidation waits for in-flight work before it gives up waiting (the
     /// registration is then released when that work ends).
     pub invalidate_timeout: Duration,
+    /// Watch registered host memory with the userfaultfd monitor, so that `munmap`, `mremap`
+    /// and `MADV_DONTNEED` drop its registrations by themselves.
+    pub monitor_host: bool,
 }
 
 impl Default for BridgeOptions {
@@ -183,6 +188,7 @@ impl Default for BridgeOptions {
             policy: Policy::default(),
             cache: CachePolicy::default(),
             invalidate_timeout: Duration::from_secs(30),
+            monitor_host: true,
         }
     }
 }
@@ -198,8 +204,9 @@ impl Bridge {
     /// and be told about before it is freed).
     pub fn new(pd: &ProtectionDomain, backends: Vec<Arc<dyn MemoryBackend>>, opts: BridgeOptions) -> Result<Self> {
         let caps = HostCaps::probe(pd)?;
+        let monitor_host = opts.monitor_host;
         Ok(Bridge {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|weak: &Weak<Inner>| Inner {
                 pd: pd.clone(),
                 caps,
                 policy: opts.policy,
@@ -208,8 +215,27 @@ impl Bridge {
                 subs: Mutex::new(HashMap::new()),
                 handed_out: Mutex::new(HashMap::new()),
                 invalidate_timeout: opts.invalidate_timeout,
+                watch: if monitor_host {
+                    let weak = weak.clone();
+                    crate::uffd::subscribe(Box::new(move |range| {
+                        if let Some(inner) = weak.upgrade() {
+                            // Never wait here: a faulting thread may need the monitor. The
+                            // registrations are released when their last user lets go.
+                            drop(inner.cache.remove_overlapping(Domain::HostVa, range));
+                        }
+                    }))
+                    .map_err(|e| e.to_string())
+                } else {
+                    Err("disabled by BridgeOptions::monitor_host".into())
+                },
             }),
         })
+    }
+
+    /// Whether host memory registered with [`Bridge::register_host`] is watched by the
+    /// userfaultfd monitor, and if not, why.
+    pub fn host_monitor(&self) -> std::result::Result<(), &str> {
+        self.inner.watch.as_ref().map(|_| ()).map_err(|e| e.as_str())
     }
 
     /// What the host can do, as probed.
@@ -249,12 +275,21 @@ impl Bridge {
 
     /// Registers host memory no backend owns (a `Vec`, an mmap).
     ///
+    /// Where the userfaultfd monitor runs ([`Bridge::host_monitor`]), the range is watched:
+    /// `munmap`, `mremap` or `madvise(MADV_DONTNEED)` of it drop its registrations by
+    /// themselves, so a later mapping at the same address is never reached through the old
+    /// key. Watching needs anonymous or shared memory (not a file mapping): other memory is
+    /// refused with [`Error::Monitor`].
+    ///
     /// # Safety
-    /// The range must stay mapped, at that address, until [`Bridge::invalidate_host`] has been
-    /// called for it (which waits for in-flight work and deregisters) — before any `munmap`,
-    /// `mremap` or `madvise(MADV_DONTNEED)` of it. (A userfaultfd monitor that does this by
-    /// itself is planned; see docs/architecture.md.)
+    /// The range must be mapped when registered. Without the monitor, [`Bridge::invalidate_host`]
+    /// must be called for it before any `munmap`, `mremap` or `madvise(MADV_DONTNEED)` of it.
+    /// Memory a peer may write must not be read through Rust references that assume it does
+    /// not change.
     pub unsafe fn register_host(&self, addr: u64, len: u64, access: AccessFlags) -> Result<Registered> {
+        if self.inner.watch.is_ok() && len > 0 {
+            crate::uffd::watch(addr..addr + len)?;
+        }
         self.register_in(Domain::HostVa, MemoryKind::Host, None, addr, len, access)
     }
 

@@ -41,6 +41,9 @@ pub enum Error {
         /// The size indexed.
         size: u64,
     },
+    /// The host-memory monitor (userfaultfd) cannot run or watch a range.
+    #[error("host memory monitor: {0}")]
+    Monitor(String),
     /// A bad argument.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -32,11 +32,13 @@ pub mod cache;
 mod error;
 mod key;
 pub mod strategy;
+mod uffd;
 
 pub use bridge::{live_registrations, Bridge, BridgeOptions, Registered, Registration};
 pub use error::{Error, Result};
 pub use key::RemoteKey;
 pub use strategy::{HostCaps, MemoryKind, Policy, Preference, SkipReason, Strategy};
+pub use uffd::monitor_available;
 
 pub use p2pbridge_gpu as gpu;
 pub use p2pbridge_verbs as verbs;

@@ -315,3 +315,80 @@ fn rdma_eight_threads_register_look_up_and_free_without_leaks_or_deadlock() {
     assert_eq!(p2pbridge::live_registrations(), 0, "registrations leaked");
     assert_eq!(kernel_mr_count(&fab.a.device), before, "the kernel still has MRs of ours");
 }
+
+#[test]
+#[ignore = "needs an RDMA device: scripts/test runs it on Soft-RoCE"]
+fn rdma_munmapped_host_buffer_is_unreachable_through_its_old_key() {
+    let len = 65_536usize;
+    let (c, s) = fabric()
+        .connect_pair(
+            ConnectionOptions::default(),
+            move |pd| Ok((side(pd, Policy::default().require(Strategy::PinnedHost), len, Some(3))?, Vec::new())),
+            move |pd| {
+                let bridge = Bridge::new(
+                    pd,
+                    vec![],
+                    BridgeOptions { policy: Policy::default().require(Strategy::PinnedHost), ..Default::default() },
+                )
+                .map_err(|e| p2pbridge::verbs::Error::InvalidArgument(e.to_string()))?;
+                // SAFETY: a fresh private anonymous mapping.
+                let p = unsafe {
+                    rustix::mm::mmap_anonymous(
+                        std::ptr::null_mut(),
+                        len,
+                        rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                        rustix::mm::MapFlags::PRIVATE,
+                    )
+                }
+                .unwrap() as u64;
+                // SAFETY: mapped; the monitor watches it from here on.
+                let reg = unsafe { bridge.register_host(p, len as u64, AccessFlags::remote_rw()) }
+                    .map_err(|e| p2pbridge::verbs::Error::InvalidArgument(e.to_string()))?;
+                let key = bridge
+                    .hand_out(&reg, 0..len as u64)
+                    .map_err(|e| p2pbridge::verbs::Error::InvalidArgument(e.to_string()))?;
+                Ok(((bridge, reg, p), key.to_bytes().to_vec()))
+            },
+        )
+        .unwrap();
+    let (bridge, reg, p) = s.state;
+    bridge.host_monitor().expect("the userfaultfd monitor runs in the guest");
+    let old_key = RemoteKey::from_bytes(c.conn.remote_private_data()).unwrap();
+    // A write through the key works while the memory is there.
+    c.state.bridge.write(&c.conn, c.state.reg.as_ref().unwrap(), 0, 64, &old_key, 0).unwrap();
+    drop(reg);
+    // The application unmaps the buffer and maps new memory at the same address; nobody tells
+    // the bridge — the monitor sees the munmap.
+    // SAFETY: our mapping, replaced wholesale.
+    unsafe {
+        rustix::mm::munmap(p as *mut _, len).unwrap();
+        let q = rustix::mm::mmap_anonymous(
+            p as *mut _,
+            len,
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::FIXED,
+        )
+        .unwrap();
+        assert_eq!(q as u64, p);
+        std::ptr::write_bytes(q as *mut u8, 0x77, len);
+    }
+    // The monitor's event is processed asynchronously: wait (bounded) for the key to go stale.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while bridge.check_key(&old_key).is_ok() {
+        assert!(std::time::Instant::now() < deadline, "the monitor did not drop the unmapped buffer's registration");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    match c.state.bridge.write(&c.conn, c.state.reg.as_ref().unwrap(), 0, len as u64, &old_key, 0) {
+        Err(Error::Verbs(VerbsError::WorkCompletion { status: WcStatus::RemoteAccess, .. })) => {}
+        other => panic!("a write with the unmapped buffer's key should fail with a remote access error, got {other:?}"),
+    }
+    // SAFETY: the new mapping is ours and live.
+    let now = unsafe { std::slice::from_raw_parts(p as *const u8, len) };
+    assert!(now.iter().all(|&b| b == 0x77), "the new memory was changed through the old key");
+    // SAFETY: the new memory is mapped; the monitor watches it.
+    let again = unsafe { bridge.register_host(p, len as u64, AccessFlags::remote_rw()) }.unwrap();
+    assert_ne!(again.generation(), old_key.generation, "a fresh registration must have a new generation");
+    drop(again);
+    // SAFETY: ours; the monitor drops the registration.
+    unsafe { rustix::mm::munmap(p as *mut _, len).unwrap() };
+}
