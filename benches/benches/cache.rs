@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion};
-use p2pbridge::cache::{CachePolicy, Domain, RegCache};
+use p2pbridge::cache::{CachePolicy, Cost, Domain, RegCache};
 use p2pbridge::gpu::{AllocationKey, BackendKind, HostBackend, MemoryBackend};
 
 const N: u64 = 100_000;
@@ -20,11 +20,16 @@ fn key(id: u64) -> Domain {
 
 /// 100k entries: 1000 allocations x 100 disjoint 64 KiB registrations, plus host VA ones.
 fn full_cache() -> RegCache<u64> {
-    let c = RegCache::new(CachePolicy { max_entries: 2 * N as usize, max_bytes: u64::MAX, merge: false });
+    let c = RegCache::new(CachePolicy {
+        max_entries: 2 * N as usize,
+        max_bytes: u64::MAX,
+        merge: false,
+        ..CachePolicy::default()
+    });
     for i in 0..N {
         let (alloc, slot) = (i / 100, i % 100);
         let start = 0x7f00_0000_0000 + slot * 0x2_0000;
-        c.insert(key(alloc), start..start + 0x1_0000, 7, i).unwrap();
+        c.insert(key(alloc), start..start + 0x1_0000, 7, Cost::Unpinned, i).unwrap();
     }
     c
 }
@@ -52,7 +57,7 @@ fn benches(c: &mut Criterion) {
                 // Put back what the previous iteration removed, outside the timed part.
                 j = (j + 7919) % N;
                 let start = 0x7f00_0000_0000 + (j % 100) * 0x2_0000;
-                let _ = cache.insert(key(j / 100), start..start + 0x1_0000, 7, j);
+                let _ = cache.insert(key(j / 100), start..start + 0x1_0000, 7, Cost::Unpinned, j);
                 (key(j / 100), start)
             },
             |(d, start)| black_box(cache.invalidate(d, start..start + 0x1_0000, Duration::from_secs(1))),
@@ -67,7 +72,7 @@ fn benches(c: &mut Criterion) {
             || {
                 let buf = host.alloc(65_536).unwrap();
                 let d = Domain::Alloc(buf.key());
-                cache.insert(d, buf.addr()..buf.addr() + buf.len(), 7, 0).unwrap();
+                cache.insert(d, buf.addr()..buf.addr() + buf.len(), 7, Cost::Unpinned, 0).unwrap();
                 let c2 = cache.clone();
                 let sub = host.notices().subscribe(buf.key(), 0..buf.len(), move |n| {
                     let _ = c2.invalidate(Domain::Alloc(n.key), 0..u64::MAX, Duration::from_secs(1));

@@ -13,7 +13,7 @@ use p2pbridge_verbs::{
     SendFlags,
 };
 
-use crate::cache::{CachePolicy, Domain, Handle, RegCache};
+use crate::cache::{CachePolicy, Cost, Domain, Handle, RegCache};
 use crate::error::{Error, Result};
 use crate::key::RemoteKey;
 use crate::strategy::{plan, HostCaps, MemoryKind, Policy, SkipReason, Strategy};
@@ -320,8 +320,14 @@ impl Bridge {
             return Ok(Registered { handle, addr, len });
         }
         let reg_range = self.inner.cache.merged_range(domain, range.clone(), access.bits());
+        let device = backend.as_ref().map(|b| b.device()).unwrap_or(0);
         let reg = self.try_strategies(kind, backend, reg_range.clone(), access)?;
-        let ins = self.inner.cache.insert(domain, reg_range, access.bits(), reg)?;
+        let cost = match reg.strategy {
+            Strategy::DmaBuf | Strategy::PeerMem => Cost::Exported { device },
+            Strategy::PinnedHost | Strategy::Bounce => Cost::Pinned,
+            Strategy::Odp => Cost::Unpinned,
+        };
+        let ins = self.inner.cache.insert(domain, reg_range, access.bits(), cost, reg)?;
         drop(ins.removed);
         Ok(Registered { handle: ins.handle, addr, len })
     }
@@ -476,6 +482,39 @@ impl Bridge {
             self.flush_range(local, offset, len)?;
         }
         Ok(())
+    }
+
+    /// SEND of `len` bytes at `offset` of `local` (with immediate data if given), waiting for
+    /// the completion. The peer must have a receive posted ([`Bridge::recv`]).
+    pub fn send(&self, conn: &Connection, local: &Registered, offset: u64, len: u64, imm: Option<u32>) -> Result<()> {
+        if let Some(b) = self.bounce_backend(local) {
+            let mut tmp = vec![0u8; len as usize];
+            // SAFETY: `local` holds its cache entry (see `write`).
+            unsafe { b.copy_from_addr(local.addr + offset, &mut tmp) }?;
+            self.write_staging(local, local.entry_offset() + offset, &tmp)?;
+        }
+        conn.qp().post_send(0, &local.local(offset, len)?, imm, SendFlags::SIGNALED)?;
+        conn.send_cq().wait_one(self.inner.invalidate_timeout)?;
+        Ok(())
+    }
+
+    /// Posts a receive into `len` bytes at `offset` of `local` and waits (up to `timeout`) for
+    /// a message; returns its length and immediate data. Bounce registrations copy staging ->
+    /// memory after.
+    pub fn recv(
+        &self,
+        conn: &Connection,
+        local: &Registered,
+        offset: u64,
+        len: u64,
+        timeout: Duration,
+    ) -> Result<(u32, Option<u32>)> {
+        conn.qp().post_recv(0, &local.local(offset, len)?)?;
+        let wc = conn.recv_cq().wait_one(timeout)?;
+        if self.bounce_backend(local).is_some() {
+            self.flush_range(local, offset, u64::from(wc.byte_len))?;
+        }
+        Ok((wc.byte_len, wc.imm))
     }
 
     /// Makes what peers wrote into `reg` visible to its memory's owner: bounce registrations

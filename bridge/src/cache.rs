@@ -33,10 +33,25 @@ pub enum Domain {
     HostVa,
 }
 
+/// What a registration holds down, for the cache's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Cost {
+    /// Pinned host pages (pinned registrations, bounce staging).
+    Pinned,
+    /// Device memory exported to the NIC (dma-buf, peer memory), per device ordinal.
+    Exported {
+        /// The device.
+        device: u32,
+    },
+    /// Nothing pinned (ODP).
+    Unpinned,
+}
+
 /// One cached registration.
 pub struct Entry<V> {
     domain: Domain,
     access: u32,
+    cost: Cost,
     range: Range<u64>,
     generation: u64,
     last_use: AtomicU64,
@@ -55,6 +70,10 @@ impl<V> Entry<V> {
     /// The registered range.
     pub fn range(&self) -> Range<u64> {
         self.range.clone()
+    }
+    /// What it holds down.
+    pub fn cost(&self) -> Cost {
+        self.cost
     }
     /// Unique per registration, never reused: descriptors carry it.
     pub fn generation(&self) -> u64 {
@@ -76,13 +95,23 @@ pub struct CachePolicy {
     pub max_entries: usize,
     /// Most bytes kept registered, over all domains.
     pub max_bytes: u64,
+    /// Most bytes of pinned host memory.
+    pub max_pinned_bytes: u64,
+    /// Most bytes exported to the NIC per device.
+    pub max_exported_bytes_per_device: u64,
     /// Merge overlapping or adjacent registrations of the same domain and access.
     pub merge: bool,
 }
 
 impl Default for CachePolicy {
     fn default() -> Self {
-        CachePolicy { max_entries: 4096, max_bytes: 16 << 30, merge: true }
+        CachePolicy {
+            max_entries: 4096,
+            max_bytes: 16 << 30,
+            max_pinned_bytes: 8 << 30,
+            max_exported_bytes_per_device: 8 << 30,
+            merge: true,
+        }
     }
 }
 
@@ -95,6 +124,17 @@ struct Index<V> {
     maps: HashMap<Domain, BTreeMap<u32, Intervals<V>>>,
     entries: usize,
     bytes: u64,
+    /// Bytes per cost class (Unpinned included).
+    by_cost: HashMap<Cost, u64>,
+}
+
+/// Usage counts an insert would lead to, for the limit checks.
+#[derive(Clone)]
+struct Usage {
+    entries: usize,
+    bytes: u64,
+    pinned: u64,
+    exported: u64,
 }
 
 impl<V> Index<V> {
@@ -114,12 +154,14 @@ impl<V> Index<V> {
         }
         self.entries -= 1;
         self.bytes -= e.range.end - e.range.start;
+        *self.by_cost.entry(e.cost).or_default() -= e.range.end - e.range.start;
         Some(e)
     }
 
     fn insert(&mut self, e: Arc<Entry<V>>) {
         self.entries += 1;
         self.bytes += e.range.end - e.range.start;
+        *self.by_cost.entry(e.cost).or_default() += e.range.end - e.range.start;
         self.maps.entry(e.domain).or_default().entry(e.access).or_default().insert(e.range.start, e);
     }
 
@@ -130,8 +172,10 @@ impl<V> Index<V> {
 
 /// Why an insert could not be kept within the limits.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("registration cache full: {entries} entries / {bytes} bytes in use by in-flight work (limits {max_entries} / {max_bytes})")]
+#[error("registration cache full: {entries} entries / {bytes} bytes held, and what is over its limit ({limit}) is all in use by in-flight work (limits: {max_entries} entries, {max_bytes} bytes)")]
 pub struct CacheFull {
+    /// Which limit could not be kept: "entries or bytes", "pinned bytes", "exported bytes of the device".
+    pub limit: &'static str,
     /// Entries held.
     pub entries: usize,
     /// Bytes held.
@@ -163,7 +207,7 @@ impl<V> RegCache<V> {
     /// An empty cache.
     pub fn new(policy: CachePolicy) -> Self {
         RegCache {
-            index: RwLock::new(Index { maps: HashMap::default(), entries: 0, bytes: 0 }),
+            index: RwLock::new(Index { maps: HashMap::default(), entries: 0, bytes: 0, by_cost: HashMap::default() }),
             clock: AtomicU64::new(1),
             next_generation: AtomicU64::new(1),
             policy,
@@ -227,11 +271,19 @@ impl<V> RegCache<V> {
     /// Inserts a registration of `range` (normally [`merged_range`](Self::merged_range)'s
     /// answer). Entries of the same (domain, access) that it overlaps or touches are replaced;
     /// then unused entries are evicted, least recently used first, until the limits hold.
-    pub fn insert(&self, domain: Domain, range: Range<u64>, access: u32, value: V) -> Result<Inserted<V>, CacheFull> {
+    pub fn insert(
+        &self,
+        domain: Domain,
+        range: Range<u64>,
+        access: u32,
+        cost: Cost,
+        value: V,
+    ) -> Result<Inserted<V>, CacheFull> {
         let len = range.end.saturating_sub(range.start);
         let entry = Arc::new(Entry {
             domain,
             access,
+            cost,
             range: range.clone(),
             generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
             last_use: AtomicU64::new(self.clock.fetch_add(1, Ordering::Relaxed)),
@@ -240,53 +292,88 @@ impl<V> RegCache<V> {
         let mut idx = self.write();
         let slot = (domain, access);
         // Entries the new one replaces (merged into it).
-        let merged: Vec<u64> = match idx.slot(slot) {
-            Some(m) => neighbours(m, &range).map(|e| e.range.start).collect(),
+        let merged: Vec<Arc<Entry<V>>> = match idx.slot(slot) {
+            Some(m) => neighbours(m, &range).cloned().collect(),
             None => Vec::new(),
         };
-        let merged_bytes: u64 = merged
-            .iter()
-            .filter_map(|s| idx.slot(slot).and_then(|m| m.get(s)))
-            .map(|e| e.range.end - e.range.start)
-            .sum();
-        let (mut entries, mut bytes) = (idx.entries - merged.len(), idx.bytes - merged_bytes);
-        let over =
-            |entries: usize, bytes: u64| entries + 1 > self.policy.max_entries || bytes + len > self.policy.max_bytes;
-        // Room for it: unused entries, least recently used first. Nothing changes unless the
-        // insert can succeed.
+        let p = &self.policy;
+        let counts = |e: &Entry<V>| -> (u64, u64) {
+            let n = e.range.end - e.range.start;
+            match e.cost {
+                Cost::Pinned => (n, 0),
+                Cost::Exported { .. } if e.cost == cost => (0, n),
+                _ => (0, 0),
+            }
+        };
+        let mut u = Usage {
+            entries: idx.entries,
+            bytes: idx.bytes,
+            pinned: idx.by_cost.get(&Cost::Pinned).copied().unwrap_or(0),
+            exported: if matches!(cost, Cost::Exported { .. }) {
+                idx.by_cost.get(&cost).copied().unwrap_or(0)
+            } else {
+                0
+            },
+        };
+        let take = |u: &mut Usage, e: &Entry<V>| {
+            let (pin, exp) = counts(e);
+            u.entries -= 1;
+            u.bytes -= e.range.end - e.range.start;
+            u.pinned -= pin;
+            u.exported -= exp;
+        };
+        for e in &merged {
+            take(&mut u, e);
+        }
+        let (new_pin, new_exp) = counts(&entry);
+        // Which limits the insert would break (each victim must relieve one of them).
+        let broken = |u: &Usage| {
+            (
+                u.entries + 1 > p.max_entries || u.bytes + len > p.max_bytes,
+                new_pin > 0 && u.pinned + new_pin > p.max_pinned_bytes,
+                new_exp > 0 && u.exported + new_exp > p.max_exported_bytes_per_device,
+            )
+        };
+        // Room for it: unused entries, least recently used first, that relieve a broken
+        // limit. Nothing changes unless the insert can succeed.
         let mut evict: Vec<(Slot, u64)> = Vec::new();
-        if over(entries, bytes) {
-            let mut victims: Vec<(u64, Slot, u64, u64)> = idx
+        if broken(&u) != (false, false, false) {
+            let mut victims: Vec<&Arc<Entry<V>>> = idx
                 .all()
                 .filter(|e| Arc::strong_count(e) == 1)
-                .filter(|e| !((e.domain, e.access) == slot && merged.contains(&e.range.start)))
-                .map(|e| {
-                    (
-                        e.last_use.load(Ordering::Relaxed),
-                        (e.domain, e.access),
-                        e.range.start,
-                        e.range.end - e.range.start,
-                    )
-                })
+                .filter(|e| !merged.iter().any(|m| Arc::ptr_eq(m, e)))
                 .collect();
-            victims.sort_unstable();
-            for (_, vslot, start, vlen) in victims {
-                if !over(entries, bytes) {
+            victims.sort_unstable_by_key(|e| e.last_use.load(Ordering::Relaxed));
+            for v in victims {
+                let (any, pinned, exported) = broken(&u);
+                if !(any || pinned || exported) {
                     break;
                 }
-                evict.push((vslot, start));
-                entries -= 1;
-                bytes -= vlen;
+                let (vp, ve) = counts(v);
+                if any || (pinned && vp > 0) || (exported && ve > 0) {
+                    evict.push(((v.domain, v.access), v.range.start));
+                    take(&mut u, v);
+                }
             }
-            if over(entries, bytes) {
+            let (any, pinned, _) = broken(&u);
+            if broken(&u) != (false, false, false) {
+                let limit = if any {
+                    "entries or bytes"
+                } else if pinned {
+                    "pinned bytes"
+                } else {
+                    "exported bytes of the device"
+                };
                 return Err(CacheFull {
+                    limit,
                     entries: idx.entries,
                     bytes: idx.bytes,
-                    max_entries: self.policy.max_entries,
-                    max_bytes: self.policy.max_bytes,
+                    max_entries: p.max_entries,
+                    max_bytes: p.max_bytes,
                 });
             }
         }
+        let merged: Vec<u64> = merged.iter().map(|e| e.range.start).collect();
         let mut removed: Vec<Handle<V>> = merged.into_iter().filter_map(|s| idx.remove(slot, s)).collect();
         removed.extend(evict.into_iter().filter_map(|(vslot, s)| idx.remove(vslot, s)));
         idx.insert(entry.clone());
@@ -368,21 +455,27 @@ mod tests {
     use super::*;
 
     fn cache(max_entries: usize) -> RegCache<&'static str> {
-        RegCache::new(CachePolicy { max_entries, max_bytes: u64::MAX, merge: true })
+        RegCache::new(CachePolicy {
+            max_entries,
+            max_bytes: u64::MAX,
+            max_pinned_bytes: u64::MAX,
+            max_exported_bytes_per_device: u64::MAX,
+            merge: true,
+        })
     }
 
     #[test]
     fn a_full_cache_of_held_entries_refuses_and_changes_nothing() {
         let c = cache(2);
-        let a = c.insert(Domain::HostVa, 0..10, 1, "a").unwrap().handle;
-        let b = c.insert(Domain::HostVa, 100..110, 1, "b").unwrap().handle;
-        let e = c.insert(Domain::HostVa, 200..210, 1, "c").err().expect("both entries are held");
+        let a = c.insert(Domain::HostVa, 0..10, 1, Cost::Unpinned, "a").unwrap().handle;
+        let b = c.insert(Domain::HostVa, 100..110, 1, Cost::Unpinned, "b").unwrap().handle;
+        let e = c.insert(Domain::HostVa, 200..210, 1, Cost::Unpinned, "c").err().expect("both entries are held");
         assert_eq!((e.entries, e.max_entries), (2, 2));
         // Merging into a held neighbour is not blocked by it: it is replaced, not evicted.
         let before = c.entries().len();
         assert_eq!(before, 2);
         drop(b);
-        let ins = c.insert(Domain::HostVa, 200..210, 1, "c").unwrap();
+        let ins = c.insert(Domain::HostVa, 200..210, 1, Cost::Unpinned, "c").unwrap();
         assert_eq!(ins.removed.len(), 1, "the unused entry is evicted");
         assert_eq!(ins.removed[0].value(), &"b");
         assert!(c.lookup(Domain::HostVa, 0..10, 1).is_some(), "the held entry stays");
@@ -390,10 +483,40 @@ mod tests {
     }
 
     #[test]
+    fn pinned_and_exported_limits_evict_only_what_relieves_them() {
+        let c: RegCache<&str> = RegCache::new(CachePolicy {
+            max_entries: 100,
+            max_bytes: u64::MAX,
+            max_pinned_bytes: 200,
+            max_exported_bytes_per_device: 100,
+            merge: false,
+        });
+        let gpu0 = Cost::Exported { device: 0 };
+        let gpu1 = Cost::Exported { device: 1 };
+        c.insert(Domain::HostVa, 0..100, 1, Cost::Pinned, "p1").unwrap();
+        c.insert(Domain::HostVa, 1000..1100, 1, Cost::Unpinned, "odp").unwrap();
+        c.insert(Domain::HostVa, 2000..2100, 1, gpu0, "g0").unwrap();
+        c.insert(Domain::HostVa, 3000..3100, 1, gpu1, "g1").unwrap();
+        c.insert(Domain::HostVa, 200..300, 1, Cost::Pinned, "p2").unwrap();
+        // A third pinned entry: the oldest pinned one goes, not the older ODP/exported ones.
+        let ins = c.insert(Domain::HostVa, 400..500, 1, Cost::Pinned, "p3").unwrap();
+        assert_eq!(ins.removed.iter().map(|e| *e.value()).collect::<Vec<_>>(), vec!["p1"]);
+        // Device 0's export limit evicts device 0's entry only.
+        let ins = c.insert(Domain::HostVa, 4000..4100, 1, gpu0, "g0b").unwrap();
+        assert_eq!(ins.removed.iter().map(|e| *e.value()).collect::<Vec<_>>(), vec!["g0"]);
+        // Held, nothing relieves the limit: refused, nothing changed.
+        let held = c.lookup(Domain::HostVa, 4000..4100, 1).unwrap();
+        let e = c.insert(Domain::HostVa, 5000..5100, 1, gpu0, "g0c").err().expect("device 0's export limit is held");
+        assert_eq!(e.limit, "exported bytes of the device");
+        assert_eq!(c.entries().len(), 5);
+        drop(held);
+    }
+
+    #[test]
     fn lookups_pick_the_narrowest_access_that_covers() {
         let c = cache(10);
-        c.insert(Domain::HostVa, 0..100, 7, "rw").unwrap();
-        c.insert(Domain::HostVa, 0..100, 1, "local").unwrap();
+        c.insert(Domain::HostVa, 0..100, 7, Cost::Unpinned, "rw").unwrap();
+        c.insert(Domain::HostVa, 0..100, 1, Cost::Unpinned, "local").unwrap();
         assert_eq!(*c.lookup(Domain::HostVa, 10..20, 1).unwrap().value(), "local");
         assert_eq!(*c.lookup(Domain::HostVa, 10..20, 3).unwrap().value(), "rw");
         assert!(c.lookup(Domain::HostVa, 90..101, 1).is_none());
@@ -403,10 +526,10 @@ mod tests {
     #[test]
     fn adjacent_registrations_merge() {
         let c = cache(10);
-        c.insert(Domain::HostVa, 0..100, 1, "x").unwrap();
-        c.insert(Domain::HostVa, 200..300, 1, "y").unwrap();
+        c.insert(Domain::HostVa, 0..100, 1, Cost::Unpinned, "x").unwrap();
+        c.insert(Domain::HostVa, 200..300, 1, Cost::Unpinned, "y").unwrap();
         assert_eq!(c.merged_range(Domain::HostVa, 100..200, 1), 0..300);
-        let ins = c.insert(Domain::HostVa, 0..300, 1, "xy").unwrap();
+        let ins = c.insert(Domain::HostVa, 0..300, 1, Cost::Unpinned, "xy").unwrap();
         assert_eq!(ins.removed.len(), 2);
         assert_eq!(c.entries().len(), 1);
         assert_eq!(c.usage(), (1, 300));
@@ -415,7 +538,7 @@ mod tests {
     #[test]
     fn invalidate_waits_for_handles_then_releases() {
         let c = std::sync::Arc::new(cache(10));
-        let h = c.insert(Domain::HostVa, 0..100, 1, "x").unwrap().handle;
+        let h = c.insert(Domain::HostVa, 0..100, 1, Cost::Unpinned, "x").unwrap().handle;
         let gen = h.generation();
         let t = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(50));
@@ -426,7 +549,7 @@ mod tests {
         assert!(start.elapsed() >= Duration::from_millis(40), "invalidate returned while a handle was held");
         assert!(!c.is_live(Domain::HostVa, 0..100, gen));
         t.join().unwrap();
-        let h2 = c.insert(Domain::HostVa, 0..100, 1, "y").unwrap().handle;
+        let h2 = c.insert(Domain::HostVa, 0..100, 1, Cost::Unpinned, "y").unwrap().handle;
         assert_eq!(c.invalidate(Domain::HostVa, 0..1, Duration::from_millis(10)), Err(1));
         drop(h2);
     }

@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use p2pbridge::cache::{CachePolicy, Domain, Handle, RegCache};
+use p2pbridge::cache::{CachePolicy, Cost, Domain, Handle, RegCache};
 use p2pbridge_gpu::{AllocationKey, BackendKind};
 
 /// xorshift64*: small, seeded, reproducible.
@@ -115,7 +115,7 @@ fn model_snapshot(m: &Model) -> Vec<(Domain, u32, Range<u64>, u64)> {
 fn cache_matches_the_reference_model_over_20000_random_steps() {
     let seed: u64 = std::env::var("P2PB_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_cafe);
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).max(1));
-    let policy = CachePolicy { max_entries: 12, max_bytes: 3 << 20, merge: true };
+    let policy = CachePolicy { max_entries: 12, max_bytes: 3 << 20, ..CachePolicy::default() };
     let cache: RegCache<u64> = RegCache::new(policy.clone());
     let mut model = Model { entries: Vec::new(), clock: 1, generation: 1, policy };
     let domains = [
@@ -146,7 +146,9 @@ fn cache_matches_the_reference_model_over_20000_random_steps() {
                     misses += 1;
                     let merged = cache.merged_range(d, r.clone(), access);
                     assert_eq!(merged, model.merged(d, r.clone(), access), "step {step}: merged range");
-                    let got = cache.insert(d, merged.clone(), access, step as u64).map(|i| i.handle.generation());
+                    let got = cache
+                        .insert(d, merged.clone(), access, Cost::Unpinned, step as u64)
+                        .map(|i| i.handle.generation());
                     let want = model.insert(d, merged, access);
                     assert_eq!(got.ok(), want, "step {step}: insert");
                     if want.is_none() {
@@ -174,7 +176,7 @@ fn cache_matches_the_reference_model_over_20000_random_steps() {
             _ => {
                 cache.remove_overlapping(d, r.clone());
                 model.remove_overlapping(d, &r);
-                let got = cache.insert(d, r.clone(), access, 0).map(|i| i.handle.generation()).ok();
+                let got = cache.insert(d, r.clone(), access, Cost::Unpinned, 0).map(|i| i.handle.generation()).ok();
                 let want = model.insert(d, r.clone(), access);
                 assert_eq!(got, want, "step {step}: re-register after remap");
                 if let Some(g) = got {

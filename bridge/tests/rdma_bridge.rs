@@ -87,6 +87,17 @@ fn rdma_each_strategy_rxe_supports_moves_data_between_hosts() {
             c.state.bridge.read(&c.conn, creg, 0, len as u64, &key, 0).unwrap();
             let client_bytes = c.state.mem.as_slice(c.state.buf.as_ref().unwrap()).unwrap();
             assert!(client_bytes == pattern(len, 0x17).as_slice(), "{strategy}: READ of {len} B brought other bytes");
+            // SEND/RECV: the client sends its buffer (now the 0x17 pattern, changed here) back.
+            c.state.mem.copy_to_device(c.state.buf.as_ref().unwrap(), 0, &pattern(len, 0x23)).unwrap();
+            let (sb, cb) = (s.state.bridge.clone(), c.state.bridge.clone());
+            std::thread::scope(|scope| {
+                let rx = scope.spawn(|| sb.recv(&s.conn, sreg, 0, len as u64, Duration::from_secs(30)));
+                std::thread::sleep(Duration::from_millis(50)); // let the receive be posted first
+                cb.send(&c.conn, creg, 0, len as u64, Some(7)).unwrap();
+                assert_eq!(rx.join().unwrap().unwrap(), (len as u32, Some(7)));
+            });
+            let server_bytes = s.state.mem.as_slice(s.state.buf.as_ref().unwrap()).unwrap();
+            assert!(server_bytes == pattern(len, 0x23).as_slice(), "{strategy}: SEND of {len} B arrived changed");
         }
     }
 }
