@@ -451,13 +451,7 @@ impl Bridge {
         remote: &RemoteKey,
         remote_offset: u64,
     ) -> Result<()> {
-        if let Some(b) = self.bounce_backend(local) {
-            let mut tmp = vec![0u8; len as usize];
-            // SAFETY: `local` holds its cache entry, so the allocation cannot be freed during
-            // the copy (its free waits for the entry's invalidation).
-            unsafe { b.copy_from_addr(local.addr + offset, &mut tmp) }?;
-            self.write_staging(local, local.entry_offset() + offset, &tmp)?;
-        }
+        self.stage_in(local, offset, len)?;
         let rs = remote.slice(remote_offset, len)?;
         conn.qp().post_write(0, &local.local(offset, len)?, &rs, SendFlags::SIGNALED)?;
         conn.send_cq().wait_one(self.inner.invalidate_timeout)?;
@@ -487,12 +481,7 @@ impl Bridge {
     /// SEND of `len` bytes at `offset` of `local` (with immediate data if given), waiting for
     /// the completion. The peer must have a receive posted ([`Bridge::recv`]).
     pub fn send(&self, conn: &Connection, local: &Registered, offset: u64, len: u64, imm: Option<u32>) -> Result<()> {
-        if let Some(b) = self.bounce_backend(local) {
-            let mut tmp = vec![0u8; len as usize];
-            // SAFETY: `local` holds its cache entry (see `write`).
-            unsafe { b.copy_from_addr(local.addr + offset, &mut tmp) }?;
-            self.write_staging(local, local.entry_offset() + offset, &tmp)?;
-        }
+        self.stage_in(local, offset, len)?;
         conn.qp().post_send(0, &local.local(offset, len)?, imm, SendFlags::SIGNALED)?;
         conn.send_cq().wait_one(self.inner.invalidate_timeout)?;
         Ok(())
@@ -533,11 +522,18 @@ impl Bridge {
     /// Before peers RDMA READ a bounce registration: copies memory -> staging. (No-op for
     /// direct registrations.)
     pub fn publish(&self, reg: &Registered) -> Result<()> {
+        self.stage_in(reg, 0, reg.len)
+    }
+
+    /// For a bounce registration: copies `len` bytes at `offset` of the memory into its
+    /// staging buffer (no-op for direct registrations).
+    fn stage_in(&self, reg: &Registered, offset: u64, len: u64) -> Result<()> {
         if let Some(b) = self.bounce_backend(reg) {
-            let mut tmp = vec![0u8; reg.len as usize];
-            // SAFETY: `reg` holds its cache entry (see `write`).
-            unsafe { b.copy_from_addr(reg.addr, &mut tmp) }?;
-            self.write_staging(reg, reg.entry_offset(), &tmp)?;
+            let mut tmp = vec![0u8; len as usize];
+            // SAFETY: `reg` holds its cache entry, so the allocation cannot be freed during the
+            // copy (its free waits for the entry's invalidation).
+            unsafe { b.copy_from_addr(reg.addr + offset, &mut tmp) }?;
+            self.write_staging(reg, reg.entry_offset() + offset, &tmp)?;
         }
         Ok(())
     }

@@ -1,6 +1,6 @@
 //! Remote keys: what a peer needs to reach a registration, and which registration it was.
 
-use p2pbridge_verbs::RemoteSlice;
+use p2pbridge_verbs::{RemoteBuf, RemoteSlice};
 
 use crate::error::{Error, Result};
 
@@ -22,46 +22,37 @@ pub struct RemoteKey {
 }
 
 impl RemoteKey {
-    /// Encoded size: magic (4), addr (8), len (8), rkey (4), generation (8).
-    pub const WIRE_LEN: usize = 32;
-    const MAGIC: [u8; 4] = *b"P2K1";
+    /// Encoded size: a [`RemoteBuf`] (so verbs-level peers can read it) and the generation.
+    pub const WIRE_LEN: usize = RemoteBuf::WIRE_LEN + 8;
+
+    /// The address, length and rkey, as `p2pbridge-verbs` knows them.
+    pub fn buf(&self) -> RemoteBuf {
+        RemoteBuf { addr: self.addr, len: self.len, rkey: self.rkey }
+    }
 
     /// Little-endian encoding, for rdma_cm private data or any other channel.
     pub fn to_bytes(&self) -> [u8; Self::WIRE_LEN] {
         let mut b = [0u8; Self::WIRE_LEN];
-        b[0..4].copy_from_slice(&Self::MAGIC);
-        b[4..12].copy_from_slice(&self.addr.to_le_bytes());
-        b[12..20].copy_from_slice(&self.len.to_le_bytes());
-        b[20..24].copy_from_slice(&self.rkey.to_le_bytes());
-        b[24..32].copy_from_slice(&self.generation.to_le_bytes());
+        b[..RemoteBuf::WIRE_LEN].copy_from_slice(&self.buf().to_bytes());
+        b[RemoteBuf::WIRE_LEN..].copy_from_slice(&self.generation.to_le_bytes());
         b
     }
 
     /// Decodes [`to_bytes`](Self::to_bytes)'s output (trailing bytes are ignored).
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
-        if b.len() < Self::WIRE_LEN || b[0..4] != Self::MAGIC {
-            return Err(Error::InvalidArgument(format!("not a p2pbridge remote key ({} bytes)", b.len())));
-        }
-        let u = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
-        Ok(RemoteKey {
-            addr: u(4),
-            len: u(12),
-            rkey: u32::from_le_bytes(b[20..24].try_into().unwrap_or([0; 4])),
-            generation: u(24),
-        })
+        let buf = RemoteBuf::from_bytes(b)?;
+        let gen = b
+            .get(RemoteBuf::WIRE_LEN..Self::WIRE_LEN)
+            .and_then(|g| g.try_into().ok())
+            .map(u64::from_le_bytes)
+            .ok_or_else(|| Error::InvalidArgument(format!("not a p2pbridge remote key ({} bytes)", b.len())))?;
+        Ok(RemoteKey { addr: buf.addr, len: buf.len, rkey: buf.rkey, generation: gen })
     }
 
     /// The part `offset..offset+len` of the key, bounds-checked, for a work request.
     pub fn slice(&self, offset: u64, len: u64) -> Result<RemoteSlice> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.len => Ok(RemoteSlice {
-                addr: self.addr + offset,
-                len: u32::try_from(len)
-                    .map_err(|_| Error::InvalidArgument("a work request moves at most 4 GiB - 1".into()))?,
-                rkey: self.rkey,
-            }),
-            _ => Err(Error::OutOfBounds { offset, len, size: self.len }),
-        }
+        let end = offset.checked_add(len).ok_or(Error::OutOfBounds { offset, len, size: self.len })?;
+        Ok(self.buf().slice(offset..end)?)
     }
 }
 
@@ -75,7 +66,8 @@ mod tests {
         let mut w = k.to_bytes().to_vec();
         w.extend([0u8; 8]);
         assert_eq!(RemoteKey::from_bytes(&w).unwrap(), k);
-        assert!(RemoteKey::from_bytes(&w[..20]).is_err());
+        assert_eq!(RemoteBuf::from_bytes(&w).unwrap(), k.buf(), "a verbs peer reads the same buffer");
+        assert!(RemoteKey::from_bytes(&w[..28]).is_err());
         assert_eq!(k.slice(10, 90).unwrap().addr, 0x100a);
         assert!(k.slice(10, 91).is_err());
         assert!(k.slice(u64::MAX, 1).is_err());

@@ -63,6 +63,36 @@ fn pair(policy: Policy, len: usize) -> (Side<Host>, Side<Host>) {
         .unwrap_or_else(|e| panic!("connection set-up failed: {e}"))
 }
 
+/// A server side over plain host memory: an anonymous mapping registered with
+/// `register_host` (pinned) and its key handed out.
+type HostVaServer = (Bridge, Registered, u64);
+fn host_va_server(
+    pd: &p2pbridge::verbs::ProtectionDomain,
+    len: usize,
+) -> p2pbridge::verbs::Result<(HostVaServer, Vec<u8>)> {
+    let err = |e: Error| p2pbridge::verbs::Error::InvalidArgument(e.to_string());
+    let bridge = Bridge::new(
+        pd,
+        vec![],
+        BridgeOptions { policy: Policy::default().require(Strategy::PinnedHost), ..Default::default() },
+    )
+    .map_err(err)?;
+    // SAFETY: a fresh private anonymous mapping.
+    let p = unsafe {
+        rustix::mm::mmap_anonymous(
+            std::ptr::null_mut(),
+            len,
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            rustix::mm::MapFlags::PRIVATE,
+        )
+    }
+    .unwrap() as u64;
+    // SAFETY: mapped; the tests invalidate (or the monitor sees the munmap) before reuse.
+    let reg = unsafe { bridge.register_host(p, len as u64, AccessFlags::remote_rw()) }.map_err(err)?;
+    let key = bridge.hand_out(&reg, 0..len as u64).map_err(err)?;
+    Ok(((bridge, reg, p), key.to_bytes().to_vec()))
+}
+
 #[test]
 #[ignore = "needs an RDMA device: scripts/test runs it on Soft-RoCE"]
 fn rdma_each_strategy_rxe_supports_moves_data_between_hosts() {
@@ -197,31 +227,7 @@ fn rdma_remapped_host_memory_is_unreachable_after_invalidate_host() {
         .connect_pair(
             ConnectionOptions::default(),
             move |pd| Ok((side(pd, Policy::default().require(Strategy::PinnedHost), len, Some(1))?, Vec::new())),
-            move |pd| {
-                let bridge = Bridge::new(
-                    pd,
-                    vec![],
-                    BridgeOptions { policy: Policy::default().require(Strategy::PinnedHost), ..Default::default() },
-                )
-                .map_err(|e| p2pbridge::verbs::Error::InvalidArgument(e.to_string()))?;
-                // SAFETY: a fresh private anonymous mapping.
-                let p = unsafe {
-                    rustix::mm::mmap_anonymous(
-                        std::ptr::null_mut(),
-                        len,
-                        rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-                        rustix::mm::MapFlags::PRIVATE,
-                    )
-                }
-                .unwrap() as u64;
-                // SAFETY: the test calls invalidate_host before it unmaps the range.
-                let reg = unsafe { bridge.register_host(p, len as u64, AccessFlags::remote_rw()) }
-                    .map_err(|e| p2pbridge::verbs::Error::InvalidArgument(e.to_string()))?;
-                let key = bridge
-                    .hand_out(&reg, 0..len as u64)
-                    .map_err(|e| p2pbridge::verbs::Error::InvalidArgument(e.to_string()))?;
-                Ok(((bridge, reg, p), key.to_bytes().to_vec()))
-            },
+            move |pd| host_va_server(pd, len),
         )
         .unwrap();
     let old_key = RemoteKey::from_bytes(c.conn.remote_private_data()).unwrap();
@@ -335,31 +341,7 @@ fn rdma_munmapped_host_buffer_is_unreachable_through_its_old_key() {
         .connect_pair(
             ConnectionOptions::default(),
             move |pd| Ok((side(pd, Policy::default().require(Strategy::PinnedHost), len, Some(3))?, Vec::new())),
-            move |pd| {
-                let bridge = Bridge::new(
-                    pd,
-                    vec![],
-                    BridgeOptions { policy: Policy::default().require(Strategy::PinnedHost), ..Default::default() },
-                )
-                .map_err(|e| p2pbridge::verbs::Error::InvalidArgument(e.to_string()))?;
-                // SAFETY: a fresh private anonymous mapping.
-                let p = unsafe {
-                    rustix::mm::mmap_anonymous(
-                        std::ptr::null_mut(),
-                        len,
-                        rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-                        rustix::mm::MapFlags::PRIVATE,
-                    )
-                }
-                .unwrap() as u64;
-                // SAFETY: mapped; the monitor watches it from here on.
-                let reg = unsafe { bridge.register_host(p, len as u64, AccessFlags::remote_rw()) }
-                    .map_err(|e| p2pbridge::verbs::Error::InvalidArgument(e.to_string()))?;
-                let key = bridge
-                    .hand_out(&reg, 0..len as u64)
-                    .map_err(|e| p2pbridge::verbs::Error::InvalidArgument(e.to_string()))?;
-                Ok(((bridge, reg, p), key.to_bytes().to_vec()))
-            },
+            move |pd| host_va_server(pd, len),
         )
         .unwrap();
     let (bridge, reg, p) = s.state;
