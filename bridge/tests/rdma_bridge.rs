@@ -93,6 +93,38 @@ fn host_va_server(
     Ok(((bridge, reg, p), key.to_bytes().to_vec()))
 }
 
+/// Unmaps `p..p+len` and maps new anonymous memory at the same address, filled with 0x77.
+fn replace_mapping(p: u64, len: usize) {
+    // SAFETY: the tests' own mapping, replaced wholesale by new memory at the same address.
+    unsafe {
+        rustix::mm::munmap(p as *mut _, len).unwrap();
+        let q = rustix::mm::mmap_anonymous(
+            p as *mut _,
+            len,
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::FIXED,
+        )
+        .unwrap();
+        assert_eq!(q as u64, p);
+        std::ptr::write_bytes(q as *mut u8, 0x77, len);
+    }
+}
+
+/// The peer's write with `old_key` fails with a remote access error, the new memory at `p`
+/// (0x77) is unchanged, and registering it anew gives a new generation.
+fn assert_old_key_refused(c: &Side<Host>, bridge: &Bridge, old_key: &RemoteKey, p: u64, len: usize) {
+    match c.state.bridge.write(&c.conn, c.state.reg.as_ref().unwrap(), 0, len as u64, old_key, 0) {
+        Err(Error::Verbs(VerbsError::WorkCompletion { status: WcStatus::RemoteAccess, .. })) => {}
+        other => panic!("a write with the old key should fail with a remote access error, got {other:?}"),
+    }
+    // SAFETY: the new mapping is the test's and live.
+    let now = unsafe { std::slice::from_raw_parts(p as *const u8, len) };
+    assert!(now.iter().all(|&b| b == 0x77), "the new memory was changed through the old key");
+    // SAFETY: the new memory is mapped; the test invalidates or unmaps it afterwards.
+    let again = unsafe { bridge.register_host(p, len as u64, AccessFlags::remote_rw()) }.unwrap();
+    assert_ne!(again.generation(), old_key.generation, "a fresh registration must have a new generation");
+}
+
 #[test]
 #[ignore = "needs an RDMA device: scripts/test runs it on Soft-RoCE"]
 fn rdma_each_strategy_rxe_supports_moves_data_between_hosts() {
@@ -235,31 +267,9 @@ fn rdma_remapped_host_memory_is_unreachable_after_invalidate_host() {
     drop(reg);
     // What a munmap hook (or the planned userfaultfd monitor) does: invalidate, then unmap.
     assert_eq!(bridge.invalidate_host(p..p + len as u64).unwrap(), 1);
-    // SAFETY: our mapping, no longer registered; replaced by new memory at the same address.
-    unsafe {
-        rustix::mm::munmap(p as *mut _, len).unwrap();
-        let q = rustix::mm::mmap_anonymous(
-            p as *mut _,
-            len,
-            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-            rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::FIXED,
-        )
-        .unwrap();
-        assert_eq!(q as u64, p);
-        std::ptr::write_bytes(q as *mut u8, 0x77, len);
-    }
+    replace_mapping(p, len);
     assert!(matches!(bridge.check_key(&old_key), Err(Error::StaleKey { .. })));
-    match c.state.bridge.write(&c.conn, c.state.reg.as_ref().unwrap(), 0, len as u64, &old_key, 0) {
-        Err(Error::Verbs(VerbsError::WorkCompletion { status: WcStatus::RemoteAccess, .. })) => {}
-        other => panic!("expected a remote access error, got {other:?}"),
-    }
-    // SAFETY: the mapping is ours and live.
-    let now = unsafe { std::slice::from_raw_parts(p as *const u8, len) };
-    assert!(now.iter().all(|&b| b == 0x77), "the new memory was changed through the old key");
-    // SAFETY: a fresh registration of the new memory; invalidated before unmapping.
-    let again = unsafe { bridge.register_host(p, len as u64, AccessFlags::remote_rw()) }.unwrap();
-    assert_ne!(again.generation(), old_key.generation);
-    drop(again);
+    assert_old_key_refused(&c, &bridge, &old_key, p, len);
     bridge.invalidate_host(p..p + len as u64).unwrap();
     // SAFETY: ours, unregistered.
     unsafe { rustix::mm::munmap(p as *mut _, len).unwrap() };
@@ -352,36 +362,14 @@ fn rdma_munmapped_host_buffer_is_unreachable_through_its_old_key() {
     drop(reg);
     // The application unmaps the buffer and maps new memory at the same address; nobody tells
     // the bridge — the monitor sees the munmap.
-    // SAFETY: our mapping, replaced wholesale.
-    unsafe {
-        rustix::mm::munmap(p as *mut _, len).unwrap();
-        let q = rustix::mm::mmap_anonymous(
-            p as *mut _,
-            len,
-            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-            rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::FIXED,
-        )
-        .unwrap();
-        assert_eq!(q as u64, p);
-        std::ptr::write_bytes(q as *mut u8, 0x77, len);
-    }
+    replace_mapping(p, len);
     // The monitor's event is processed asynchronously: wait (bounded) for the key to go stale.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while bridge.check_key(&old_key).is_ok() {
         assert!(std::time::Instant::now() < deadline, "the monitor did not drop the unmapped buffer's registration");
         std::thread::sleep(Duration::from_millis(5));
     }
-    match c.state.bridge.write(&c.conn, c.state.reg.as_ref().unwrap(), 0, len as u64, &old_key, 0) {
-        Err(Error::Verbs(VerbsError::WorkCompletion { status: WcStatus::RemoteAccess, .. })) => {}
-        other => panic!("a write with the unmapped buffer's key should fail with a remote access error, got {other:?}"),
-    }
-    // SAFETY: the new mapping is ours and live.
-    let now = unsafe { std::slice::from_raw_parts(p as *const u8, len) };
-    assert!(now.iter().all(|&b| b == 0x77), "the new memory was changed through the old key");
-    // SAFETY: the new memory is mapped; the monitor watches it.
-    let again = unsafe { bridge.register_host(p, len as u64, AccessFlags::remote_rw()) }.unwrap();
-    assert_ne!(again.generation(), old_key.generation, "a fresh registration must have a new generation");
-    drop(again);
+    assert_old_key_refused(&c, &bridge, &old_key, p, len);
     // SAFETY: ours; the monitor drops the registration.
     unsafe { rustix::mm::munmap(p as *mut _, len).unwrap() };
 }
