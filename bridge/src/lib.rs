@@ -31,6 +31,7 @@ mod bridge;
 pub mod cache;
 mod error;
 mod key;
+pub mod probe;
 pub mod strategy;
 mod uffd;
 

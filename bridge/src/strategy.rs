@@ -173,6 +173,16 @@ pub enum SkipReason {
     NotReached,
 }
 
+impl SkipReason {
+    /// What would make the strategy work, where there is something to do.
+    pub fn fix(&self) -> Option<&'static str> {
+        match self {
+            SkipReason::ModuleMissing { fix, .. } | SkipReason::CapabilityAbsent { fix, .. } => Some(fix),
+            _ => None,
+        }
+    }
+}
+
 impl fmt::Display for SkipReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -141,3 +141,35 @@ impl SoftRoce {
         }
     }
 }
+
+/// A command that runs `program` as on a host without rdma-core: libibverbs.so.1 and
+/// librdmacm.so.1 are hidden from it by bind-mounting /dev/null over them in a private mount
+/// namespace (`unshare -m`, or `unshare -r -m` when not root), so the dynamic loader fails as
+/// where they are not installed. Where rdma-core really is absent, it is the plain command.
+/// For tests of the "no RDMA here" paths.
+pub fn without_rdma_core(program: &str) -> std::process::Command {
+    let libs: Vec<String> = std::process::Command::new("ldconfig")
+        .arg("-p")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("libibverbs.so.1 ") || l.contains("librdmacm.so.1 "))
+        .filter_map(|l| l.rsplit("=> ").next().map(|p| p.trim().to_string()))
+        .filter_map(|p| std::fs::canonicalize(&p).ok().map(|c| c.to_string_lossy().into_owned()))
+        .collect();
+    if libs.is_empty() {
+        return std::process::Command::new(program);
+    }
+    let mut script = String::from("set -e; ");
+    for l in &libs {
+        script.push_str(&format!("mount --bind /dev/null '{l}'; "));
+    }
+    script.push_str("exec \"$0\" \"$@\"");
+    let mut cmd = std::process::Command::new("unshare");
+    if !rustix::process::geteuid().is_root() {
+        cmd.arg("-r");
+    }
+    cmd.args(["-m", "--propagation", "private", "sh", "-c", &script, program]);
+    cmd
+}
