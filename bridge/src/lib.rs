@@ -27,6 +27,7 @@
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod bounce;
 mod bridge;
 pub mod cache;
 mod error;
@@ -35,6 +36,7 @@ pub mod probe;
 pub mod strategy;
 mod uffd;
 
+pub use bounce::{BounceConfig, BounceEngine};
 pub use bridge::{live_registrations, Bridge, BridgeOptions, Registered, Registration};
 pub use error::{Error, Result};
 pub use key::RemoteKey;

@@ -373,3 +373,31 @@ fn rdma_munmapped_host_buffer_is_unreachable_through_its_old_key() {
     // SAFETY: ours; the monitor drops the registration.
     unsafe { rustix::mm::munmap(p as *mut _, len).unwrap() };
 }
+
+#[test]
+#[ignore = "needs an RDMA device: scripts/test runs it on Soft-RoCE"]
+fn rdma_pipelined_bounce_engine_moves_odd_sizes_through_a_small_ring() {
+    let len = (16 << 20) + 4097;
+    let (c, s) = pair(Policy::default().require(Strategy::PinnedHost), len);
+    let key = RemoteKey::from_bytes(c.conn.remote_private_data()).unwrap();
+    let cfg = p2pbridge::BounceConfig { chunk: 256 << 10, ring: 3, ..Default::default() };
+    let engine = p2pbridge::BounceEngine::new(&c.pd, Arc::new(c.state.mem.clone()), cfg).unwrap();
+    let cbuf = c.state.buf.as_ref().unwrap();
+    for (n, seed) in [(1u64, 1u8), (4095, 2), ((1 << 20) + 7, 3), (len as u64, 4)] {
+        c.state.mem.copy_to_device(cbuf, 0, &pattern(n as usize, seed)).unwrap();
+        // SAFETY: `cbuf` is the client backend's live buffer, held for the whole call.
+        unsafe { engine.write(&c.conn, cbuf.addr(), n, &key, 0) }.unwrap();
+        let server = s.state.mem.as_slice(s.state.buf.as_ref().unwrap()).unwrap();
+        assert!(&server[..n as usize] == pattern(n as usize, seed).as_slice(), "bounce WRITE of {n} B");
+        // Read it back into the other half of nothing: zero the client buffer first.
+        c.state.mem.copy_to_device(cbuf, 0, &vec![0u8; n as usize]).unwrap();
+        // SAFETY: as above.
+        unsafe { engine.read(&c.conn, cbuf.addr(), n, &key, 0) }.unwrap();
+        let back = c.state.mem.as_slice(cbuf).unwrap();
+        assert!(&back[..n as usize] == pattern(n as usize, seed).as_slice(), "bounce READ of {n} B");
+    }
+    // Out of the remote key's range: refused before anything is posted.
+    // SAFETY: as above.
+    let e = unsafe { engine.write(&c.conn, cbuf.addr(), 16, &key, len as u64) };
+    assert!(matches!(e, Err(Error::Verbs(_)) | Err(Error::OutOfBounds { .. })), "{e:?}");
+}
