@@ -1,1 +1,4 @@
-//! Benchmarks for p2pbridge.
+//! Shared pieces of p2pbridge's benchmarks and harness.
+
+pub mod perftest;
+pub mod plot;

@@ -146,6 +146,12 @@ impl Registered {
             generation: self.generation(),
         })
     }
+    /// A bounds-checked part of the registration for posting work requests yourself (on a
+    /// QP of the bridge's PD). For bounce registrations it names the staging buffer.
+    pub fn slice(&self, offset: u64, len: u64) -> Result<LocalSlice<'_>> {
+        self.local(offset, len)
+    }
+
     fn local(&self, offset: u64, len: u64) -> Result<LocalSlice<'_>> {
         if offset.checked_add(len).is_none_or(|e| e > self.len) {
             return Err(Error::OutOfBounds { offset, len, size: self.len });

@@ -11,7 +11,6 @@
 //! measurement runs `--seconds` (default 3) and the pair is repeated `--rounds` times
 //! (default 3), alternating ours and perftest's; the best of each is compared.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use p2pbridge_verbs::fabric::{Side, SoftRoce};
@@ -19,13 +18,7 @@ use p2pbridge_verbs::{
     AccessFlags, ConnectionOptions, Error, HostBuffer, MemoryRegion, RemoteBuf, SendFlags, WorkCompletion,
 };
 
-#[derive(Debug, Clone, Copy, Default)]
-struct Figures {
-    /// MiB/s (2^20 bytes, as perftest's MB/sec).
-    mib_s: f64,
-    /// Million messages per second.
-    mpps: f64,
-}
+use p2pbridge_benches::perftest::{self, Figures};
 
 struct Opts {
     seconds: f64,
@@ -85,42 +78,6 @@ fn ours(fabric: &SoftRoce, size: usize, o: &Opts) -> Result<Figures, Error> {
     Ok(Figures { mib_s: msgs * size as f64 / t / (1 << 20) as f64, mpps: msgs / t / 1e6 })
 }
 
-fn netns_cmd(ns: &str, args: &[String]) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns]).args(args);
-    c
-}
-
-fn perftest(fabric: &SoftRoce, size: usize, o: &Opts) -> Result<Figures, String> {
-    let common = |dev: &str| -> Vec<String> {
-        let mut v: Vec<String> = vec!["ib_write_bw".into(), "-d".into(), dev.into(), "-s".into(), size.to_string()];
-        v.extend(["-D".into(), format!("{}", o.seconds.ceil() as u64), "-F".into()]);
-        v.extend(["-t".into(), o.depth.to_string(), "-Q".into(), o.cq_mod.to_string()]);
-        v
-    };
-    let mut server: Child = netns_cmd(&fabric.b.netns, &common(&fabric.b.device))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot start ib_write_bw (install perftest): {e}"))?;
-    std::thread::sleep(Duration::from_millis(1500));
-    let mut cargs = common(&fabric.a.device);
-    cargs.push(fabric.b.addr.to_string());
-    let out = netns_cmd(&fabric.a.netns, &cargs).output().map_err(|e| e.to_string())?;
-    let _ = server.wait();
-    let text = String::from_utf8_lossy(&out.stdout);
-    // The result line: "#bytes #iterations BW peak BW average MsgRate".
-    for line in text.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() >= 5 && f[0] == size.to_string() {
-            let mib_s: f64 = f[3].parse().map_err(|_| format!("cannot parse {line:?}"))?;
-            let mpps: f64 = f[4].parse().map_err(|_| format!("cannot parse {line:?}"))?;
-            return Ok(Figures { mib_s, mpps });
-        }
-    }
-    Err(format!("ib_write_bw printed no result:\n{text}\n{}", String::from_utf8_lossy(&out.stderr)))
-}
-
 fn best(a: Figures, b: Figures) -> Figures {
     Figures { mib_s: a.mib_s.max(b.mib_s), mpps: a.mpps.max(b.mpps) }
 }
@@ -160,7 +117,12 @@ fn main() {
     for (size, what) in [(65_536usize, "bandwidth"), (64, "message rate")] {
         let (mut us, mut them) = (Figures::default(), Figures::default());
         for round in 0..o.rounds {
-            match perftest(&fabric, size, &o) {
+            match perftest::run(
+                &fabric,
+                "ib_write_bw",
+                size,
+                &perftest::Params { seconds: o.seconds, depth: o.depth, cq_mod: o.cq_mod },
+            ) {
                 Ok(f) => {
                     println!("  {size:>6} B round {round}: ib_write_bw    {:>9.2} MiB/s {:>8.4} Mpps", f.mib_s, f.mpps);
                     them = best(them, f);

@@ -1,0 +1,487 @@
+//! `p2pbridge-bench`: direct registration against bounce buffers, measured.
+//!
+//! ```text
+//! cargo build --release -p p2pbridge-benches
+//! scripts/softroce target/release/p2pbridge-bench            # CSV + SVG in target/p2pbridge-bench/
+//! ```
+//!
+//! One process, one QP pair, the same buffers. A client on Soft-RoCE host A moves data to and
+//! from a server buffer on host B. For each size, each strategy the host supports (dma-buf,
+//! peer memory, ODP, pinned host; then the pipelined bounce engine) registers the client's
+//! memory and is measured:
+//! - RDMA WRITE and READ bandwidth and message rate (16 requests in flight, at most 64 MiB);
+//! - latency p50/p99 (one request at a time);
+//! - registration cost (cold, cache hit, and ODP first touch);
+//! - flush cost.
+//!
+//! Where perftest is installed, `ib_write_bw`/`ib_read_bw` run on the same link, and our ratio
+//! to them is printed. Options: `--min SIZE --max SIZE --seconds S --out DIR --chunk SIZE
+//! --ring N --no-perftest` (sizes like 64, 4KiB, 256MiB).
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use p2pbridge::cache::Domain;
+use p2pbridge::gpu::{DeviceBuffer, HostBackend, MemoryBackend};
+use p2pbridge::verbs::fabric::SoftRoce;
+use p2pbridge::verbs::{AccessFlags, Connection, ConnectionOptions, SendFlags, WorkCompletion};
+use p2pbridge::{BounceConfig, BounceEngine, Bridge, BridgeOptions, Policy, Registered, RemoteKey, Strategy};
+use p2pbridge_benches::perftest;
+use p2pbridge_benches::plot::{svg, Series};
+
+struct Args {
+    min: usize,
+    max: usize,
+    seconds: f64,
+    out: PathBuf,
+    chunk: usize,
+    ring: usize,
+    perftest: bool,
+}
+
+fn parse_size(s: &str) -> Option<usize> {
+    let (n, m) = match s {
+        s if s.ends_with("GiB") => (&s[..s.len() - 3], 1 << 30),
+        s if s.ends_with("MiB") => (&s[..s.len() - 3], 1 << 20),
+        s if s.ends_with("KiB") => (&s[..s.len() - 3], 1 << 10),
+        s => (s, 1),
+    };
+    n.parse::<usize>().ok()?.checked_mul(m).filter(|&v| v > 0)
+}
+
+fn args() -> Result<Args, String> {
+    let mut a = Args {
+        min: 64,
+        max: 256 << 20,
+        seconds: 0.5,
+        out: PathBuf::from("target/p2pbridge-bench"),
+        chunk: 1 << 20,
+        ring: 4,
+        perftest: true,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let mut v = || it.next().ok_or(format!("{k} needs a value"));
+        match k.as_str() {
+            "--min" => a.min = parse_size(&v()?).ok_or("--min: a size")?,
+            "--max" => a.max = parse_size(&v()?).ok_or("--max: a size")?,
+            "--seconds" => a.seconds = v()?.parse().map_err(|_| "--seconds: a number")?,
+            "--out" => a.out = PathBuf::from(v()?),
+            "--chunk" => a.chunk = parse_size(&v()?).ok_or("--chunk: a size")?,
+            "--ring" => a.ring = v()?.parse().map_err(|_| "--ring: a number")?,
+            "--no-perftest" => a.perftest = false,
+            "-h" | "--help" => return Err("usage: p2pbridge-bench [--min SIZE] [--max SIZE] [--seconds S] [--out DIR] [--chunk SIZE] [--ring N] [--no-perftest]".into()),
+            o => return Err(format!("unknown argument {o}")),
+        }
+    }
+    if a.min > a.max || a.seconds <= 0.0 || a.ring == 0 {
+        return Err("need --min <= --max, --seconds > 0, --ring > 0".into());
+    }
+    Ok(a)
+}
+
+#[derive(Default, Clone)]
+struct Row {
+    strategy: String,
+    op: &'static str,
+    size: usize,
+    mib_s: f64,
+    mops: f64,
+    p50_us: f64,
+    p99_us: f64,
+    reg_cold_us: f64,
+    reg_hit_us: f64,
+    first_touch_us: f64,
+    flush_us: f64,
+}
+
+const CSV_HEADER: &str = "strategy,op,size_bytes,bandwidth_mib_s,msg_rate_mops,lat_p50_us,lat_p99_us,reg_cold_us,reg_hit_us,odp_first_touch_us,flush_us";
+
+impl Row {
+    fn csv(&self) -> String {
+        format!(
+            "{},{},{},{:.3},{:.5},{:.2},{:.2},{:.2},{:.2},{:.2},{:.2}",
+            self.strategy,
+            self.op,
+            self.size,
+            self.mib_s,
+            self.mops,
+            self.p50_us,
+            self.p99_us,
+            self.reg_cold_us,
+            self.reg_hit_us,
+            self.first_touch_us,
+            self.flush_us
+        )
+    }
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// What moves the client's bytes: a direct registration, or the bounce engine.
+enum Mover<'a> {
+    Direct(&'a Registered),
+    Bounce(&'a BounceEngine, u64),
+}
+
+fn one_op(conn: &Connection, m: &Mover<'_>, read: bool, size: usize, key: &RemoteKey) -> p2pbridge::Result<()> {
+    match m {
+        Mover::Direct(reg) => {
+            let (l, r) = (reg.slice(0, size as u64)?, key.slice(0, size as u64)?);
+            if read {
+                conn.qp().post_read(0, &l, &r, SendFlags::SIGNALED)?;
+            } else {
+                conn.qp().post_write(0, &l, &r, SendFlags::SIGNALED)?;
+            }
+            conn.send_cq().wait_one(Duration::from_secs(60))?;
+            Ok(())
+        }
+        // SAFETY: the harness holds the client buffer for the whole run.
+        Mover::Bounce(e, addr) => unsafe {
+            if read {
+                e.read(conn, *addr, size as u64, key, 0)
+            } else {
+                e.write(conn, *addr, size as u64, key, 0)
+            }
+        },
+    }
+}
+
+/// Bandwidth with 16 requests in flight (direct), or back-to-back engine transfers (bounce).
+fn bandwidth(
+    conn: &Connection,
+    m: &Mover<'_>,
+    read: bool,
+    size: usize,
+    key: &RemoteKey,
+    secs: f64,
+) -> p2pbridge::Result<(f64, f64)> {
+    let t = Instant::now();
+    let mut done = 0u64;
+    match m {
+        Mover::Direct(reg) => {
+            let (l, r) = (reg.slice(0, size as u64)?, key.slice(0, size as u64)?);
+            let mut wcs = [WorkCompletion::default(); 16];
+            let mut posted = 0u64;
+            // 16 in flight, or fewer for large transfers: at most 64 MiB on the wire.
+            let depth = (16u64).min(((64 << 20) / size as u64).max(1));
+            loop {
+                while posted - done < depth && t.elapsed().as_secs_f64() < secs {
+                    if read {
+                        conn.qp().post_read(posted, &l, &r, SendFlags::SIGNALED)?;
+                    } else {
+                        conn.qp().post_write(posted, &l, &r, SendFlags::SIGNALED)?;
+                    }
+                    posted += 1;
+                }
+                if done == posted {
+                    break;
+                }
+                let n = conn.send_cq().poll(&mut wcs)?;
+                for wc in &wcs[..n] {
+                    wc.ok()?;
+                    done += 1;
+                }
+            }
+        }
+        Mover::Bounce(..) => {
+            while done == 0 || t.elapsed().as_secs_f64() < secs {
+                one_op(conn, m, read, size, key)?;
+                done += 1;
+            }
+        }
+    }
+    let el = t.elapsed().as_secs_f64();
+    Ok((done as f64 * size as f64 / el / (1 << 20) as f64, done as f64 / el / 1e6))
+}
+
+fn latency(
+    conn: &Connection,
+    m: &Mover<'_>,
+    read: bool,
+    size: usize,
+    key: &RemoteKey,
+    secs: f64,
+) -> p2pbridge::Result<(f64, f64)> {
+    let t = Instant::now();
+    let mut samples = Vec::new();
+    while samples.is_empty() || (t.elapsed().as_secs_f64() < secs && samples.len() < 5000) {
+        let s = Instant::now();
+        one_op(conn, m, read, size, key)?;
+        samples.push(us(s.elapsed()));
+    }
+    Ok((percentile(&mut samples, 0.5), percentile(&mut samples, 0.99)))
+}
+
+struct Progress {
+    total: usize,
+    done: usize,
+    tty: bool,
+}
+
+impl Progress {
+    fn step(&mut self, what: &str) {
+        self.done += 1;
+        if self.tty {
+            let w = 30;
+            let filled = self.done * w / self.total.max(1);
+            eprint!("\r[{}{}] {}/{} {what:<32}", "#".repeat(filled), " ".repeat(w - filled), self.done, self.total);
+            let _ = std::io::stderr().flush();
+        }
+    }
+}
+
+fn size_name(b: usize) -> String {
+    match b {
+        b if b >= 1 << 20 => format!("{} MiB", b >> 20),
+        b if b >= 1 << 10 => format!("{} KiB", b >> 10),
+        b => format!("{b} B"),
+    }
+}
+
+fn run(a: &Args, fabric: &SoftRoce) -> p2pbridge::Result<Vec<Row>> {
+    let max = a.max;
+    let (client, _server) = fabric.connect_pair(
+        ConnectionOptions { timeout: Duration::from_secs(60), ..Default::default() },
+        move |pd| {
+            let mem = HostBackend::new();
+            let buf = mem.alloc(max).map_err(|e| p2pbridge::verbs::Error::InvalidArgument(e.to_string()))?;
+            let _ = pd;
+            Ok(((mem, buf), Vec::new()))
+        },
+        move |pd| {
+            let err = |e: p2pbridge::Error| p2pbridge::verbs::Error::InvalidArgument(e.to_string());
+            let mem = HostBackend::new();
+            let bridge = Bridge::new(
+                pd,
+                vec![Arc::new(mem.clone())],
+                BridgeOptions { policy: Policy::default().require(Strategy::PinnedHost), ..Default::default() },
+            )
+            .map_err(err)?;
+            let buf = mem.alloc(max).map_err(|e| p2pbridge::verbs::Error::InvalidArgument(e.to_string()))?;
+            let reg = bridge.register(buf.addr(), buf.len(), AccessFlags::remote_rw()).map_err(err)?;
+            let key = bridge.hand_out(&reg, 0..max as u64).map_err(err)?;
+            Ok(((mem, buf, bridge, reg), key.to_bytes().to_vec()))
+        },
+    )?;
+    let key = RemoteKey::from_bytes(client.conn.remote_private_data())?;
+    let (mem, buf): &(HostBackend, DeviceBuffer) = &client.state;
+    let conn = &client.conn;
+    let sizes: Vec<usize> =
+        std::iter::successors(Some(a.min), |s| s.checked_mul(4)).take_while(|&s| s <= a.max).collect();
+
+    // Which direct strategies work for this memory here; each one's reason otherwise.
+    let mut movers: Vec<(String, Option<Bridge>)> = Vec::new();
+    for s in [Strategy::DmaBuf, Strategy::PeerMem, Strategy::Odp, Strategy::PinnedHost] {
+        let b = Bridge::new(
+            &client.pd,
+            vec![Arc::new(mem.clone())],
+            BridgeOptions { policy: Policy::default().require(s), ..Default::default() },
+        )?;
+        match b.register(buf.addr(), 4096, AccessFlags::remote_rw()) {
+            Ok(_) => movers.push((s.name().to_string(), Some(b))),
+            Err(p2pbridge::Error::NoStrategy(reasons)) => {
+                for (_, why) in reasons.iter().filter(|(r, _)| *r == s) {
+                    println!("{:<8} not measured: {why}", s.name());
+                }
+            }
+            Err(e) => println!("{:<8} not measured: {e}", s.name()),
+        }
+    }
+    movers.push(("bounce".into(), None));
+    let engine = BounceEngine::new(
+        &client.pd,
+        Arc::new(mem.clone()),
+        BounceConfig { chunk: a.chunk, ring: a.ring, ..Default::default() },
+    )?;
+
+    let mut prog = Progress { total: movers.len() * sizes.len() * 2, done: 0, tty: std::io::stderr().is_terminal() };
+    let mut rows = Vec::new();
+    let domain = Domain::Alloc(buf.key());
+    for (name, bridge) in &movers {
+        for &size in &sizes {
+            let (mut cold, mut hit, mut touch, mut flush) = (0.0, 0.0, 0.0, 0.0);
+            let reg;
+            let mover = match bridge {
+                Some(b) => {
+                    drop(b.cache().remove_overlapping(domain, 0..u64::MAX));
+                    let t = Instant::now();
+                    reg = b.register(buf.addr(), size as u64, AccessFlags::remote_rw())?;
+                    cold = us(t.elapsed());
+                    let t = Instant::now();
+                    drop(b.register(buf.addr(), size as u64, AccessFlags::remote_rw())?);
+                    hit = us(t.elapsed());
+                    let m = Mover::Direct(&reg);
+                    let t = Instant::now();
+                    one_op(conn, &m, false, size, &key)?;
+                    if name == "odp" {
+                        touch = us(t.elapsed());
+                    }
+                    let t = Instant::now();
+                    b.flush(&reg)?;
+                    flush = us(t.elapsed());
+                    m
+                }
+                None => Mover::Bounce(&engine, buf.addr()),
+            };
+            for (read, op) in [(false, "write"), (true, "read")] {
+                prog.step(&format!("{name} {op} {}", size_name(size)));
+                let (mib_s, mops) = bandwidth(conn, &mover, read, size, &key, a.seconds)?;
+                let (p50, p99) = latency(conn, &mover, read, size, &key, a.seconds / 2.0)?;
+                rows.push(Row {
+                    strategy: name.clone(),
+                    op,
+                    size,
+                    mib_s,
+                    mops,
+                    p50_us: p50,
+                    p99_us: p99,
+                    reg_cold_us: cold,
+                    reg_hit_us: hit,
+                    first_touch_us: touch,
+                    flush_us: flush,
+                });
+            }
+        }
+    }
+    if prog.tty {
+        eprintln!();
+    }
+    Ok(rows)
+}
+
+fn main() {
+    let a = args().unwrap_or_else(|e| {
+        eprintln!("p2pbridge-bench: {e}");
+        std::process::exit(2)
+    });
+    let Some(fabric) = SoftRoce::from_env() else {
+        eprintln!("p2pbridge-bench: this version runs across the Soft-RoCE hosts: `scripts/softroce target/release/p2pbridge-bench` (two-machine and loopback modes are not built yet)");
+        std::process::exit(2)
+    };
+    let mut rows = match run(&a, &fabric) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("p2pbridge-bench: {e}");
+            std::process::exit(1)
+        }
+    };
+    println!(
+        "{:<8} {:<5} {:>10} {:>12} {:>10} {:>10} {:>10} {:>11} {:>9} {:>9} {:>8}",
+        "strategy",
+        "op",
+        "size",
+        "MiB/s",
+        "Mops/s",
+        "p50 us",
+        "p99 us",
+        "reg cold us",
+        "hit us",
+        "touch us",
+        "flush us"
+    );
+    for r in &rows {
+        println!(
+            "{:<8} {:<5} {:>10} {:>12.2} {:>10.5} {:>10.1} {:>10.1} {:>11.1} {:>9.1} {:>9.1} {:>8.1}",
+            r.strategy,
+            r.op,
+            size_name(r.size),
+            r.mib_s,
+            r.mops,
+            r.p50_us,
+            r.p99_us,
+            r.reg_cold_us,
+            r.reg_hit_us,
+            r.first_touch_us,
+            r.flush_us
+        );
+    }
+    // perftest on the same link, for scale.
+    if a.perftest && perftest::available("ib_write_bw") {
+        let p = perftest::Params { seconds: 1.0, depth: 16, cq_mod: 1 };
+        for size in [64usize << 10, 1 << 20].into_iter().filter(|s| *s >= a.min && *s <= a.max) {
+            for (tool, op) in [("ib_write_bw", "write"), ("ib_read_bw", "read")] {
+                match perftest::run(&fabric, tool, size, &p) {
+                    Ok(f) => {
+                        let ours = rows
+                            .iter()
+                            .filter(|r| r.op == op && r.size == size && r.strategy == "pinned")
+                            .map(|r| r.mib_s)
+                            .next();
+                        if let Some(o) = ours {
+                            println!(
+                                "{tool} {}: {:.2} MiB/s; pinned / {tool} = {:.3}",
+                                size_name(size),
+                                f.mib_s,
+                                o / f.mib_s
+                            );
+                        }
+                        rows.push(Row {
+                            strategy: tool.into(),
+                            op,
+                            size,
+                            mib_s: f.mib_s,
+                            mops: f.mpps,
+                            ..Default::default()
+                        });
+                    }
+                    Err(e) => eprintln!("{tool}: {e}"),
+                }
+            }
+        }
+    }
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(&a.out)?;
+        let mut csv = String::from(CSV_HEADER);
+        csv.push('\n');
+        for r in &rows {
+            csv.push_str(&r.csv());
+            csv.push('\n');
+        }
+        std::fs::write(a.out.join("results.csv"), csv)?;
+        let mut series = Vec::new();
+        for op in ["write", "read"] {
+            let mut names: Vec<&str> = rows
+                .iter()
+                .filter(|r| r.op == op && !r.strategy.starts_with("ib_"))
+                .map(|r| r.strategy.as_str())
+                .collect();
+            names.dedup();
+            for n in names {
+                let pts =
+                    rows.iter().filter(|r| r.op == op && r.strategy == n).map(|r| (r.size as u64, r.mib_s)).collect();
+                series.push(Series { label: format!("{n} {op}"), points: pts, dashed: op == "read" });
+            }
+        }
+        let sub = format!(
+            "Soft-RoCE {} -> {} (kernel {}), host memory, 16 in flight",
+            fabric.a.device, fabric.b.device, fabric.kernel
+        );
+        std::fs::write(
+            a.out.join("bandwidth.svg"),
+            svg("p2pbridge: RDMA bandwidth by registration strategy", &sub, &series),
+        )?;
+        Ok(())
+    };
+    match write() {
+        Ok(()) => {
+            println!("wrote {} and {}", a.out.join("results.csv").display(), a.out.join("bandwidth.svg").display())
+        }
+        Err(e) => {
+            eprintln!("p2pbridge-bench: cannot write results to {}: {e}", a.out.display());
+            std::process::exit(1)
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! Running perftest (`ib_write_bw`, `ib_read_bw`) across the Soft-RoCE hosts, for comparison
+//! with our own figures on the same link.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use p2pbridge_verbs::fabric::SoftRoce;
+
+/// Bandwidth and message rate.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Figures {
+    /// MiB/s (2^20 bytes, as perftest's MB/sec).
+    pub mib_s: f64,
+    /// Million messages per second.
+    pub mpps: f64,
+}
+
+/// How perftest runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Params {
+    /// Duration (`-D`, rounded up to whole seconds).
+    pub seconds: f64,
+    /// Outstanding work requests (`-t`).
+    pub depth: usize,
+    /// Completion every so many requests (`-Q`).
+    pub cq_mod: usize,
+}
+
+fn netns_cmd(ns: &str, args: &[String]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]).args(args);
+    c
+}
+
+/// Whether `tool` is installed.
+pub fn available(tool: &str) -> bool {
+    Command::new(tool).arg("--help").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
+}
+
+/// Runs `tool` (`ib_write_bw` or `ib_read_bw`) with a server on host B and a client on host A
+/// for `size`-byte messages, and parses its result line.
+pub fn run(fabric: &SoftRoce, tool: &str, size: usize, p: &Params) -> Result<Figures, String> {
+    let common = |dev: &str| -> Vec<String> {
+        let mut v: Vec<String> = vec![tool.into(), "-d".into(), dev.into(), "-s".into(), size.to_string()];
+        v.extend(["-D".into(), format!("{}", p.seconds.ceil().max(1.0) as u64), "-F".into()]);
+        v.extend(["-t".into(), p.depth.to_string(), "-Q".into(), p.cq_mod.to_string()]);
+        v
+    };
+    let mut server = netns_cmd(&fabric.b.netns, &common(&fabric.b.device))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {tool} (install perftest): {e}"))?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut cargs = common(&fabric.a.device);
+    cargs.push(fabric.b.addr.to_string());
+    let out = netns_cmd(&fabric.a.netns, &cargs).output().map_err(|e| e.to_string())?;
+    let _ = server.wait();
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The result line: "#bytes #iterations BW peak BW average MsgRate".
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() >= 5 && f[0] == size.to_string() {
+            let mib_s: f64 = f[3].parse().map_err(|_| format!("cannot parse {line:?}"))?;
+            let mpps: f64 = f[4].parse().map_err(|_| format!("cannot parse {line:?}"))?;
+            return Ok(Figures { mib_s, mpps });
+        }
+    }
+    Err(format!("{tool} printed no result:\\n{text}\\n{}", String::from_utf8_lossy(&out.stderr)))
+}
