@@ -1,0 +1,77 @@
+//! A KV-cache style fetch: a server exposes many fixed-size blocks in one registered buffer; a
+//! client reads the blocks it wants, by index, into its own device (or host) buffer.
+//!
+//! ```text
+//! cargo build --release -p p2pbridge-examples && scripts/softroce target/release/kv_fetch
+//! ```
+//!
+//! The server sends one key for the whole block pool and the block size in rdma_cm's private
+//! data; the client computes each block's offset and posts one RDMA READ per block. (A real
+//! serving system would also send which blocks hold which sequence; here the client just
+//! picks indices.)
+
+use std::time::Duration;
+
+use p2pbridge::verbs::fabric::SoftRoce;
+use p2pbridge::verbs::{AccessFlags, ConnectionOptions};
+use p2pbridge::{Bridge, BridgeOptions, RemoteKey};
+use p2pbridge_examples::{pattern, pick_backend};
+
+const BLOCK: usize = 64 << 10;
+const BLOCKS: usize = 256;
+const WANTED: [usize; 6] = [3, 200, 17, 42, 5, 255];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let fabric = SoftRoce::from_env().ok_or("run it under scripts/softroce (two Soft-RoCE hosts)")?;
+    let err = |e: p2pbridge::Error| p2pbridge::verbs::Error::InvalidArgument(e.to_string());
+    let gpu_err = |e: p2pbridge::gpu::Error| p2pbridge::verbs::Error::InvalidArgument(e.to_string());
+    let (client, server) = fabric.connect_pair(
+        ConnectionOptions { timeout: Duration::from_secs(60), ..Default::default() },
+        move |pd| {
+            // The client's buffer has room for the blocks it wants, side by side.
+            let (mem, what) = pick_backend();
+            let bridge = Bridge::new(pd, vec![mem.clone()], BridgeOptions::default()).map_err(err)?;
+            let buf = mem.alloc(WANTED.len() * BLOCK).map_err(gpu_err)?;
+            let reg =
+                bridge.register(buf.addr(), (WANTED.len() * BLOCK) as u64, AccessFlags::remote_rw()).map_err(err)?;
+            println!("client: {what}, {} blocks of room, {}", WANTED.len(), reg.strategy());
+            Ok(((mem, bridge, buf, reg), Vec::new()))
+        },
+        move |pd| {
+            // The server's pool: block i holds pattern(BLOCK, i).
+            let (mem, what) = pick_backend();
+            let bridge = Bridge::new(pd, vec![mem.clone()], BridgeOptions::default()).map_err(err)?;
+            let pool = mem.alloc(BLOCKS * BLOCK).map_err(gpu_err)?;
+            for i in 0..BLOCKS {
+                mem.copy_to_device(&pool, (i * BLOCK) as u64, &pattern(BLOCK, i as u32)).map_err(gpu_err)?;
+            }
+            let reg = bridge.register(pool.addr(), (BLOCKS * BLOCK) as u64, AccessFlags::remote_rw()).map_err(err)?;
+            bridge.publish(&reg).map_err(err)?;
+            println!("server: {what}, {BLOCKS} blocks of {BLOCK} B, {}", reg.strategy());
+            let mut private = bridge.hand_out(&reg, 0..(BLOCKS * BLOCK) as u64).map_err(err)?.to_bytes().to_vec();
+            private.extend_from_slice(&(BLOCK as u32).to_le_bytes());
+            Ok(((mem, bridge, pool, reg), private))
+        },
+    )?;
+    let pd = client.conn.remote_private_data();
+    let key = RemoteKey::from_bytes(pd)?;
+    let block = u32::from_le_bytes(pd[RemoteKey::WIRE_LEN..RemoteKey::WIRE_LEN + 4].try_into()?) as u64;
+    let (mem, bridge, buf, reg) = &client.state;
+    let _keep_server_alive = &server.state;
+    let t = std::time::Instant::now();
+    for (slot, &b) in WANTED.iter().enumerate() {
+        bridge.read(&client.conn, reg, slot as u64 * block, block, &key, b as u64 * block)?;
+    }
+    let el = t.elapsed();
+    bridge.flush(reg)?;
+    let mut got = vec![0u8; BLOCK];
+    for (slot, &b) in WANTED.iter().enumerate() {
+        mem.copy_from_device(buf, (slot * BLOCK) as u64, &mut got)?;
+        if got != pattern(BLOCK, b as u32) {
+            return Err(format!("block {b} (slot {slot}) arrived changed").into());
+        }
+    }
+    println!("fetched blocks {WANTED:?} ({} KiB) in {el:?}; all verified", WANTED.len() * BLOCK / 1024);
+    println!("ok");
+    Ok(())
+}
