@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 /// One host of the fabric.
 #[derive(Debug, Clone)]
 pub struct Host {
-    /// Its network namespace (a name under /run/netns).
+    /// Its network namespace (a name under /run/netns); empty: the caller's own.
     pub netns: String,
     /// Its IP address (on its rxe device's netdev).
     pub addr: IpAddr,
@@ -33,8 +33,12 @@ pub struct Host {
 }
 
 impl Host {
-    /// Moves the calling thread into this host's network namespace.
+    /// Moves the calling thread into this host's network namespace (nothing to do when it has
+    /// none).
     pub fn enter(&self) -> Result<()> {
+        if self.netns.is_empty() {
+            return Ok(());
+        }
         let path = format!("/run/netns/{}", self.netns);
         let f = std::fs::File::open(&path).map_err(|e| {
             Error::InvalidArgument(format!("cannot open {path}: {e} (is this running under scripts/softroce?)"))

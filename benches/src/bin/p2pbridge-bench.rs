@@ -26,10 +26,14 @@ use std::time::{Duration, Instant};
 use p2pbridge::cache::Domain;
 use p2pbridge::gpu::{DeviceBuffer, HostBackend, MemoryBackend};
 use p2pbridge::verbs::fabric::SoftRoce;
-use p2pbridge::verbs::{AccessFlags, Connection, ConnectionOptions, SendFlags, WorkCompletion};
+use p2pbridge::verbs::{
+    AccessFlags, Connection, ConnectionOptions, Context, Listener, ProtectionDomain, SendFlags, WorkCompletion,
+};
 use p2pbridge::{BounceConfig, BounceEngine, Bridge, BridgeOptions, Policy, Registered, RemoteKey, Strategy};
 use p2pbridge_benches::perftest;
 use p2pbridge_benches::plot::{svg, Series};
+
+const USAGE: &str = "usage: p2pbridge-bench [--min SIZE] [--max SIZE] [--seconds S] [--out DIR] [--chunk SIZE] [--ring N] [--no-perftest]\n       [--loopback IP --device NAME | --server IP:PORT [--max SIZE] | --client IP:PORT --device NAME]\n(default: across the Soft-RoCE hosts, under scripts/softroce)";
 
 struct Args {
     min: usize,
@@ -39,6 +43,19 @@ struct Args {
     chunk: usize,
     ring: usize,
     perftest: bool,
+    mode: Mode,
+}
+
+/// Where the two ends run.
+enum Mode {
+    /// Across the Soft-RoCE hosts (scripts/softroce).
+    Fabric,
+    /// Client and server on one device, in this process.
+    Loopback { device: String, addr: std::net::IpAddr },
+    /// This process serves its buffer at ADDR until the client is done.
+    Server { addr: std::net::SocketAddr },
+    /// This process measures against a server at ADDR, through DEVICE.
+    Client { addr: std::net::SocketAddr, device: String },
 }
 
 fn parse_size(s: &str) -> Option<usize> {
@@ -60,7 +77,14 @@ fn args() -> Result<Args, String> {
         chunk: 1 << 20,
         ring: 4,
         perftest: true,
+        mode: Mode::Fabric,
     };
+    let (mut device, mut loopback, mut server, mut client): (
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    ) = (None, None, None, None);
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let mut v = || it.next().ok_or(format!("{k} needs a value"));
@@ -72,10 +96,27 @@ fn args() -> Result<Args, String> {
             "--chunk" => a.chunk = parse_size(&v()?).ok_or("--chunk: a size")?,
             "--ring" => a.ring = v()?.parse().map_err(|_| "--ring: a number")?,
             "--no-perftest" => a.perftest = false,
-            "-h" | "--help" => return Err("usage: p2pbridge-bench [--min SIZE] [--max SIZE] [--seconds S] [--out DIR] [--chunk SIZE] [--ring N] [--no-perftest]".into()),
+            "--device" => device = Some(v()?),
+            "--loopback" => loopback = Some(v()?),
+            "--server" => server = Some(v()?),
+            "--client" => client = Some(v()?),
+            "-h" | "--help" => return Err(USAGE.into()),
             o => return Err(format!("unknown argument {o}")),
         }
     }
+    a.mode = match (loopback, server, client) {
+        (None, None, None) => Mode::Fabric,
+        (Some(ip), None, None) => Mode::Loopback {
+            device: device.ok_or("--loopback IP needs --device NAME (the device with that address)")?,
+            addr: ip.parse().map_err(|e| format!("--loopback: {e}"))?,
+        },
+        (None, Some(sa), None) => Mode::Server { addr: sa.parse().map_err(|e| format!("--server IP:PORT: {e}"))? },
+        (None, None, Some(sa)) => Mode::Client {
+            addr: sa.parse().map_err(|e| format!("--client IP:PORT: {e}"))?,
+            device: device.ok_or("--client needs --device NAME (see p2pbridge probe)")?,
+        },
+        _ => return Err("--loopback, --server and --client exclude each other".into()),
+    };
     if a.min > a.max || a.seconds <= 0.0 || a.ring == 0 {
         return Err("need --min <= --max, --seconds > 0, --ring > 0".into());
     }
@@ -251,34 +292,84 @@ fn size_name(b: usize) -> String {
     }
 }
 
-fn run(a: &Args, fabric: &SoftRoce) -> p2pbridge::Result<Vec<Row>> {
+type ServerState = (HostBackend, DeviceBuffer, Bridge, Registered);
+
+/// The server's half: `max` bytes of host memory registered (pinned) for remote access, and
+/// the key to send the client.
+fn serve_buffer(pd: &ProtectionDomain, max: usize) -> p2pbridge::verbs::Result<(ServerState, Vec<u8>)> {
+    let err = |e: p2pbridge::Error| p2pbridge::verbs::Error::InvalidArgument(e.to_string());
+    let mem = HostBackend::new();
+    let policy = Policy::default().require(Strategy::PinnedHost);
+    let bridge =
+        Bridge::new(pd, vec![Arc::new(mem.clone())], BridgeOptions { policy, ..Default::default() }).map_err(err)?;
+    let buf = mem.alloc(max).map_err(|e| p2pbridge::verbs::Error::InvalidArgument(e.to_string()))?;
+    let reg = bridge.register(buf.addr(), buf.len(), AccessFlags::remote_rw()).map_err(err)?;
+    let key = bridge.hand_out(&reg, 0..max as u64).map_err(err)?;
+    Ok(((mem, buf, bridge, reg), key.to_bytes().to_vec()))
+}
+
+/// The client's memory: `max` bytes from the host backend.
+fn client_buffer(max: usize) -> p2pbridge::verbs::Result<(HostBackend, DeviceBuffer)> {
+    let mem = HostBackend::new();
+    let buf = mem.alloc(max).map_err(|e| p2pbridge::verbs::Error::InvalidArgument(e.to_string()))?;
+    Ok((mem, buf))
+}
+
+/// Both ends in this process, on the fabric's two hosts (or one host twice: loopback).
+fn run_pair(a: &Args, fabric: &SoftRoce) -> p2pbridge::Result<Vec<Row>> {
     let max = a.max;
     let (client, _server) = fabric.connect_pair(
         ConnectionOptions { timeout: Duration::from_secs(60), ..Default::default() },
-        move |pd| {
-            let mem = HostBackend::new();
-            let buf = mem.alloc(max).map_err(|e| p2pbridge::verbs::Error::InvalidArgument(e.to_string()))?;
-            let _ = pd;
-            Ok(((mem, buf), Vec::new()))
-        },
-        move |pd| {
-            let err = |e: p2pbridge::Error| p2pbridge::verbs::Error::InvalidArgument(e.to_string());
-            let mem = HostBackend::new();
-            let bridge = Bridge::new(
-                pd,
-                vec![Arc::new(mem.clone())],
-                BridgeOptions { policy: Policy::default().require(Strategy::PinnedHost), ..Default::default() },
-            )
-            .map_err(err)?;
-            let buf = mem.alloc(max).map_err(|e| p2pbridge::verbs::Error::InvalidArgument(e.to_string()))?;
-            let reg = bridge.register(buf.addr(), buf.len(), AccessFlags::remote_rw()).map_err(err)?;
-            let key = bridge.hand_out(&reg, 0..max as u64).map_err(err)?;
-            Ok(((mem, buf, bridge, reg), key.to_bytes().to_vec()))
-        },
+        move |_pd| Ok((client_buffer(max)?, Vec::new())),
+        move |pd| serve_buffer(pd, max),
     )?;
     let key = RemoteKey::from_bytes(client.conn.remote_private_data())?;
-    let (mem, buf): &(HostBackend, DeviceBuffer) = &client.state;
-    let conn = &client.conn;
+    let (mem, buf) = &client.state;
+    sweep(a, &client.conn, &client.pd, mem, buf, &key)
+}
+
+/// This process serves its buffer to one client at `addr`, until that client disconnects.
+fn serve(a: &Args, addr: std::net::SocketAddr) -> p2pbridge::Result<()> {
+    let listener = Listener::bind(addr)?;
+    println!("p2pbridge-bench server: listening on {} with {} of host memory", listener.local_addr(), size_name(a.max));
+    let req = listener.get_request(Duration::from_secs(3600))?;
+    let dev =
+        req.device_name().ok_or_else(|| p2pbridge::Error::InvalidArgument("request on an unknown device".into()))?;
+    let pd = ProtectionDomain::new(&Context::open(&dev)?)?;
+    let (_state, private_data) = serve_buffer(&pd, a.max)?;
+    let conn =
+        req.accept(&pd, &ConnectionOptions { private_data, timeout: Duration::from_secs(60), ..Default::default() })?;
+    println!("client connected through {dev}; serving until it disconnects");
+    conn.wait_disconnect(Duration::from_secs(24 * 3600))?;
+    Ok(())
+}
+
+/// This process measures against a server at `addr`, through `device`.
+fn run_client(a: &Args, addr: std::net::SocketAddr, device: &str) -> p2pbridge::Result<Vec<Row>> {
+    let pd = ProtectionDomain::new(&Context::open(device)?)?;
+    let (mem, buf) = client_buffer(a.max)?;
+    let conn =
+        Connection::connect(&pd, addr, &ConnectionOptions { timeout: Duration::from_secs(60), ..Default::default() })?;
+    let key = RemoteKey::from_bytes(conn.remote_private_data())?;
+    if key.len < a.max as u64 {
+        return Err(p2pbridge::Error::InvalidArgument(format!(
+            "the server's buffer ({} B) is smaller than --max",
+            key.len
+        )));
+    }
+    sweep(a, &conn, &pd, &mem, &buf, &key)
+}
+
+/// The measurements: every strategy, every size, WRITE and READ.
+fn sweep(
+    a: &Args,
+    conn: &Connection,
+    pd: &ProtectionDomain,
+    mem: &HostBackend,
+    buf: &DeviceBuffer,
+    key: &RemoteKey,
+) -> p2pbridge::Result<Vec<Row>> {
+    let key = *key;
     let sizes: Vec<usize> =
         std::iter::successors(Some(a.min), |s| s.checked_mul(4)).take_while(|&s| s <= a.max).collect();
 
@@ -286,7 +377,7 @@ fn run(a: &Args, fabric: &SoftRoce) -> p2pbridge::Result<Vec<Row>> {
     let mut movers: Vec<(String, Option<Bridge>)> = Vec::new();
     for s in [Strategy::DmaBuf, Strategy::PeerMem, Strategy::Odp, Strategy::PinnedHost] {
         let b = Bridge::new(
-            &client.pd,
+            pd,
             vec![Arc::new(mem.clone())],
             BridgeOptions { policy: Policy::default().require(s), ..Default::default() },
         )?;
@@ -302,7 +393,7 @@ fn run(a: &Args, fabric: &SoftRoce) -> p2pbridge::Result<Vec<Row>> {
     }
     movers.push(("bounce".into(), None));
     let engine = BounceEngine::new(
-        &client.pd,
+        pd,
         Arc::new(mem.clone()),
         BounceConfig { chunk: a.chunk, ring: a.ring, ..Default::default() },
     )?;
@@ -367,17 +458,36 @@ fn main() {
         eprintln!("p2pbridge-bench: {e}");
         std::process::exit(2)
     });
-    let Some(fabric) = SoftRoce::from_env() else {
-        eprintln!("p2pbridge-bench: this version runs across the Soft-RoCE hosts: `scripts/softroce target/release/p2pbridge-bench` (two-machine and loopback modes are not built yet)");
-        std::process::exit(2)
+    let fail = |e: p2pbridge::Error| -> ! {
+        eprintln!("p2pbridge-bench: {e}");
+        std::process::exit(1)
     };
-    let mut rows = match run(&a, &fabric) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("p2pbridge-bench: {e}");
-            std::process::exit(1)
+    let (rows, fabric, setting) = match &a.mode {
+        Mode::Fabric => {
+            let Some(fabric) = SoftRoce::from_env() else {
+                eprintln!("p2pbridge-bench: no Soft-RoCE fabric here. Run `scripts/softroce target/release/p2pbridge-bench`, or give --loopback IP --device NAME, or --server/--client (see --help)");
+                std::process::exit(2)
+            };
+            let setting = format!("Soft-RoCE {} -> {} (kernel {})", fabric.a.device, fabric.b.device, fabric.kernel);
+            (run_pair(&a, &fabric).unwrap_or_else(|e| fail(e)), Some(fabric), setting)
+        }
+        Mode::Loopback { device, addr } => {
+            let host = p2pbridge::verbs::fabric::Host { netns: String::new(), addr: *addr, device: device.clone() };
+            let one = SoftRoce { a: host.clone(), b: host, kernel: String::new() };
+            (run_pair(&a, &one).unwrap_or_else(|e| fail(e)), None, format!("loopback on {device} ({addr})"))
+        }
+        Mode::Server { addr } => {
+            serve(&a, *addr).unwrap_or_else(|e| fail(e));
+            return;
+        }
+        Mode::Client { addr, device } => {
+            (run_client(&a, *addr, device).unwrap_or_else(|e| fail(e)), None, format!("{device} -> server {addr}"))
         }
     };
+    report(&a, rows, fabric.as_ref(), &setting);
+}
+
+fn report(a: &Args, mut rows: Vec<Row>, fabric: Option<&SoftRoce>, setting: &str) {
     println!(
         "{:<8} {:<5} {:>10} {:>12} {:>10} {:>10} {:>10} {:>11} {:>9} {:>9} {:>8}",
         "strategy",
@@ -408,12 +518,12 @@ fn main() {
             r.flush_us
         );
     }
-    // perftest on the same link, for scale.
-    if a.perftest && perftest::available("ib_write_bw") {
+    // perftest on the same link, for scale (across the fabric's hosts).
+    if let Some(fabric) = fabric.filter(|_| a.perftest && perftest::available("ib_write_bw")) {
         let p = perftest::Params { seconds: 1.0, depth: 16, cq_mod: 1 };
         for size in [64usize << 10, 1 << 20].into_iter().filter(|s| *s >= a.min && *s <= a.max) {
             for (tool, op) in [("ib_write_bw", "write"), ("ib_read_bw", "read")] {
-                match perftest::run(&fabric, tool, size, &p) {
+                match perftest::run(fabric, tool, size, &p) {
                     Ok(f) => {
                         let ours = rows
                             .iter()
@@ -465,10 +575,7 @@ fn main() {
                 series.push(Series { label: format!("{n} {op}"), points: pts, dashed: op == "read" });
             }
         }
-        let sub = format!(
-            "Soft-RoCE {} -> {} (kernel {}), host memory, 16 in flight",
-            fabric.a.device, fabric.b.device, fabric.kernel
-        );
+        let sub = format!("{setting}, host memory, 16 in flight");
         std::fs::write(
             a.out.join("bandwidth.svg"),
             svg("p2pbridge: RDMA bandwidth by registration strategy", &sub, &series),
