@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use p2pbridge::verbs::fabric::SoftRoce;
 use p2pbridge::verbs::{AccessFlags, ConnectionOptions};
-use p2pbridge::{Bridge, BridgeOptions, RemoteKey};
-use p2pbridge_examples::{pattern, pick_backend};
+use p2pbridge::RemoteKey;
+use p2pbridge_examples::{bridged, pattern, verbs_err};
 
 const BLOCK: usize = 64 << 10;
 const BLOCKS: usize = 256;
@@ -23,32 +23,30 @@ const WANTED: [usize; 6] = [3, 200, 17, 42, 5, 255];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fabric = SoftRoce::from_env().ok_or("run it under scripts/softroce (two Soft-RoCE hosts)")?;
-    let err = |e: p2pbridge::Error| p2pbridge::verbs::Error::InvalidArgument(e.to_string());
-    let gpu_err = |e: p2pbridge::gpu::Error| p2pbridge::verbs::Error::InvalidArgument(e.to_string());
     let (client, server) = fabric.connect_pair(
         ConnectionOptions { timeout: Duration::from_secs(60), ..Default::default() },
         move |pd| {
             // The client's buffer has room for the blocks it wants, side by side.
-            let (mem, what) = pick_backend();
-            let bridge = Bridge::new(pd, vec![mem.clone()], BridgeOptions::default()).map_err(err)?;
-            let buf = mem.alloc(WANTED.len() * BLOCK).map_err(gpu_err)?;
-            let reg =
-                bridge.register(buf.addr(), (WANTED.len() * BLOCK) as u64, AccessFlags::remote_rw()).map_err(err)?;
+            let (mem, bridge, what) = bridged(pd)?;
+            let buf = mem.alloc(WANTED.len() * BLOCK).map_err(verbs_err)?;
+            let reg = bridge
+                .register(buf.addr(), (WANTED.len() * BLOCK) as u64, AccessFlags::remote_rw())
+                .map_err(verbs_err)?;
             println!("client: {what}, {} blocks of room, {}", WANTED.len(), reg.strategy());
             Ok(((mem, bridge, buf, reg), Vec::new()))
         },
         move |pd| {
             // The server's pool: block i holds pattern(BLOCK, i).
-            let (mem, what) = pick_backend();
-            let bridge = Bridge::new(pd, vec![mem.clone()], BridgeOptions::default()).map_err(err)?;
-            let pool = mem.alloc(BLOCKS * BLOCK).map_err(gpu_err)?;
+            let (mem, bridge, what) = bridged(pd)?;
+            let pool = mem.alloc(BLOCKS * BLOCK).map_err(verbs_err)?;
             for i in 0..BLOCKS {
-                mem.copy_to_device(&pool, (i * BLOCK) as u64, &pattern(BLOCK, i as u32)).map_err(gpu_err)?;
+                mem.copy_to_device(&pool, (i * BLOCK) as u64, &pattern(BLOCK, i as u32)).map_err(verbs_err)?;
             }
-            let reg = bridge.register(pool.addr(), (BLOCKS * BLOCK) as u64, AccessFlags::remote_rw()).map_err(err)?;
-            bridge.publish(&reg).map_err(err)?;
+            let reg =
+                bridge.register(pool.addr(), (BLOCKS * BLOCK) as u64, AccessFlags::remote_rw()).map_err(verbs_err)?;
+            bridge.publish(&reg).map_err(verbs_err)?;
             println!("server: {what}, {BLOCKS} blocks of {BLOCK} B, {}", reg.strategy());
-            let mut private = bridge.hand_out(&reg, 0..(BLOCKS * BLOCK) as u64).map_err(err)?.to_bytes().to_vec();
+            let mut private = bridge.hand_out(&reg, 0..(BLOCKS * BLOCK) as u64).map_err(verbs_err)?.to_bytes().to_vec();
             private.extend_from_slice(&(BLOCK as u32).to_le_bytes());
             Ok(((mem, bridge, pool, reg), private))
         },

@@ -14,24 +14,21 @@ use std::time::Duration;
 
 use p2pbridge::verbs::fabric::SoftRoce;
 use p2pbridge::verbs::{AccessFlags, ConnectionOptions};
-use p2pbridge::{Bridge, BridgeOptions, RemoteKey};
-use p2pbridge_examples::{pattern, pick_backend};
+use p2pbridge::RemoteKey;
+use p2pbridge_examples::{bridged, pattern, verbs_err};
 
 const LEN: usize = 8 << 20;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fabric = SoftRoce::from_env().ok_or("run it under scripts/softroce (two Soft-RoCE hosts)")?;
-    let err = |e: p2pbridge::Error| p2pbridge::verbs::Error::InvalidArgument(e.to_string());
-    let gpu_err = |e: p2pbridge::gpu::Error| p2pbridge::verbs::Error::InvalidArgument(e.to_string());
     // Each side: a backend, a bridge on its PD, a buffer registered through the bridge.
     let (client, server) = fabric.connect_pair(
         ConnectionOptions { timeout: Duration::from_secs(60), ..Default::default() },
         move |pd| {
-            let (mem, what) = pick_backend();
-            let bridge = Bridge::new(pd, vec![mem.clone()], BridgeOptions::default()).map_err(err)?;
-            let buf = mem.alloc(LEN).map_err(gpu_err)?;
-            mem.copy_to_device(&buf, 0, &pattern(LEN, 1)).map_err(gpu_err)?;
-            let reg = bridge.register(buf.addr(), LEN as u64, AccessFlags::remote_rw()).map_err(err)?;
+            let (mem, bridge, what) = bridged(pd)?;
+            let buf = mem.alloc(LEN).map_err(verbs_err)?;
+            mem.copy_to_device(&buf, 0, &pattern(LEN, 1)).map_err(verbs_err)?;
+            let reg = bridge.register(buf.addr(), LEN as u64, AccessFlags::remote_rw()).map_err(verbs_err)?;
             println!(
                 "client: {what}, registered with {} (skipped: {:?})",
                 reg.strategy(),
@@ -40,12 +37,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Ok(((mem, bridge, buf, reg), Vec::new()))
         },
         move |pd| {
-            let (mem, what) = pick_backend();
-            let bridge = Bridge::new(pd, vec![mem.clone()], BridgeOptions::default()).map_err(err)?;
-            let buf = mem.alloc(LEN).map_err(gpu_err)?;
-            let reg = bridge.register(buf.addr(), LEN as u64, AccessFlags::remote_rw()).map_err(err)?;
+            let (mem, bridge, what) = bridged(pd)?;
+            let buf = mem.alloc(LEN).map_err(verbs_err)?;
+            let reg = bridge.register(buf.addr(), LEN as u64, AccessFlags::remote_rw()).map_err(verbs_err)?;
             println!("server: {what}, registered with {}", reg.strategy());
-            let key = bridge.hand_out(&reg, 0..LEN as u64).map_err(err)?;
+            let key = bridge.hand_out(&reg, 0..LEN as u64).map_err(verbs_err)?;
             Ok(((mem, bridge, buf, reg), key.to_bytes().to_vec()))
         },
     )?;
