@@ -366,14 +366,16 @@ impl Bridge {
                             .map_err(Error::from),
                     }
                 }
-                // SAFETY (all three): backend memory is deregistered (via its notices) before
-                // it is freed; host VA memory is the caller's `register_host` contract.
                 Strategy::PeerMem | Strategy::PinnedHost => {
+                    // SAFETY: backend memory is deregistered (via its notices) before it is
+                    // freed; host VA memory is the caller's `register_host` contract.
                     unsafe { pd.register_raw(range.start as *mut u8, len, access) }
                         .map(|m| (Mr::Direct(m), None))
                         .map_err(Error::from)
                 }
                 Strategy::Odp => {
+                    // SAFETY: as for pinned registrations above; ODP pins nothing, and the
+                    // kernel's MMU notifier also drops pages that are unmapped.
                     unsafe { pd.register_raw(range.start as *mut u8, len, access | AccessFlags::ON_DEMAND) }
                         .map(|m| (Mr::Direct(m), None))
                         .map_err(Error::from)
