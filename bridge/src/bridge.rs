@@ -275,8 +275,7 @@ impl Bridge {
         let (backend, info) = found.ok_or(Error::NotBackendMemory(addr))?;
         info.check(addr - info.base, len)?;
         let domain = Domain::Alloc(info.key);
-        self.subscribe(&backend, info.key, info.len);
-        self.register_in(domain, MemoryKind::Backend(backend.kind()), Some(backend), addr, len, access)
+        self.register_in(domain, MemoryKind::Backend(backend.kind()), Some((backend, info)), addr, len, access)
     }
 
     /// Registers host memory no backend owns (a `Vec`, an mmap).
@@ -308,11 +307,13 @@ impl Bridge {
             .map_err(Error::InvalidationTimedOut)
     }
 
+    /// Registers `addr..addr+len` of `domain`; `alloc` is the backend and allocation for
+    /// backend memory (None for host VA memory).
     fn register_in(
         &self,
         domain: Domain,
         kind: MemoryKind,
-        backend: Option<Arc<dyn MemoryBackend>>,
+        alloc: Option<(Arc<dyn MemoryBackend>, p2pbridge_gpu::AllocationInfo)>,
         addr: u64,
         len: u64,
         access: AccessFlags,
@@ -325,6 +326,12 @@ impl Bridge {
         if let Some(handle) = self.inner.cache.lookup(domain, range.clone(), access.bits()) {
             return Ok(Registered { handle, addr, len });
         }
+        // A miss: make sure the backend tells us before this allocation goes away (once per
+        // allocation; the hit path above needs no subscription lookup).
+        let backend = alloc.map(|(b, info)| {
+            self.subscribe(&b, info.key, info.len);
+            b
+        });
         let reg_range = self.inner.cache.merged_range(domain, range.clone(), access.bits());
         let device = backend.as_ref().map(|b| b.device()).unwrap_or(0);
         let reg = self.try_strategies(kind, backend, reg_range.clone(), access)?;
@@ -421,11 +428,13 @@ impl Bridge {
     /// once stale. Returns the key.
     pub fn hand_out(&self, reg: &Registered, range: Range<u64>) -> Result<RemoteKey> {
         let k = reg.remote_key(range)?;
-        self.inner
-            .handed_out
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(k.generation, (reg.handle.domain(), reg.handle.range()));
+        let mut handed = self.inner.handed_out.lock().unwrap_or_else(|e| e.into_inner());
+        // Keys of invalidated registrations are forgotten once the record outgrows the cache,
+        // so a process that churns buffers does not grow it without bound (amortized O(1)).
+        if handed.len() >= 2 * self.inner.cache.usage().0 + 64 {
+            handed.retain(|&g, (d, r)| self.inner.cache.is_live(*d, r.clone(), g));
+        }
+        handed.insert(k.generation, (reg.handle.domain(), reg.handle.range()));
         Ok(k)
     }
 
@@ -434,7 +443,10 @@ impl Bridge {
     pub fn check_key(&self, key: &RemoteKey) -> Result<()> {
         let handed = self.inner.handed_out.lock().unwrap_or_else(|e| e.into_inner());
         let Some((domain, range)) = handed.get(&key.generation).cloned() else {
-            return Err(Error::StaleKey { generation: key.generation, why: "not a key this bridge handed out" });
+            return Err(Error::StaleKey {
+                generation: key.generation,
+                why: "not a key this bridge handed out, or one invalidated and forgotten since",
+            });
         };
         drop(handed);
         if self.inner.cache.is_live(domain, range, key.generation) {
