@@ -131,6 +131,25 @@ impl CudaBackend {
         Ok(Ok(()))
     }
 
+    /// The device address of `offset..offset+len` in `buf`, after checking that `buf` is this
+    /// device's CUDA memory (a host backend's buffer passed here would otherwise reach the
+    /// driver as a device pointer) and that the range lies inside it; binds the context.
+    fn own_range(&self, buf: &DeviceBuffer, offset: u64, len: usize) -> Result<u64> {
+        let key = buf.key();
+        if key.backend != BackendKind::Cuda || key.device != self.inner.ordinal {
+            return Err(Error::InvalidArgument(format!(
+                "buffer at {:#x} belongs to {:?} device {}, not CUDA device {}",
+                buf.addr(),
+                key.backend,
+                key.device,
+                self.inner.ordinal
+            )));
+        }
+        let at = buf.info().check(offset, len as u64)?;
+        self.bind()?;
+        Ok(at)
+    }
+
     /// A new stream for asynchronous copies.
     pub fn new_stream(&self) -> Result<Arc<CudaStream>> {
         self.inner.ctx.new_stream().map_err(cuda_err("cuStreamCreate"))
@@ -148,8 +167,7 @@ impl CudaBackend {
         src: &[u8],
         stream: &CudaStream,
     ) -> Result<()> {
-        let at = dst.info().check(offset, src.len() as u64)?;
-        self.bind()?;
+        let at = self.own_range(dst, offset, src.len())?;
         // SAFETY: forwarded from the caller's contract; the range lies in `dst` (checked).
         unsafe { result::memcpy_htod_async(at, src, stream.cu_stream()) }.map_err(cuda_err("cuMemcpyHtoDAsync"))
     }
@@ -166,8 +184,7 @@ impl CudaBackend {
         dst: &mut [u8],
         stream: &CudaStream,
     ) -> Result<()> {
-        let at = src.info().check(offset, dst.len() as u64)?;
-        self.bind()?;
+        let at = self.own_range(src, offset, dst.len())?;
         // SAFETY: forwarded from the caller's contract; the range lies in `src` (checked).
         unsafe { result::memcpy_dtoh_async(dst, at, stream.cu_stream()) }.map_err(cuda_err("cuMemcpyDtoHAsync"))
     }
@@ -370,6 +387,20 @@ impl MemoryBackend for CudaBackend {
         unsafe { result::memcpy_dtoh_sync(dst, at) }.map_err(cuda_err("cuMemcpyDtoH"))
     }
 
+    fn copy_to_device(&self, dst: &DeviceBuffer, offset: u64, src: &[u8]) -> Result<()> {
+        // Overridden: the buffer's allocation is known, so no cuPointerGetAttributes per copy.
+        let at = self.own_range(dst, offset, src.len())?;
+        // SAFETY: `dst` is borrowed (alive through the call) and is this device's memory; the
+        // range lies in it (checked); the copy is synchronous.
+        unsafe { result::memcpy_htod_sync(at, src) }.map_err(cuda_err("cuMemcpyHtoD"))
+    }
+
+    fn copy_from_device(&self, src: &DeviceBuffer, offset: u64, dst: &mut [u8]) -> Result<()> {
+        let at = self.own_range(src, offset, dst.len())?;
+        // SAFETY: as in copy_to_device.
+        unsafe { result::memcpy_dtoh_sync(dst, at) }.map_err(cuda_err("cuMemcpyDtoH"))
+    }
+
     fn flush_nic_writes(&self) -> Result<FlushOutcome> {
         let ordering = self.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WRITES_ORDERING)?;
         if ordering >= sys::CUGPUDirectRDMAWritesOrdering::CU_GPU_DIRECT_RDMA_WRITES_ORDERING_OWNER as i32 {
@@ -378,9 +409,18 @@ impl MemoryBackend for CudaBackend {
             ));
         }
         if !has_symbol("cuFlushGPUDirectRDMAWrites") {
-            return Err(Error::ExportUnsupported(
+            return Err(Error::FlushUnsupported(
                 "the CUDA driver lacks cuFlushGPUDirectRDMAWrites (needs CUDA 11.3+)".into(),
             ));
+        }
+        let options = self.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_FLUSH_WRITES_OPTIONS)?;
+        let host_flush = sys::CUflushGPUDirectRDMAWritesOptions::CU_FLUSH_GPU_DIRECT_RDMA_WRITES_OPTION_HOST as i32;
+        if options & host_flush == 0 {
+            return Err(Error::FlushUnsupported(format!(
+                "the device neither orders NIC writes (GPU_DIRECT_RDMA_WRITES_ORDERING = {ordering}) nor supports \
+                 cuFlushGPUDirectRDMAWrites (GPU_DIRECT_RDMA_FLUSH_WRITES_OPTIONS = {options:#x}): GPUDirect RDMA \
+                 writes cannot be made visible safely on this device"
+            )));
         }
         self.bind()?;
         // SAFETY: no pointers; flushes the current context's pending RDMA writes.

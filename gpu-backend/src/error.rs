@@ -38,6 +38,11 @@ pub enum Error {
     #[error("cannot export as dma-buf: {0}")]
     ExportUnsupported(String),
 
+    /// NIC writes cannot be made visible to this device, and why (no flush entry point, no
+    /// flush support, and no native ordering).
+    #[error("cannot flush GPUDirect RDMA writes: {0}")]
+    FlushUnsupported(String),
+
     /// The address belongs to no allocation this backend knows.
     #[error("address {0:#x} is not in any allocation of this backend")]
     UnknownAddress(u64),

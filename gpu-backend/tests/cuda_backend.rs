@@ -1,7 +1,9 @@
 //! The CUDA backend on a real GPU. Ignored where there is none (scripts/test says so and why);
 //! run on a GPU machine with `scripts/test-gpu`.
 
-use p2pbridge_gpu::{BackendKind, CudaBackend, Error, FlushOutcome, InvalidationReason, MemoryBackend, GPU_PAGE};
+use p2pbridge_gpu::{
+    BackendKind, CudaBackend, Error, FlushOutcome, HostBackend, InvalidationReason, MemoryBackend, GPU_PAGE,
+};
 
 fn gpu() -> CudaBackend {
     CudaBackend::new(0).unwrap_or_else(|e| panic!("this test needs a CUDA GPU: {e}"))
@@ -47,6 +49,16 @@ fn cuda_copies_round_trip_patterns() {
         assert!(back2 == pattern);
         assert!(matches!(g.copy_to_device(&buf, buf.len(), &[1]), Err(Error::OutOfBounds { .. })));
     }
+    // Host memory from another backend must not reach the driver as a device pointer.
+    let host = HostBackend::new();
+    let hb = host.alloc(4096).unwrap();
+    let err = g.copy_to_device(&hb, 0, &[1]).unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(ref m) if m.contains("not CUDA device 0")), "{err}");
+    let stream = g.new_stream().unwrap();
+    let mut out = [0u8; 8];
+    // SAFETY: refused before any copy is queued.
+    let err = unsafe { g.copy_from_device_async(&hb, 0, &mut out, &stream) }.unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
 }
 
 #[test]

@@ -78,15 +78,22 @@ fn main() {
     let mut max = 256usize << 20;
     let mut secs = 0.3f64;
     let mut it = std::env::args().skip(1);
+    let usage = |why: String| -> ! {
+        eprintln!("copy_bw: {why}\nusage: copy_bw [--max NMiB] [--seconds S]");
+        std::process::exit(2)
+    };
     while let Some(k) = it.next() {
-        let v = it.next().unwrap_or_default();
+        let v = it.next().unwrap_or_else(|| usage(format!("{k} needs a value")));
         match k.as_str() {
-            "--max" => max = v.trim_end_matches("MiB").parse::<usize>().map(|m| m << 20).unwrap_or(max),
-            "--seconds" => secs = v.parse().unwrap_or(secs),
-            _ => {
-                eprintln!("usage: copy_bw [--max NMiB] [--seconds S]");
-                std::process::exit(2)
-            }
+            "--max" => match v.trim_end_matches("MiB").parse::<usize>() {
+                Ok(m) if m > 0 && m <= 1 << 20 => max = m << 20,
+                _ => usage(format!("--max {v}: expected a size in MiB such as 256MiB")),
+            },
+            "--seconds" => match v.parse::<f64>() {
+                Ok(s) if s > 0.0 && s.is_finite() => secs = s,
+                _ => usage(format!("--seconds {v}: expected a positive number")),
+            },
+            _ => usage(format!("unknown argument {k}")),
         }
     }
     let min = Duration::from_secs_f64(secs);
