@@ -301,23 +301,33 @@ impl MemoryBackend for CudaBackend {
         let mut mem_type: u32 = 0;
         let mut ordinal: i32 = -1;
         let mut buffer_id: u64 = 0;
+        // A boolean the driver writes as an int; 8 zeroed bytes hold either width.
+        let mut is_managed: u64 = 0;
         let mut attrs = [
             sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
             sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
             sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_BUFFER_ID,
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_IS_MANAGED,
         ];
-        let mut data: [*mut libc::c_void; 3] = [
+        let mut data: [*mut libc::c_void; 4] = [
             (&mut mem_type as *mut u32).cast(),
             (&mut ordinal as *mut i32).cast(),
             (&mut buffer_id as *mut u64).cast(),
+            (&mut is_managed as *mut u64).cast(),
         ];
-        // SAFETY: three attributes with three out-pointers of the sizes the driver writes
-        // (CUmemorytype: 4 bytes, ordinal: int, buffer id: unsigned long long).
-        let r = unsafe { sys::cuPointerGetAttributes(3, attrs.as_mut_ptr(), data.as_mut_ptr(), addr) };
+        // SAFETY: four attributes with four out-pointers at least as large as what the driver
+        // writes (CUmemorytype: 4 bytes, ordinal: int, buffer id: unsigned long long,
+        // is-managed: a boolean int).
+        let r = unsafe { sys::cuPointerGetAttributes(4, attrs.as_mut_ptr(), data.as_mut_ptr(), addr) };
         if r == sys::cudaError_enum::CUDA_ERROR_INVALID_VALUE {
             return Ok(None); // not a pointer CUDA knows
         }
         r.result().map_err(cuda_err("cuPointerGetAttributes"))?;
+        if is_managed != 0 {
+            // Managed memory reports DEVICE or HOST wherever its pages happen to be: refuse it
+            // rather than let it pass for either.
+            return Err(Error::ManagedMemory(addr));
+        }
         if mem_type != sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32 || ordinal != self.inner.ordinal as i32 {
             return Ok(None);
         }
@@ -413,7 +423,8 @@ impl MemoryBackend for CudaBackend {
                 "the CUDA driver lacks cuFlushGPUDirectRDMAWrites (needs CUDA 11.3+)".into(),
             ));
         }
-        let options = self.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_FLUSH_WRITES_OPTIONS)?;
+        let options =
+            self.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_FLUSH_WRITES_OPTIONS)?;
         let host_flush = sys::CUflushGPUDirectRDMAWritesOptions::CU_FLUSH_GPU_DIRECT_RDMA_WRITES_OPTION_HOST as i32;
         if options & host_flush == 0 {
             return Err(Error::FlushUnsupported(format!(

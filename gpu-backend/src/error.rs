@@ -43,6 +43,11 @@ pub enum Error {
     #[error("cannot flush GPUDirect RDMA writes: {0}")]
     FlushUnsupported(String),
 
+    /// The address is CUDA managed (unified) memory, which may migrate between host and device
+    /// at any time: neither dma-buf export nor peer memory can map it for a NIC.
+    #[error("address {0:#x} is CUDA managed memory (cuMemAllocManaged/cudaMallocManaged), which a NIC cannot map through GPUDirect RDMA: allocate it with cuMemAlloc/cudaMalloc (or a VMM allocation) instead")]
+    ManagedMemory(u64),
+
     /// The address belongs to no allocation this backend knows.
     #[error("address {0:#x} is not in any allocation of this backend")]
     UnknownAddress(u64),

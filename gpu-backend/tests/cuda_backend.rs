@@ -103,3 +103,21 @@ fn cuda_notices_come_before_free_and_flush_works() {
         FlushOutcome::Flushed | FlushOutcome::NotNeeded(_) => {}
     }
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/test-gpu runs it on a GPU machine"]
+fn cuda_managed_memory_is_refused_not_mistaken() {
+    use cudarc::driver::{result, sys};
+    let g = gpu();
+    // SAFETY: the primary context is current on this thread (CudaBackend::new bound it); the
+    // memory is freed below and never read through Rust.
+    let managed = unsafe { result::malloc_managed(1 << 20, sys::CUmemAttach_flags::CU_MEM_ATTACH_GLOBAL) }.unwrap();
+    let err = g.identify(managed + 4096).unwrap_err();
+    assert!(matches!(err, Error::ManagedMemory(a) if a == managed + 4096), "{err}");
+    assert!(matches!(
+        g.export_dmabuf(managed, 1 << 20),
+        Err(Error::ManagedMemory(_)) | Err(Error::ExportUnsupported(_))
+    ));
+    // SAFETY: allocated above, freed once.
+    unsafe { result::free_sync(managed) }.unwrap();
+}
