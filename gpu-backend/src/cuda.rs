@@ -323,6 +323,9 @@ impl MemoryBackend for CudaBackend {
             return Ok(None); // not a pointer CUDA knows
         }
         r.result().map_err(cuda_err("cuPointerGetAttributes"))?;
+        if mem_type == 0 {
+            return Ok(None); // memory CUDA did not allocate or register (plain host memory)
+        }
         if is_managed != 0 {
             // Managed memory reports DEVICE or HOST wherever its pages happen to be: refuse it
             // rather than let it pass for either.
