@@ -15,7 +15,7 @@
 
 use std::collections::BTreeSet;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{result, sys, CudaContext, CudaStream, DriverError};
 
@@ -57,6 +57,19 @@ struct CudaInner {
     hub: NoticeHub,
     /// Our allocations' base addresses (what `release` may free).
     ours: Mutex<BTreeSet<u64>>,
+    /// How this device makes NIC writes visible: fixed per device, so read once, on the first
+    /// flush, instead of on every one.
+    flush: OnceLock<FlushPlan>,
+}
+
+/// What [`MemoryBackend::flush_nic_writes`] does on this device.
+enum FlushPlan {
+    /// The device orders NIC writes itself.
+    NotNeeded,
+    /// `cuFlushGPUDirectRDMAWrites` is needed and available.
+    Call,
+    /// Needed but not possible, and why.
+    Unsupported(String),
 }
 
 /// CUDA device memory on one device. Cheap to clone (a handle).
@@ -106,6 +119,7 @@ impl CudaBackend {
                 ordinal: ordinal as u32,
                 hub: NoticeHub::default(),
                 ours: Mutex::new(BTreeSet::new()),
+                flush: OnceLock::new(),
             }),
         })
     }
@@ -148,6 +162,30 @@ impl CudaBackend {
         let at = buf.info().check(offset, len as u64)?;
         self.bind()?;
         Ok(at)
+    }
+
+    /// Reads how this device makes NIC writes visible (see [`FlushPlan`]).
+    fn flush_plan(&self) -> Result<FlushPlan> {
+        let ordering = self.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WRITES_ORDERING)?;
+        if ordering >= sys::CUGPUDirectRDMAWritesOrdering::CU_GPU_DIRECT_RDMA_WRITES_ORDERING_OWNER as i32 {
+            return Ok(FlushPlan::NotNeeded);
+        }
+        if !has_symbol("cuFlushGPUDirectRDMAWrites") {
+            return Ok(FlushPlan::Unsupported(
+                "the CUDA driver lacks cuFlushGPUDirectRDMAWrites (needs CUDA 11.3+)".into(),
+            ));
+        }
+        let options =
+            self.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_FLUSH_WRITES_OPTIONS)?;
+        let host_flush = sys::CUflushGPUDirectRDMAWritesOptions::CU_FLUSH_GPU_DIRECT_RDMA_WRITES_OPTION_HOST as i32;
+        if options & host_flush == 0 {
+            return Ok(FlushPlan::Unsupported(format!(
+                "the device neither orders NIC writes (GPU_DIRECT_RDMA_WRITES_ORDERING = {ordering}) nor supports \
+                 cuFlushGPUDirectRDMAWrites (GPU_DIRECT_RDMA_FLUSH_WRITES_OPTIONS = {options:#x}): GPUDirect RDMA \
+                 writes cannot be made visible safely on this device"
+            )));
+        }
+        Ok(FlushPlan::Call)
     }
 
     /// A new stream for asynchronous copies.
@@ -415,26 +453,21 @@ impl MemoryBackend for CudaBackend {
     }
 
     fn flush_nic_writes(&self) -> Result<FlushOutcome> {
-        let ordering = self.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WRITES_ORDERING)?;
-        if ordering >= sys::CUGPUDirectRDMAWritesOrdering::CU_GPU_DIRECT_RDMA_WRITES_ORDERING_OWNER as i32 {
-            return Ok(FlushOutcome::NotNeeded(
-                "GPU_DIRECT_RDMA_WRITES_ORDERING >= OWNER: the device orders NIC writes before its own reads",
-            ));
-        }
-        if !has_symbol("cuFlushGPUDirectRDMAWrites") {
-            return Err(Error::FlushUnsupported(
-                "the CUDA driver lacks cuFlushGPUDirectRDMAWrites (needs CUDA 11.3+)".into(),
-            ));
-        }
-        let options =
-            self.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_FLUSH_WRITES_OPTIONS)?;
-        let host_flush = sys::CUflushGPUDirectRDMAWritesOptions::CU_FLUSH_GPU_DIRECT_RDMA_WRITES_OPTION_HOST as i32;
-        if options & host_flush == 0 {
-            return Err(Error::FlushUnsupported(format!(
-                "the device neither orders NIC writes (GPU_DIRECT_RDMA_WRITES_ORDERING = {ordering}) nor supports \
-                 cuFlushGPUDirectRDMAWrites (GPU_DIRECT_RDMA_FLUSH_WRITES_OPTIONS = {options:#x}): GPUDirect RDMA \
-                 writes cannot be made visible safely on this device"
-            )));
+        let plan = match self.inner.flush.get() {
+            Some(plan) => plan,
+            None => {
+                let plan = self.flush_plan()?; // an error is not kept: the next flush asks again
+                self.inner.flush.get_or_init(|| plan)
+            }
+        };
+        match plan {
+            FlushPlan::NotNeeded => {
+                return Ok(FlushOutcome::NotNeeded(
+                    "GPU_DIRECT_RDMA_WRITES_ORDERING >= OWNER: the device orders NIC writes before its own reads",
+                ))
+            }
+            FlushPlan::Unsupported(why) => return Err(Error::FlushUnsupported(why.clone())),
+            FlushPlan::Call => {}
         }
         self.bind()?;
         // SAFETY: no pointers; flushes the current context's pending RDMA writes.
