@@ -1,176 +1,93 @@
-//! The bridge: registers memory through the best strategy, caches registrations, and keeps
-//! them honest when memory goes away.
+//! The bridge: registers memory through the best strategy, caches registrations, and revokes
+//! them — keys first, at the NIC — when the memory goes away.
+//!
+//! Transfers are in [`crate::transfer`], keys in [`crate::keys`], one registration's life in
+//! [`crate::registration`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use p2pbridge_gpu::{AllocationKey, FlushOutcome, MemoryBackend, Subscription};
-use p2pbridge_verbs::{
-    AccessFlags, Connection, Foreign, HostBuffer, LocalSlice, MemoryRegion, OdpTransportCaps, ProtectionDomain,
-    SendFlags,
-};
+use p2pbridge_gpu::{AllocationInfo, AllocationKey, MemoryBackend, Notice, Subscription};
+use p2pbridge_verbs::{AccessFlags, Connection, HostBuffer, OdpTransportCaps, ProtectionDomain};
 
-use crate::cache::{CachePolicy, Cost, Domain, Handle, RegCache};
+use crate::cache::{CachePolicy, Cost, Domain, RegCache};
 use crate::error::{Error, Result};
 use crate::key::RemoteKey;
+use crate::keys::KeyLedger;
+use crate::registration::{Mr, Registered, Registration};
 use crate::strategy::{plan, HostCaps, MemoryKind, Policy, SkipReason, Strategy};
 
-/// Registrations alive in this process (all bridges): for leak checks.
-static LIVE: AtomicUsize = AtomicUsize::new(0);
+/// How often a registration that raced an invalidation is tried again before giving up.
+const RACE_RETRIES: usize = 8;
 
-/// The number of registrations (memory regions) the bridge holds in this process.
-pub fn live_registrations() -> usize {
-    LIVE.load(Ordering::SeqCst)
-}
-
-enum Mr {
-    Direct(MemoryRegion<Foreign>),
-    Bounce(MemoryRegion<HostBuffer>),
-}
-
-impl Mr {
-    fn lkey_slice(&self, offset: u64, len: u64) -> p2pbridge_verbs::Result<LocalSlice<'_>> {
-        match self {
-            Mr::Direct(m) => m.slice(offset..offset + len),
-            Mr::Bounce(m) => m.slice(offset..offset + len),
-        }
-    }
-    fn addr(&self) -> u64 {
-        match self {
-            Mr::Direct(m) => m.addr(),
-            Mr::Bounce(m) => m.addr(),
-        }
-    }
-    fn rkey(&self) -> u32 {
-        match self {
-            Mr::Direct(m) => m.rkey(),
-            Mr::Bounce(m) => m.rkey(),
-        }
-    }
-}
-
-/// One registration in the cache: an MR (direct) or a registered staging buffer (bounce).
-pub struct Registration {
-    strategy: Strategy,
-    skipped: Vec<(Strategy, SkipReason)>,
-    mr: Mr,
-    backend: Option<Arc<dyn MemoryBackend>>,
-    // Kept while the MR exists: revoking or dropping it is the exporter's business.
-    _export: Option<p2pbridge_gpu::DmaBufExport>,
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        LIVE.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-impl Registration {
-    /// The strategy used.
-    pub fn strategy(&self) -> Strategy {
-        self.strategy
-    }
-    /// The strategies not used, and why.
-    pub fn skipped(&self) -> &[(Strategy, SkipReason)] {
-        &self.skipped
-    }
-}
-
-/// A registered range: what RDMA operations take. It holds its cache entry, so the memory is
-/// not deregistered (and, for backend memory, not freed) while it lives.
-pub struct Registered {
-    handle: Handle<Registration>,
-    addr: u64,
-    len: u64,
-}
-
-impl std::fmt::Debug for Registered {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registered")
-            .field("addr", &format_args!("{:#x}", self.addr))
-            .field("len", &self.len)
-            .field("strategy", &self.strategy())
-            .field("generation", &self.generation())
-            .finish()
-    }
-}
-
-impl Registered {
-    /// The strategy that serves it.
-    pub fn strategy(&self) -> Strategy {
-        self.handle.value().strategy
-    }
-    /// Why the better strategies were not used.
-    pub fn skipped(&self) -> &[(Strategy, SkipReason)] {
-        &self.handle.value().skipped
-    }
-    /// Its address (the memory's own: device VA or host VA).
-    pub fn addr(&self) -> u64 {
-        self.addr
-    }
-    /// Its length.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-    /// Whether it is empty (never).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-    /// The registration's generation: changes whenever the memory is registered anew.
-    pub fn generation(&self) -> u64 {
-        self.handle.generation()
-    }
-    /// Offset of `self.addr` inside the cache entry's registration.
-    fn entry_offset(&self) -> u64 {
-        self.addr - self.handle.range().start
-    }
-    /// The descriptor a peer needs to reach `range` (offsets within this registered range).
-    /// For bounce registrations it names the staging buffer: the owner calls
-    /// [`Bridge::publish`] before peers read and [`Bridge::flush`] after they write.
-    pub fn remote_key(&self, range: Range<u64>) -> Result<RemoteKey> {
-        if range.start > range.end || range.end > self.len {
-            return Err(Error::OutOfBounds {
-                offset: range.start,
-                len: range.end.saturating_sub(range.start),
-                size: self.len,
-            });
-        }
-        let mr = &self.handle.value().mr;
-        Ok(RemoteKey {
-            addr: mr.addr() + self.entry_offset() + range.start,
-            len: range.end - range.start,
-            rkey: mr.rkey(),
-            generation: self.generation(),
-        })
-    }
-    /// A bounds-checked part of the registration for posting work requests yourself (on a
-    /// QP of the bridge's PD). For bounce registrations it names the staging buffer.
-    pub fn slice(&self, offset: u64, len: u64) -> Result<LocalSlice<'_>> {
-        self.local(offset, len)
-    }
-
-    fn local(&self, offset: u64, len: u64) -> Result<LocalSlice<'_>> {
-        if offset.checked_add(len).is_none_or(|e| e > self.len) {
-            return Err(Error::OutOfBounds { offset, len, size: self.len });
-        }
-        Ok(self.handle.value().mr.lkey_slice(self.entry_offset() + offset, len)?)
-    }
-}
-
-struct Inner {
-    pd: ProtectionDomain,
+pub(crate) struct Inner {
+    pub(crate) pd: ProtectionDomain,
     caps: HostCaps,
     policy: Policy,
     cache: RegCache<Registration>,
     backends: Vec<Arc<dyn MemoryBackend>>,
     subs: Mutex<HashMap<AllocationKey, Subscription>>,
-    handed_out: Mutex<HashMap<u64, (Domain, Range<u64>)>>,
-    invalidate_timeout: Duration,
+    /// Backend allocations seen, by base address: a new allocation found where an old one was
+    /// (freed without a notice this bridge saw) revokes the old one's registrations.
+    allocs: Mutex<BTreeMap<u64, (AllocationKey, u64)>>,
+    keys: KeyLedger,
+    /// Keys are memory windows (the device has type 2 windows and the options allow them).
+    windows: bool,
+    pub(crate) completion_timeout: Duration,
     /// The userfaultfd monitor's subscription, or why there is none.
     watch: std::result::Result<crate::uffd::Watch, String>,
+}
+
+impl Inner {
+    /// Revokes every registration of `domain` over `range`, held or not: keys die at the NIC,
+    /// regions are deregistered, handles turn dead. Waits only for operations in flight on
+    /// them (bounded by the NIC). Returns how many there were, and the first failure.
+    fn invalidate(&self, domain: Domain, range: Range<u64>) -> (usize, Result<()>) {
+        let gone = self.cache.remove_overlapping(domain, range);
+        let mut r = Ok(());
+        for e in &gone {
+            if let Err(err) = e.value().revoke() {
+                if r.is_ok() {
+                    r = Err(err);
+                }
+            }
+        }
+        (gone.len(), r)
+    }
+
+    /// A backend's notice: the allocation (or part of it) goes. Revokes, then acknowledges;
+    /// a registration that could not be revoked keeps the free waiting for ever rather than
+    /// letting the memory go while the NIC may reach it.
+    fn on_notice(&self, notice: Notice) {
+        let (_, r) = self.invalidate(Domain::Alloc(notice.key), notice.range.clone());
+        if notice.reason == p2pbridge_gpu::InvalidationReason::Free {
+            self.subs.lock().unwrap_or_else(|e| e.into_inner()).remove(&notice.key);
+            let mut allocs = self.allocs.lock().unwrap_or_else(|e| e.into_inner());
+            allocs.retain(|_, (k, _)| *k != notice.key);
+        }
+        match r {
+            Ok(()) => notice.ack(),
+            Err(e) => {
+                eprintln!("p2pbridge: cannot revoke a registration of {:?} ({e}): its free is held back for ever, since the NIC may still reach the memory", notice.key);
+                std::mem::forget(notice);
+            }
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The subscriptions go with the bridge: nothing would tell a registration that its
+        // memory went. Revoke them all now; remaining handles turn dead.
+        self.keys.clear();
+        for e in self.cache.drain() {
+            if let Err(err) = e.value().revoke() {
+                eprintln!("p2pbridge: revoking a registration as the bridge goes failed ({err}); its memory region is leaked, not freed");
+            }
+        }
+    }
 }
 
 /// Options of a [`Bridge`].
@@ -180,12 +97,17 @@ pub struct BridgeOptions {
     pub policy: Policy,
     /// Cache limits.
     pub cache: CachePolicy,
-    /// How long an invalidation waits for in-flight work before it gives up waiting (the
-    /// registration is then released when that work ends).
-    pub invalidate_timeout: Duration,
+    /// How long an operation waits for its completion before the bridge moves the connection's
+    /// queue pair to the error state, reaps the flushed request, and returns
+    /// [`Error::CompletionTimeout`]. It never returns while the NIC may still use the buffer.
+    pub completion_timeout: Duration,
     /// Watch registered host memory with the userfaultfd monitor, so that `munmap`, `mremap`
-    /// and `MADV_DONTNEED` drop its registrations by themselves.
+    /// and `MADV_DONTNEED` revoke its registrations by themselves.
     pub monitor_host: bool,
+    /// Hand out memory-window keys where the device has type 2 windows (one window per
+    /// hand-out, over exactly its range, bound to the peer's queue pair). Off: keys are the
+    /// region's rkey, revoked only with the whole registration.
+    pub windows: bool,
 }
 
 impl Default for BridgeOptions {
@@ -193,16 +115,18 @@ impl Default for BridgeOptions {
         BridgeOptions {
             policy: Policy::default(),
             cache: CachePolicy::default(),
-            invalidate_timeout: Duration::from_secs(30),
+            completion_timeout: Duration::from_secs(30),
             monitor_host: true,
+            windows: true,
         }
     }
 }
 
-/// Registers memory for one protection domain. Cheap to clone (a handle).
+/// Registers memory for one protection domain. Cheap to clone (a handle). When the last clone
+/// goes, every registration it made is revoked (their handles turn dead).
 #[derive(Clone)]
 pub struct Bridge {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 impl Bridge {
@@ -211,6 +135,7 @@ impl Bridge {
     pub fn new(pd: &ProtectionDomain, backends: Vec<Arc<dyn MemoryBackend>>, opts: BridgeOptions) -> Result<Self> {
         let caps = HostCaps::probe(pd)?;
         let monitor_host = opts.monitor_host;
+        let windows = opts.windows && caps.mem_windows;
         Ok(Bridge {
             inner: Arc::new_cyclic(|weak: &Weak<Inner>| Inner {
                 pd: pd.clone(),
@@ -219,15 +144,17 @@ impl Bridge {
                 cache: RegCache::new(opts.cache),
                 backends,
                 subs: Mutex::new(HashMap::new()),
-                handed_out: Mutex::new(HashMap::new()),
-                invalidate_timeout: opts.invalidate_timeout,
+                allocs: Mutex::new(BTreeMap::new()),
+                keys: KeyLedger::default(),
+                windows,
+                completion_timeout: opts.completion_timeout,
                 watch: if monitor_host {
                     let weak = weak.clone();
                     crate::uffd::subscribe(Box::new(move |range| {
                         if let Some(inner) = weak.upgrade() {
-                            // Never wait here: a faulting thread may need the monitor. The
-                            // registrations are released when their last user lets go.
-                            drop(inner.cache.remove_overlapping(Domain::HostVa, range));
+                            if let (_, Err(e)) = inner.invalidate(Domain::HostVa, range.clone()) {
+                                eprintln!("p2pbridge: revoking registrations of unmapped host memory {range:x?} failed: {e}");
+                            }
                         }
                     }))
                     .map_err(|e| e.to_string())
@@ -244,6 +171,29 @@ impl Bridge {
         self.inner.watch.as_ref().map(|_| ()).map_err(|e| e.as_str())
     }
 
+    /// Returns once every change of the address space that has already returned to its caller
+    /// (`munmap`, `mremap`, `madvise(MADV_DONTNEED)` of watched memory) has been acted on: the
+    /// keys over it revoked at the NIC. The monitor acts on its own within microseconds; call
+    /// this where a program must know it has (before reusing an address for other data, say).
+    pub fn sync_monitor(&self) -> Result<()> {
+        if self.inner.watch.is_ok() {
+            crate::uffd::sync()?;
+        }
+        Ok(())
+    }
+
+    /// Whether keys handed out are memory windows (see [`BridgeOptions::windows`]), and if not,
+    /// why.
+    pub fn key_windows(&self) -> std::result::Result<(), &'static str> {
+        if self.inner.windows {
+            Ok(())
+        } else if !self.inner.caps.mem_windows {
+            Err("the device has no type 2 memory windows: keys are the region's rkey, revoked with the whole registration")
+        } else {
+            Err("disabled by BridgeOptions::windows: keys are the region's rkey, revoked with the whole registration")
+        }
+    }
+
     /// What the host can do, as probed.
     pub fn caps(&self) -> &HostCaps {
         &self.inner.caps
@@ -254,37 +204,57 @@ impl Bridge {
         &self.inner.pd
     }
 
-    /// The cache (for inspection).
-    pub fn cache(&self) -> &RegCache<Registration> {
-        &self.inner.cache
+    /// (entries, bytes) in the registration cache.
+    pub fn cache_usage(&self) -> (usize, u64) {
+        self.inner.cache.usage()
+    }
+
+    /// The cache's limits.
+    pub fn cache_policy(&self) -> &CachePolicy {
+        self.inner.cache.policy()
     }
 
     /// Registers `len` bytes at `addr`, which must be memory of one of the bridge's backends.
     /// A cached registration covering the range with at least `access` is reused.
     ///
-    /// Safe because the backend tells the bridge before freeing that memory, and the free
-    /// waits until the registration is gone and no [`Registered`] of it is left.
+    /// Safe because the memory cannot go without the bridge revoking the registration first:
+    /// the backend tells the bridge before it frees the memory, and the free waits until every
+    /// key over it is refused by the NIC and the region is deregistered. A [`Registered`] that
+    /// outlives its memory is dead: its operations fail with [`Error::Revoked`].
     pub fn register(&self, addr: u64, len: u64, access: AccessFlags) -> Result<Registered> {
-        let mut found = None;
-        for b in &self.inner.backends {
-            if let Some(info) = b.identify(addr)? {
-                found = Some((b.clone(), info));
-                break;
+        check_range(addr, len)?;
+        for _ in 0..RACE_RETRIES {
+            let epoch = self.inner.cache.epoch();
+            let (backend, info) = self.identify(addr)?;
+            info.check(addr - info.base, len)?;
+            let domain = Domain::Alloc(info.key);
+            let access = access | AccessFlags::LOCAL_WRITE;
+            if let Some(handle) = self.inner.cache.lookup(domain, addr..addr + len, access.bits()) {
+                return Ok(Registered { handle, addr, len });
+            }
+            // A miss: be told before this allocation goes, then make sure it did not go before
+            // we listened (its free takes it out of the backend's table before it notifies).
+            self.subscribe(&backend, info.key, info.len);
+            let (_, again) = self.identify(addr)?;
+            if again.key != info.key {
+                continue;
+            }
+            self.note_allocation(&info);
+            let kind = MemoryKind::Backend(backend.kind());
+            if let Some(r) = self.register_in(epoch, domain, kind, Some(backend), addr, len, access)? {
+                return Ok(r);
             }
         }
-        let (backend, info) = found.ok_or(Error::NotBackendMemory(addr))?;
-        info.check(addr - info.base, len)?;
-        let domain = Domain::Alloc(info.key);
-        self.register_in(domain, MemoryKind::Backend(backend.kind()), Some((backend, info)), addr, len, access)
+        Err(Error::Raced(RACE_RETRIES))
     }
 
     /// Registers host memory no backend owns (a `Vec`, an mmap).
     ///
     /// Where the userfaultfd monitor runs ([`Bridge::host_monitor`]), the range is watched:
-    /// `munmap`, `mremap` or `madvise(MADV_DONTNEED)` of it drop its registrations by
-    /// themselves, so a later mapping at the same address is never reached through the old
-    /// key. Watching needs anonymous or shared memory (not a file mapping): other memory is
-    /// refused with [`Error::Monitor`].
+    /// `munmap`, `mremap` or `madvise(MADV_DONTNEED)` of it revoke its registrations by
+    /// themselves (keys refused by the NIC, handles dead), within the monitor's latency
+    /// ([`Bridge::sync_monitor`] waits for it). Watching needs anonymous or shared memory
+    /// (not a file mapping): other memory is refused with [`Error::Monitor`].
     ///
     /// # Safety
     /// The range must be mapped when registered. Without the monitor, [`Bridge::invalidate_host`]
@@ -292,57 +262,144 @@ impl Bridge {
     /// Memory a peer may write must not be read through Rust references that assume it does
     /// not change.
     pub unsafe fn register_host(&self, addr: u64, len: u64, access: AccessFlags) -> Result<Registered> {
-        if self.inner.watch.is_ok() && len > 0 {
-            crate::uffd::watch(addr..addr + len)?;
+        check_range(addr, len)?;
+        let access = access | AccessFlags::LOCAL_WRITE;
+        for _ in 0..RACE_RETRIES {
+            let epoch = self.inner.cache.epoch();
+            // The hit path first: a cached range is already watched.
+            if let Some(handle) = self.inner.cache.lookup(Domain::HostVa, addr..addr + len, access.bits()) {
+                return Ok(Registered { handle, addr, len });
+            }
+            if self.inner.watch.is_ok() {
+                crate::uffd::watch(addr..addr + len)?;
+            }
+            if let Some(r) = self.register_in(epoch, Domain::HostVa, MemoryKind::Host, None, addr, len, access)? {
+                return Ok(r);
+            }
         }
-        self.register_in(Domain::HostVa, MemoryKind::Host, None, addr, len, access)
+        Err(Error::Raced(RACE_RETRIES))
     }
 
-    /// Host memory at `range` is going away: deregisters what covers it, after in-flight work
-    /// on it finishes. Returns how many registrations were dropped.
+    /// Host memory at `range` is going away: revokes what covers it (keys refused by the NIC,
+    /// regions deregistered, handles dead), after in-flight operations on it finish. Returns
+    /// how many registrations were revoked.
     pub fn invalidate_host(&self, range: Range<u64>) -> Result<usize> {
-        self.inner
-            .cache
-            .invalidate(Domain::HostVa, range, self.inner.invalidate_timeout)
-            .map_err(Error::InvalidationTimedOut)
+        if range.start > range.end {
+            return Err(Error::InvalidArgument(format!("reversed range {:#x}..{:#x}", range.start, range.end)));
+        }
+        let (n, r) = self.inner.invalidate(Domain::HostVa, range);
+        r.map(|()| n)
     }
 
-    /// Registers `addr..addr+len` of `domain`; `alloc` is the backend and allocation for
-    /// backend memory (None for host VA memory).
+    /// An allocator freed `len` bytes at `addr` without the bridge being told (PyTorch's caching
+    /// allocator calling `cudaFree`, another library's `munmap`): revokes every registration
+    /// over it, of host memory and of any backend allocation recorded there. Returns how many.
+    pub fn report_free(&self, addr: u64, len: u64) -> Result<usize> {
+        let end = check_range(addr, len)?;
+        let keys: Vec<AllocationKey> = {
+            let allocs = self.inner.allocs.lock().unwrap_or_else(|e| e.into_inner());
+            allocs.range(..end).filter(|(&b, (_, l))| b.saturating_add(*l) > addr).map(|(_, (k, _))| *k).collect()
+        };
+        let (mut n, mut r) = self.inner.invalidate(Domain::HostVa, addr..end);
+        for k in keys {
+            let (m, rk) = self.inner.invalidate(Domain::Alloc(k), 0..u64::MAX);
+            n += m;
+            r = r.and(rk);
+        }
+        r.map(|()| n)
+    }
+
+    /// Hands `range` (offsets within `reg`) to the peer at the other end of `conn`, and
+    /// returns the key to send it. With memory windows ([`Bridge::key_windows`]) the key
+    /// reaches exactly `range`, only over `conn`, with the remote rights `reg` was registered
+    /// with; it is refused by the NIC once the memory goes or [`Bridge::revoke_key`] is called.
+    ///
+    /// For bounce registrations the key names the staging buffer: the owner calls
+    /// [`Bridge::publish`] before peers read and [`Bridge::flush`] after they write.
+    pub fn hand_out(&self, conn: &Connection, reg: &Registered, range: Range<u64>) -> Result<RemoteKey> {
+        let access = AccessFlags::from_bits_truncate(reg.handle.access());
+        self.inner.keys.hand_out(&self.inner.pd, conn, reg, range, access, self.inner.completion_timeout)
+    }
+
+    /// `Ok` while a key this bridge handed out still reaches its memory; [`Error::StaleKey`]
+    /// once it was revoked (memory freed, unmapped or invalidated, or the key revoked).
+    pub fn check_key(&self, key: &RemoteKey) -> Result<()> {
+        self.inner.keys.check(key)
+    }
+
+    /// Revokes one key handed out with memory windows: the NIC refuses it from the moment this
+    /// returns. Other keys of the same registration stay valid.
+    pub fn revoke_key(&self, key: &RemoteKey) -> Result<()> {
+        self.inner.keys.revoke(key)
+    }
+
+    fn identify(&self, addr: u64) -> Result<(Arc<dyn MemoryBackend>, AllocationInfo)> {
+        for b in &self.inner.backends {
+            if let Some(info) = b.identify(addr)? {
+                return Ok((b.clone(), info));
+            }
+        }
+        Err(Error::NotBackendMemory(addr))
+    }
+
+    /// Records where an allocation lives; one recorded before over the same addresses was
+    /// freed behind our back (its notice never reached us): its registrations are revoked.
+    fn note_allocation(&self, info: &AllocationInfo) {
+        let stale: Vec<AllocationKey> = {
+            let mut allocs = self.inner.allocs.lock().unwrap_or_else(|e| e.into_inner());
+            let end = info.base.saturating_add(info.len);
+            let over: Vec<u64> = allocs
+                .range(..end)
+                .filter(|(&b, (k, l))| b.saturating_add(*l) > info.base && *k != info.key)
+                .map(|(&b, _)| b)
+                .collect();
+            let stale = over.iter().filter_map(|b| allocs.remove(b)).map(|(k, _)| k).collect();
+            allocs.insert(info.base, (info.key, info.len));
+            stale
+        };
+        for k in stale {
+            if let (_, Err(e)) = self.inner.invalidate(Domain::Alloc(k), 0..u64::MAX) {
+                eprintln!("p2pbridge: revoking registrations of a freed allocation failed: {e}");
+            }
+        }
+    }
+
+    /// Registers `addr..addr+len` of `domain` (a miss that began at `epoch`); `backend` is the
+    /// memory's backend (None for host VA memory). `Ok(None)`: an invalidation ran meanwhile,
+    /// the registration was revoked, try again.
+    #[allow(clippy::too_many_arguments)]
     fn register_in(
         &self,
+        epoch: u64,
         domain: Domain,
         kind: MemoryKind,
-        alloc: Option<(Arc<dyn MemoryBackend>, p2pbridge_gpu::AllocationInfo)>,
+        backend: Option<Arc<dyn MemoryBackend>>,
         addr: u64,
         len: u64,
         access: AccessFlags,
-    ) -> Result<Registered> {
-        if len == 0 {
-            return Err(Error::InvalidArgument("cannot register 0 bytes".into()));
-        }
-        let access = access | AccessFlags::LOCAL_WRITE;
+    ) -> Result<Option<Registered>> {
         let range = addr..addr + len;
         if let Some(handle) = self.inner.cache.lookup(domain, range.clone(), access.bits()) {
-            return Ok(Registered { handle, addr, len });
+            return Ok(Some(Registered { handle, addr, len }));
         }
-        // A miss: make sure the backend tells us before this allocation goes away (once per
-        // allocation; the hit path above needs no subscription lookup).
-        let backend = alloc.map(|(b, info)| {
-            self.subscribe(&b, info.key, info.len);
-            b
-        });
-        let reg_range = self.inner.cache.merged_range(domain, range.clone(), access.bits());
+        let reg_range = self.inner.cache.merged_range(domain, range, access.bits());
         let device = backend.as_ref().map(|b| b.device()).unwrap_or(0);
         let reg = self.try_strategies(kind, backend, reg_range.clone(), access)?;
-        let cost = match reg.strategy {
+        let cost = match reg.strategy() {
             Strategy::DmaBuf | Strategy::PeerMem => Cost::Exported { device },
             Strategy::PinnedHost | Strategy::Bounce => Cost::Pinned,
             Strategy::Odp => Cost::Unpinned,
         };
-        let ins = self.inner.cache.insert(domain, reg_range, access.bits(), cost, reg)?;
-        drop(ins.removed);
-        Ok(Registered { handle: ins.handle, addr, len })
+        match self.inner.cache.insert_since(epoch, domain, reg_range, access.bits(), cost, reg)? {
+            Ok(ins) => {
+                drop(ins.removed);
+                Ok(Some(Registered { handle: ins.handle, addr, len }))
+            }
+            Err(stale) => {
+                stale.revoke()?;
+                Ok(None)
+            }
+        }
     }
 
     fn try_strategies(
@@ -355,8 +412,17 @@ impl Bridge {
         let ops = ops_for(access);
         let p = plan(kind, ops, &self.inner.policy, &self.inner.caps);
         let mut skipped = p.skipped;
-        let len = (range.end - range.start) as usize;
+        let len = usize::try_from(range.end - range.start)
+            .map_err(|_| Error::InvalidArgument(format!("{} bytes do not fit this address space", range.end - range.start)))?;
         let pd = &self.inner.pd;
+        let windowed = self.inner.windows;
+        // With windows, the region itself grants no remote rights: only windows reach it.
+        let mr_access = if windowed {
+            (access & !(AccessFlags::REMOTE_READ | AccessFlags::REMOTE_WRITE | AccessFlags::REMOTE_ATOMIC))
+                | AccessFlags::MW_BIND
+        } else {
+            access
+        };
         for s in p.candidates {
             let attempt: Result<(Mr, Option<p2pbridge_gpu::DmaBufExport>)> = match s {
                 Strategy::DmaBuf => {
@@ -367,36 +433,44 @@ impl Bridge {
                             continue;
                         }
                         // SAFETY: the exporter keeps the memory valid until it notifies us
-                        // (the backend's notices, which deregister before the free).
-                        Ok(x) => unsafe { pd.register_dmabuf(x.fd(), x.offset(), len, range.start, access) }
+                        // (the backend's notices), and a notice revokes the registration —
+                        // windows, then the region — before it is acknowledged.
+                        Ok(x) => unsafe { pd.register_dmabuf(x.fd(), x.offset(), len, range.start, mr_access) }
                             .map(|m| (Mr::Direct(m), Some(x)))
                             .map_err(Error::from),
                     }
                 }
                 Strategy::PeerMem | Strategy::PinnedHost => {
-                    // SAFETY: backend memory is deregistered (via its notices) before it is
-                    // freed; host VA memory is the caller's `register_host` contract.
-                    unsafe { pd.register_raw(range.start as *mut u8, len, access) }
+                    // SAFETY: backend memory is revoked (deregistered) through its notices
+                    // before it is freed; host VA memory is the caller's `register_host`
+                    // contract, and its unmapping revokes through the monitor.
+                    unsafe { pd.register_raw(range.start as *mut u8, len, mr_access) }
                         .map(|m| (Mr::Direct(m), None))
                         .map_err(Error::from)
                 }
                 Strategy::Odp => {
                     // SAFETY: as for pinned registrations above; ODP pins nothing, and the
                     // kernel's MMU notifier also drops pages that are unmapped.
-                    unsafe { pd.register_raw(range.start as *mut u8, len, access | AccessFlags::ON_DEMAND) }
+                    unsafe { pd.register_raw(range.start as *mut u8, len, mr_access | AccessFlags::ON_DEMAND) }
                         .map(|m| (Mr::Direct(m), None))
                         .map_err(Error::from)
                 }
+                Strategy::Bounce if backend.is_none() => {
+                    skipped.push((
+                        s,
+                        SkipReason::NotForThisMemory {
+                            applies_to: "memory of a backend (plain host memory has none to copy staging with)",
+                        },
+                    ));
+                    continue;
+                }
                 Strategy::Bounce => HostBuffer::new(len)
-                    .and_then(|b| pd.register(b, access))
+                    .and_then(|b| pd.register(b, mr_access))
                     .map(|m| (Mr::Bounce(m), None))
                     .map_err(Error::from),
             };
             match attempt {
-                Ok((mr, export)) => {
-                    LIVE.fetch_add(1, Ordering::SeqCst);
-                    return Ok(Registration { strategy: s, skipped, mr, backend: backend.clone(), _export: export });
-                }
+                Ok((mr, export)) => return Ok(Registration::new(s, skipped, windowed, backend.clone(), mr, export)),
                 Err(e) => skipped.push((s, SkipReason::Failed { error: e.to_string() })),
             }
         }
@@ -404,197 +478,29 @@ impl Bridge {
     }
 
     /// Subscribes (once per allocation) to the backend's notices: before the allocation is
-    /// freed, its registrations are removed, in-flight work on them is waited for, and they are
-    /// deregistered; then the notice is acknowledged.
+    /// freed, its registrations are revoked, then the notice is acknowledged.
     fn subscribe(&self, backend: &Arc<dyn MemoryBackend>, key: AllocationKey, len: u64) {
         let mut subs = self.inner.subs.lock().unwrap_or_else(|e| e.into_inner());
         if subs.contains_key(&key) {
             return;
         }
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
-        let sub = backend.notices().subscribe(key, 0..len, move |notice| {
-            if let Some(inner) = weak.upgrade() {
-                let _ = inner.cache.invalidate(Domain::Alloc(notice.key), 0..u64::MAX, inner.invalidate_timeout);
-                if notice.reason == p2pbridge_gpu::InvalidationReason::Free {
-                    inner.subs.lock().unwrap_or_else(|e| e.into_inner()).remove(&notice.key);
-                }
-            }
-            notice.ack();
+        let sub = backend.notices().subscribe(key, 0..len, move |notice| match weak.upgrade() {
+            Some(inner) => inner.on_notice(notice),
+            // The bridge is gone, and revoked everything it had when it went.
+            None => notice.ack(),
         });
         subs.insert(key, sub);
     }
+}
 
-    /// Records that `key` was handed to a peer, so that [`Bridge::check_key`] can refuse it
-    /// once stale. Returns the key.
-    pub fn hand_out(&self, reg: &Registered, range: Range<u64>) -> Result<RemoteKey> {
-        let k = reg.remote_key(range)?;
-        let mut handed = self.inner.handed_out.lock().unwrap_or_else(|e| e.into_inner());
-        // Keys of invalidated registrations are forgotten once the record outgrows the cache,
-        // so a process that churns buffers does not grow it without bound (amortized O(1)).
-        if handed.len() >= 2 * self.inner.cache.usage().0 + 64 {
-            handed.retain(|&g, (d, r)| self.inner.cache.is_live(*d, r.clone(), g));
-        }
-        handed.insert(k.generation, (reg.handle.domain(), reg.handle.range()));
-        Ok(k)
+/// `addr + len`, or why not: a registration needs 1 byte at least and may not wrap.
+fn check_range(addr: u64, len: u64) -> Result<u64> {
+    if len == 0 {
+        return Err(Error::InvalidArgument("cannot register 0 bytes".into()));
     }
-
-    /// Refuses a descriptor this bridge handed out whose registration has since been
-    /// invalidated (its generation is gone).
-    pub fn check_key(&self, key: &RemoteKey) -> Result<()> {
-        let handed = self.inner.handed_out.lock().unwrap_or_else(|e| e.into_inner());
-        let Some((domain, range)) = handed.get(&key.generation).cloned() else {
-            return Err(Error::StaleKey {
-                generation: key.generation,
-                why: "not a key this bridge handed out, or one invalidated and forgotten since",
-            });
-        };
-        drop(handed);
-        if self.inner.cache.is_live(domain, range, key.generation) {
-            Ok(())
-        } else {
-            self.inner.handed_out.lock().unwrap_or_else(|e| e.into_inner()).remove(&key.generation);
-            Err(Error::StaleKey {
-                generation: key.generation,
-                why: "its registration was invalidated (memory freed or remapped)",
-            })
-        }
-    }
-
-    /// RDMA WRITE of `len` bytes at `offset` of `local` to `remote` at `remote_offset`, waiting
-    /// for the completion. Bounce registrations copy device -> staging first.
-    pub fn write(
-        &self,
-        conn: &Connection,
-        local: &Registered,
-        offset: u64,
-        len: u64,
-        remote: &RemoteKey,
-        remote_offset: u64,
-    ) -> Result<()> {
-        self.stage_in(local, offset, len)?;
-        let rs = remote.slice(remote_offset, len)?;
-        conn.qp().post_write(0, &local.local(offset, len)?, &rs, SendFlags::SIGNALED)?;
-        conn.send_cq().wait_one(self.inner.invalidate_timeout)?;
-        Ok(())
-    }
-
-    /// RDMA READ of `len` bytes from `remote` at `remote_offset` into `local` at `offset`,
-    /// waiting for the completion. Bounce registrations copy staging -> device after.
-    pub fn read(
-        &self,
-        conn: &Connection,
-        local: &Registered,
-        offset: u64,
-        len: u64,
-        remote: &RemoteKey,
-        remote_offset: u64,
-    ) -> Result<()> {
-        let rs = remote.slice(remote_offset, len)?;
-        conn.qp().post_read(0, &local.local(offset, len)?, &rs, SendFlags::SIGNALED)?;
-        conn.send_cq().wait_one(self.inner.invalidate_timeout)?;
-        if self.bounce_backend(local).is_some() {
-            self.flush_range(local, offset, len)?;
-        }
-        Ok(())
-    }
-
-    /// SEND of `len` bytes at `offset` of `local` (with immediate data if given), waiting for
-    /// the completion. The peer must have a receive posted ([`Bridge::recv`]).
-    pub fn send(&self, conn: &Connection, local: &Registered, offset: u64, len: u64, imm: Option<u32>) -> Result<()> {
-        self.stage_in(local, offset, len)?;
-        conn.qp().post_send(0, &local.local(offset, len)?, imm, SendFlags::SIGNALED)?;
-        conn.send_cq().wait_one(self.inner.invalidate_timeout)?;
-        Ok(())
-    }
-
-    /// Posts a receive into `len` bytes at `offset` of `local` and waits (up to `timeout`) for
-    /// a message; returns its length and immediate data. Bounce registrations copy staging ->
-    /// memory after.
-    pub fn recv(
-        &self,
-        conn: &Connection,
-        local: &Registered,
-        offset: u64,
-        len: u64,
-        timeout: Duration,
-    ) -> Result<(u32, Option<u32>)> {
-        conn.qp().post_recv(0, &local.local(offset, len)?)?;
-        let wc = conn.recv_cq().wait_one(timeout)?;
-        if self.bounce_backend(local).is_some() {
-            self.flush_range(local, offset, u64::from(wc.byte_len))?;
-        }
-        Ok((wc.byte_len, wc.imm))
-    }
-
-    /// Makes what peers wrote into `reg` visible to its memory's owner: bounce registrations
-    /// copy staging -> memory; device memory gets the backend's NIC-write flush.
-    pub fn flush(&self, reg: &Registered) -> Result<FlushOutcome> {
-        if self.bounce_backend(reg).is_some() {
-            self.flush_range(reg, 0, reg.len)?;
-            return Ok(FlushOutcome::Flushed);
-        }
-        match &reg.handle.value().backend {
-            Some(b) => Ok(b.flush_nic_writes()?),
-            None => Ok(FlushOutcome::NotNeeded("host memory: a completion already orders the NIC's writes")),
-        }
-    }
-
-    /// Before peers RDMA READ a bounce registration: copies memory -> staging. (No-op for
-    /// direct registrations.)
-    pub fn publish(&self, reg: &Registered) -> Result<()> {
-        self.stage_in(reg, 0, reg.len)
-    }
-
-    /// For a bounce registration: copies `len` bytes at `offset` of the memory into its
-    /// staging buffer (no-op for direct registrations).
-    fn stage_in(&self, reg: &Registered, offset: u64, len: u64) -> Result<()> {
-        if let Some(b) = self.bounce_backend(reg) {
-            let mut tmp = vec![0u8; len as usize];
-            // SAFETY: `reg` holds its cache entry, so the allocation cannot be freed during the
-            // copy (its free waits for the entry's invalidation).
-            unsafe { b.copy_from_addr(reg.addr + offset, &mut tmp) }?;
-            self.write_staging(reg, reg.entry_offset() + offset, &tmp)?;
-        }
-        Ok(())
-    }
-
-    fn flush_range(&self, reg: &Registered, offset: u64, len: u64) -> Result<()> {
-        let b = self.bounce_backend(reg).ok_or_else(|| Error::InvalidArgument("not a bounce registration".into()))?;
-        let start = (reg.entry_offset() + offset) as usize;
-        let data = match &reg.handle.value().mr {
-            Mr::Bounce(m) => m.as_slice()[start..start + len as usize].to_vec(),
-            Mr::Direct(_) => return Ok(()),
-        };
-        // SAFETY: `reg` holds its cache entry (see `write`).
-        unsafe { b.copy_to_addr(reg.addr + offset, &data) }?;
-        Ok(())
-    }
-
-    fn bounce_backend<'r>(&self, reg: &'r Registered) -> Option<&'r Arc<dyn MemoryBackend>> {
-        let v = reg.handle.value();
-        match (&v.mr, &v.backend) {
-            (Mr::Bounce(_), Some(b)) => Some(b),
-            _ => None,
-        }
-    }
-
-    /// Writes `data` into the staging buffer of a bounce registration at `at` (an offset in
-    /// the cache entry's range).
-    fn write_staging(&self, reg: &Registered, at: u64, data: &[u8]) -> Result<()> {
-        match &reg.handle.value().mr {
-            Mr::Bounce(m) => {
-                if at.checked_add(data.len() as u64).is_none_or(|e| e > m.len()) {
-                    return Err(Error::OutOfBounds { offset: at, len: data.len() as u64, size: m.len() });
-                }
-                // SAFETY: within the staging mapping (checked); its pointer is the mmap's own.
-                // Concurrent operations on one registration's same bytes are the caller's to
-                // avoid, as for any RDMA buffer.
-                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), m.raw_ptr().add(at as usize), data.len()) };
-                Ok(())
-            }
-            Mr::Direct(_) => Err(Error::InvalidArgument("not a bounce registration".into())),
-        }
-    }
+    addr.checked_add(len)
+        .ok_or_else(|| Error::InvalidArgument(format!("{len} bytes at {addr:#x} wrap around the address space")))
 }
 
 /// The RC operations an access set implies, for ODP capability checks.

@@ -10,10 +10,15 @@
 //! - Entries of one (domain, access) never overlap: an insert that overlaps or touches
 //!   existing entries replaces them with one entry covering the union (the caller registers
 //!   that union), where [`CachePolicy::merge`] allows.
-//! - A [`Handle`] keeps its entry (and so its registration) alive: in-flight work holds one.
-//!   Removing an entry (eviction, replacement, invalidation) drops the cache's reference; the
-//!   registration is released when the last handle goes. [`RegCache::invalidate`] waits for
-//!   those handles, so memory is released only after every user of it is done.
+//! - A [`Handle`] keeps its entry alive. Eviction takes only entries no handle holds.
+//!   Replacement by a merged entry *retires* the old ones: out of the index (no more hits), but
+//!   still found by [`RegCache::remove_overlapping`] while a handle holds them, so that
+//!   invalidating a range reaches every registration over it, held or not.
+//! - The cache never waits for handles: [`RegCache::remove_overlapping`] hands the entries over
+//!   to the caller, who revokes them (the bridge deregisters at once; its handles turn dead).
+//! - An *epoch* counts invalidations, so that a registration made on a cache miss is inserted
+//!   only if no invalidation ran since the miss began ([`RegCache::insert_since`]): a free that
+//!   races a registration is never missed.
 
 use std::collections::BTreeMap;
 
@@ -22,7 +27,6 @@ use std::hash::Hash;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{Duration, Instant};
 
 /// Where a range lives: one allocation of a backend, or the process's host address space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -126,6 +130,8 @@ struct Index<V> {
     bytes: u64,
     /// Bytes per cost class (Unpinned included).
     by_cost: HashMap<Cost, u64>,
+    /// Entries replaced by a merged entry while they may still be held; pruned once unheld.
+    retired: Vec<Arc<Entry<V>>>,
 }
 
 /// Usage counts an insert would lead to, for the limit checks.
@@ -198,6 +204,8 @@ pub struct Inserted<V> {
 /// The cache. See the module documentation.
 pub struct RegCache<V> {
     index: RwLock<Index<V>>,
+    /// Bumped by every [`remove_overlapping`](RegCache::remove_overlapping), under the write lock.
+    epoch: AtomicU64,
     clock: AtomicU64,
     next_generation: AtomicU64,
     policy: CachePolicy,
@@ -207,7 +215,14 @@ impl<V> RegCache<V> {
     /// An empty cache.
     pub fn new(policy: CachePolicy) -> Self {
         RegCache {
-            index: RwLock::new(Index { maps: HashMap::default(), entries: 0, bytes: 0, by_cost: HashMap::default() }),
+            index: RwLock::new(Index {
+                maps: HashMap::default(),
+                entries: 0,
+                bytes: 0,
+                by_cost: HashMap::default(),
+                retired: Vec::new(),
+            }),
+            epoch: AtomicU64::new(0),
             clock: AtomicU64::new(1),
             next_generation: AtomicU64::new(1),
             policy,
@@ -279,6 +294,46 @@ impl<V> RegCache<V> {
         cost: Cost,
         value: V,
     ) -> Result<Inserted<V>, CacheFull> {
+        match self.insert_inner(None, domain, range, access, cost, value)? {
+            Ok(ins) => Ok(ins),
+            Err(_) => unreachable!("an insert without an epoch is never stale"),
+        }
+    }
+
+    /// The current epoch: read it before a cache miss starts its registration, and pass it
+    /// to [`insert_since`](Self::insert_since).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// [`insert`](Self::insert), but only if no invalidation ran since `epoch` was read:
+    /// otherwise `Ok(Err(value))` gives the registration back (its memory may be gone; the
+    /// caller drops it and tries again).
+    pub fn insert_since(
+        &self,
+        epoch: u64,
+        domain: Domain,
+        range: Range<u64>,
+        access: u32,
+        cost: Cost,
+        value: V,
+    ) -> Result<Result<Inserted<V>, V>, CacheFull> {
+        self.insert_inner(Some(epoch), domain, range, access, cost, value)
+    }
+
+    fn insert_inner(
+        &self,
+        since: Option<u64>,
+        domain: Domain,
+        range: Range<u64>,
+        access: u32,
+        cost: Cost,
+        value: V,
+    ) -> Result<Result<Inserted<V>, V>, CacheFull> {
+        let mut idx = self.write();
+        if since.is_some_and(|e| e != self.epoch.load(Ordering::SeqCst)) {
+            return Ok(Err(value));
+        }
         let len = range.end.saturating_sub(range.start);
         let entry = Arc::new(Entry {
             domain,
@@ -289,7 +344,6 @@ impl<V> RegCache<V> {
             last_use: AtomicU64::new(self.clock.fetch_add(1, Ordering::Relaxed)),
             value,
         });
-        let mut idx = self.write();
         let slot = (domain, access);
         // Entries the new one replaces (merged into it).
         let merged: Vec<Arc<Entry<V>>> = match idx.slot(slot) {
@@ -374,41 +428,48 @@ impl<V> RegCache<V> {
             }
         }
         let merged: Vec<u64> = merged.iter().map(|e| e.range.start).collect();
-        let mut removed: Vec<Handle<V>> = merged.into_iter().filter_map(|s| idx.remove(slot, s)).collect();
+        let replaced: Vec<Handle<V>> = merged.into_iter().filter_map(|s| idx.remove(slot, s)).collect();
+        // Unheld retired entries are done with; the replaced ones are retired (the caller drops
+        // its copies, and the next prune lets the unheld ones go).
+        let mut removed = prune_retired(&mut idx.retired);
+        idx.retired.extend(replaced.iter().cloned());
+        removed.extend(replaced);
         removed.extend(evict.into_iter().filter_map(|(vslot, s)| idx.remove(vslot, s)));
         idx.insert(entry.clone());
-        Ok(Inserted { handle: entry, removed })
+        Ok(Ok(Inserted { handle: entry, removed }))
     }
 
-    /// Removes every entry of `domain` overlapping `range` and returns them: the memory is
-    /// about to go. Use [`invalidate`](Self::invalidate) to also wait for their users.
+    /// Removes every entry of `domain` overlapping `range` — indexed ones, and retired ones
+    /// still held — and returns them: the memory is about to go, and the caller revokes them.
+    /// Bumps the epoch (see [`insert_since`](Self::insert_since)).
     pub fn remove_overlapping(&self, domain: Domain, range: Range<u64>) -> Vec<Handle<V>> {
         let mut idx = self.write();
+        self.epoch.fetch_add(1, Ordering::SeqCst);
         let victims: Vec<(u32, u64)> = match idx.maps.get(&domain) {
             Some(by) => by.iter().flat_map(|(&a, m)| overlapping(m, &range).map(move |e| (a, e.range.start))).collect(),
             None => Vec::new(),
         };
-        victims.into_iter().filter_map(|(a, start)| idx.remove((domain, a), start)).collect()
+        let mut gone: Vec<Handle<V>> =
+            victims.into_iter().filter_map(|(a, start)| idx.remove((domain, a), start)).collect();
+        let (hit, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut idx.retired)
+            .into_iter()
+            .partition(|e| e.domain == domain && e.range.start < range.end && range.start < e.range.end);
+        idx.retired = kept;
+        gone.extend(hit);
+        gone
     }
 
-    /// Removes the entries of `domain` overlapping `range`, then waits (up to `timeout`) until
-    /// no handle to them remains, and drops them — releasing their registrations — before
-    /// returning. Returns how many there were, or the ones still in use at the deadline
-    /// (which are released when their last handle goes).
-    pub fn invalidate(&self, domain: Domain, range: Range<u64>, timeout: Duration) -> Result<usize, usize> {
-        let mut gone = self.remove_overlapping(domain, range);
-        let n = gone.len();
-        let deadline = Instant::now() + timeout;
-        loop {
-            gone.retain(|e| Arc::strong_count(e) > 1);
-            if gone.is_empty() {
-                return Ok(n);
-            }
-            if Instant::now() >= deadline {
-                return Err(gone.len());
-            }
-            std::thread::sleep(Duration::from_micros(50));
-        }
+    /// Removes every entry (indexed and retired) and returns them, for the caller to revoke.
+    pub fn drain(&self) -> Vec<Handle<V>> {
+        let mut idx = self.write();
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        let mut all: Vec<Handle<V>> = std::mem::take(&mut idx.retired);
+        let maps = std::mem::take(&mut idx.maps);
+        all.extend(maps.into_values().flat_map(|by| by.into_values().flat_map(|m| m.into_values())));
+        idx.entries = 0;
+        idx.bytes = 0;
+        idx.by_cost.clear();
+        all
     }
 
     /// Every entry (for inspection and tests), in no particular order.
@@ -427,6 +488,13 @@ impl<V> RegCache<V> {
             })
         })
     }
+}
+
+/// Takes the retired entries no handle holds any more out of `retired`.
+fn prune_retired<V>(retired: &mut Vec<Arc<Entry<V>>>) -> Vec<Arc<Entry<V>>> {
+    let (done, held): (Vec<_>, Vec<_>) = std::mem::take(retired).into_iter().partition(|e| Arc::strong_count(e) == 1);
+    *retired = held;
+    done
 }
 
 /// Entries of `m` that overlap `r`.
@@ -536,21 +604,42 @@ mod tests {
     }
 
     #[test]
-    fn invalidate_waits_for_handles_then_releases() {
-        let c = std::sync::Arc::new(cache(10));
-        let h = c.insert(Domain::HostVa, 0..100, 1, Cost::Unpinned, "x").unwrap().handle;
-        let gen = h.generation();
-        let t = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            drop(h);
-        });
-        let start = Instant::now();
-        assert_eq!(c.invalidate(Domain::HostVa, 50..60, Duration::from_secs(5)), Ok(1));
-        assert!(start.elapsed() >= Duration::from_millis(40), "invalidate returned while a handle was held");
-        assert!(!c.is_live(Domain::HostVa, 0..100, gen));
-        t.join().unwrap();
-        let h2 = c.insert(Domain::HostVa, 0..100, 1, Cost::Unpinned, "y").unwrap().handle;
-        assert_eq!(c.invalidate(Domain::HostVa, 0..1, Duration::from_millis(10)), Err(1));
-        drop(h2);
+    fn held_entries_merged_away_are_still_found_by_invalidation() {
+        // Hold 0..4096, register 4096..8192 (merged into 0..8192): invalidating everything must
+        // return the held old entry too, not only the merged one.
+        let c = cache(10);
+        let held = c.insert(Domain::HostVa, 0..4096, 1, Cost::Unpinned, "a").unwrap().handle;
+        let merged = c.merged_range(Domain::HostVa, 4096..8192, 1);
+        assert_eq!(merged, 0..8192);
+        let ins = c.insert(Domain::HostVa, merged, 1, Cost::Unpinned, "ab").unwrap();
+        drop(ins.removed);
+        assert_eq!(c.usage(), (1, 8192), "the old entry is out of the index");
+        let gone = c.remove_overlapping(Domain::HostVa, 0..u64::MAX);
+        let mut names: Vec<&str> = gone.iter().map(|e| *e.value()).collect();
+        names.sort_unstable();
+        assert_eq!(names, vec!["a", "ab"], "the held, merged-away entry must be invalidated too");
+        // Unheld retired entries are let go at the next insert.
+        drop((gone, held));
+        let x = c.insert(Domain::HostVa, 0..10, 1, Cost::Unpinned, "x").unwrap();
+        let y = c.insert(Domain::HostVa, 0..20, 1, Cost::Unpinned, "y").unwrap();
+        drop((x, y));
+        let z = c.insert(Domain::HostVa, 100..110, 1, Cost::Unpinned, "z").unwrap();
+        assert_eq!(z.removed.iter().map(|e| *e.value()).collect::<Vec<_>>(), vec!["x"], "unheld retired entries are pruned");
+    }
+
+    #[test]
+    fn an_insert_after_an_invalidation_since_the_miss_is_refused() {
+        let c = cache(10);
+        let e0 = c.epoch();
+        drop(c.remove_overlapping(Domain::HostVa, 0..100));
+        match c.insert_since(e0, Domain::HostVa, 0..100, 1, Cost::Unpinned, "late").unwrap() {
+            Err(v) => assert_eq!(v, "late"),
+            Ok(_) => panic!("a registration that raced an invalidation was inserted"),
+        }
+        assert_eq!(c.usage(), (0, 0));
+        let e1 = c.epoch();
+        assert!(c.insert_since(e1, Domain::HostVa, 0..100, 1, Cost::Unpinned, "ok").unwrap().is_ok());
+        assert_eq!(c.drain().len(), 1);
+        assert_eq!(c.usage(), (0, 0));
     }
 }

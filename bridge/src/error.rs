@@ -25,9 +25,35 @@ pub enum Error {
         /// Why it is refused.
         why: &'static str,
     },
-    /// Registrations still in use when an invalidation stopped waiting.
-    #[error("invalidation timed out with {0} registrations still in use (they are released when that work ends)")]
-    InvalidationTimedOut(usize),
+    /// The registration was revoked: its memory was freed, unmapped or invalidated, so its
+    /// handles are dead and its keys are refused by the NIC.
+    #[error("the registration was revoked (its memory was freed, unmapped or invalidated): register the memory anew")]
+    Revoked,
+    /// A memory window over a registration could not be deallocated, so its region was leaked
+    /// (kept registered) rather than deregistered.
+    #[error("a memory window over this registration could not be deallocated; its memory region is leaked, not freed")]
+    Leaked,
+    /// A work request's completion did not come in time: the queue pair was moved to the error
+    /// state and the request flushed, so the NIC no longer touches its buffers.
+    #[error("no completion for {what} within {timeout:?}: the queue pair was moved to the error state and the request flushed (is the peer alive? raise BridgeOptions::completion_timeout for slow links)")]
+    CompletionTimeout {
+        /// The operation.
+        what: &'static str,
+        /// How long it waited.
+        timeout: std::time::Duration,
+    },
+    /// The completion did not come even after the queue pair was moved to the error state: the
+    /// device no longer answers. The registration stays held (never released while the NIC may
+    /// still use it).
+    #[error("the device did not flush {what} after its queue pair was moved to the error state; its memory stays registered")]
+    DeviceStuck {
+        /// The operation.
+        what: &'static str,
+    },
+    /// A registration kept racing invalidations of the same memory (freed or unmapped while
+    /// being registered) and was given up.
+    #[error("the memory was invalidated while being registered, {0} times in a row: is it being freed or unmapped concurrently?")]
+    Raced(usize),
     /// The cache is full of registrations in use.
     #[error(transparent)]
     CacheFull(#[from] crate::cache::CacheFull),

@@ -32,12 +32,16 @@ mod bridge;
 pub mod cache;
 mod error;
 mod key;
+mod keys;
 pub mod probe;
+mod registration;
 pub mod strategy;
+mod transfer;
 mod uffd;
 
 pub use bounce::{BounceConfig, BounceEngine};
-pub use bridge::{live_registrations, Bridge, BridgeOptions, Registered, Registration};
+pub use bridge::{Bridge, BridgeOptions};
+pub use registration::{live_registrations, LocalGuard, Registered, Registration};
 pub use error::{Error, Result};
 pub use key::RemoteKey;
 pub use strategy::{HostCaps, MemoryKind, Policy, Preference, SkipReason, Strategy};

@@ -64,6 +64,8 @@ pub struct DeviceReport {
     pub dmabuf_mr: Verdict,
     /// `ibv_advise_mr` prefetch.
     pub advise_mr: Verdict,
+    /// Type 2 memory windows: keys the NIC revokes one by one, bound to one connection.
+    pub mem_windows: Verdict,
 }
 
 /// One CUDA device.
@@ -178,13 +180,16 @@ fn device_report(name: &str) -> Result<(DeviceReport, Option<HostCaps>), VerbsEr
         Verdict::no("no IBV_ODP_SUPPORT_IMPLICIT", "a NIC with implicit ODP (mlx5); rxe has none")
     };
     let odp_rc = caps.odp.rc.iter_names().map(|(n, _)| n.to_string()).collect();
-    let host_caps = active.then(|| HostCaps {
-        device: name.to_string(),
-        dmabuf: pd.dmabuf_support(),
-        peermem: PeerMem::detect(Path::new("/")),
-        odp: caps.odp,
-    });
-    Ok((DeviceReport { name: name.into(), ports, odp, odp_rc, implicit_odp, dmabuf_mr, advise_mr }, host_caps))
+    let mem_windows = if caps.mw_type2 {
+        Verdict::yes()
+    } else {
+        Verdict::no(
+            format!("no IBV_DEVICE_MEM_WINDOW_TYPE_2A/2B (max_mw {})", caps.max_mw),
+            "keys are then the region's rkey, revoked with the whole registration; mlx5 and rxe (Linux >= 5.12) have type 2 windows",
+        )
+    };
+    let host_caps = if active { Some(HostCaps::probe(&pd)?) } else { None };
+    Ok((DeviceReport { name: name.into(), ports, odp, odp_rc, implicit_odp, dmabuf_mr, advise_mr, mem_windows }, host_caps))
 }
 
 impl Report {
@@ -215,6 +220,7 @@ impl Report {
                             implicit_odp: Verdict::no("not probed", "see odp"),
                             dmabuf_mr: Verdict::no("not probed", "see odp"),
                             advise_mr: Verdict::no("not probed", "see odp"),
+                            mem_windows: Verdict::no("not probed", "see odp"),
                         }),
                     }
                 }
@@ -325,6 +331,7 @@ impl Report {
             v(&mut o, "  implicit ODP", &d.implicit_odp);
             v(&mut o, "  dma-buf MRs", &d.dmabuf_mr);
             v(&mut o, "  advise_mr prefetch", &d.advise_mr);
+            v(&mut o, "  memory windows (type 2)", &d.mem_windows);
         }
         let _ = writeln!(o, "Peer memory");
         v(&mut o, "nvidia-peermem", &self.peer_memory);

@@ -256,6 +256,8 @@ pub struct HostCaps {
     pub peermem: PeerMem,
     /// ODP caps.
     pub odp: OdpCaps,
+    /// Type 2 memory windows, for keys the NIC revokes one by one.
+    pub mem_windows: bool,
 }
 
 impl HostCaps {
@@ -267,6 +269,7 @@ impl HostCaps {
             dmabuf: pd.dmabuf_support(),
             peermem: PeerMem::detect(std::path::Path::new("/")),
             odp: caps.odp,
+            mem_windows: caps.mw_type2,
         })
     }
 }
@@ -372,6 +375,7 @@ mod tests {
                 uc: OdpTransportCaps::empty(),
                 ud: OdpTransportCaps::empty(),
             },
+            mem_windows: true,
         }
     }
 

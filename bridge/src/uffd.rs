@@ -1,84 +1,84 @@
-//! The host-memory monitor: a userfaultfd that reports when registered host ranges are
-//! unmapped (`munmap`), moved (`mremap`) or dropped (`madvise(MADV_DONTNEED)`), so the cache
-//! can drop registrations of memory that is gone — as libfabric's uffd monitor does.
+//! The host-memory monitor: a userfaultfd that reports when watched host memory is unmapped
+//! (`munmap`), moved (`mremap`) or dropped (`madvise(MADV_DONTNEED)`), so that the bridges
+//! revoke the registrations over it — as libfabric's uffd monitor does.
 //!
 //! One monitor serves the whole process (a range can be registered with one userfaultfd
-//! only); bridges subscribe to it. Ranges are registered in `UFFDIO_REGISTER_MODE_MISSING`
-//! (the only mode every kernel with the non-cooperative events has), so a fault on a missing
-//! page of a watched range is delivered here: the monitor resolves every such fault with
-//! `UFFDIO_ZEROPAGE`, which is what the kernel itself would have done for anonymous memory and
-//! for memfd/shm memory that was never written.
+//! only); bridges subscribe to it.
 //!
-//! The event thread never waits for in-flight RDMA (a faulting thread may need it): it removes
-//! the cache entries, and each registration is deregistered when its last user lets go.
-//! Until then a pinned MR keeps the *old* pages, so new memory mapped at the same address is
-//! never reachable through the old key.
+//! **It never traps the NIC.** Ranges are registered in `UFFDIO_REGISTER_MODE_WP` and nothing
+//! is ever write-protected: the registration only subscribes the memory to the non-cooperative
+//! UNMAP, REMOVE and REMAP events. Page faults — the CPU's and the NIC's ODP faults alike — are
+//! the kernel's as if the monitor were not there. (`MODE_MISSING`, which every such kernel
+//! has, would hand every fault on an untouched page to this thread, and an ODP NIC's fault is
+//! refused instead: the peer's first WRITE fails with `IBV_WC_REM_ACCESS_ERR`.) Where the
+//! kernel has no WP mode for the memory (anonymous memory needs Linux 5.7, shmem 5.19), the
+//! range is populated first (`MADV_POPULATE_WRITE`, so neither the CPU nor the NIC meets a
+//! missing page) and registered in MISSING mode; a fault that still comes is resolved with a
+//! zero page, or woken to retry, never spun on.
+//!
+//! **Whole mappings are watched.** The first range of a mapping registers the whole mapping
+//! (VMA), so watching never splits VMAs (each split range would cost two of the process's
+//! `vm.max_map_count`), and later ranges in it cost no system call.
+//!
+//! **Fork.** `UFFD_FEATURE_EVENT_FORK` is not asked for: a child's memory is not watched, and
+//! the child never waits on this process's monitor.
+//!
+//! **Latency.** `munmap` returns once this thread has *read* its event, and the revocation
+//! follows within microseconds; [`sync`] waits until every event already read is acted on.
+//! The event thread never waits for anything but operations in flight on the memory (which
+//! the NIC completes), and survives a panicking subscriber.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::os::fd::OwnedFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+
+use linux_raw_sys::general as uapi;
+use rustix::event::{EventfdFlags, PollFd, PollFlags};
+use rustix::io::Errno;
+use rustix::ioctl::{opcode, Opcode, Updater};
 
 use crate::error::{Error, Result};
 
-// From <linux/userfaultfd.h>.
-const UFFD_API: u64 = 0xAA;
-const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 1;
-const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
-const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
-const UFFDIO_API: libc::c_ulong = 0xC018_AA3F; // _IOWR(0xAA, 0x3F, struct uffdio_api)
-const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00; // _IOWR(0xAA, 0x00, struct uffdio_register)
-const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_AA01; // _IOR(0xAA, 0x01, struct uffdio_range)
-const UFFDIO_ZEROPAGE: libc::c_ulong = 0xC020_AA04; // _IOWR(0xAA, 0x04, struct uffdio_zeropage)
-const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
-const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
-const UFFD_EVENT_REMAP: u8 = 0x14;
-const UFFD_EVENT_REMOVE: u8 = 0x15;
-const UFFD_EVENT_UNMAP: u8 = 0x16;
+const UFFDIO_API: Opcode = opcode::read_write::<uapi::uffdio_api>(uapi::UFFDIO as u8, uapi::_UFFDIO_API as u8);
+const UFFDIO_REGISTER: Opcode =
+    opcode::read_write::<uapi::uffdio_register>(uapi::UFFDIO as u8, uapi::_UFFDIO_REGISTER as u8);
+const UFFDIO_UNREGISTER: Opcode =
+    opcode::read::<uapi::uffdio_range>(uapi::UFFDIO as u8, uapi::_UFFDIO_UNREGISTER as u8);
+const UFFDIO_WAKE: Opcode = opcode::read::<uapi::uffdio_range>(uapi::UFFDIO as u8, uapi::_UFFDIO_WAKE as u8);
+const UFFDIO_ZEROPAGE: Opcode =
+    opcode::read_write::<uapi::uffdio_zeropage>(uapi::UFFDIO as u8, uapi::_UFFDIO_ZEROPAGE as u8);
 
-#[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-#[repr(C)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-struct UffdioZeropage {
-    range: UffdioRange,
-    mode: u64,
-    zeropage: i64,
-}
-
-/// `struct uffd_msg`: the event byte, padding, and 24 bytes of arguments.
-#[repr(C)]
-struct UffdMsg {
-    event: u8,
-    _reserved1: u8,
-    _reserved2: u16,
-    _reserved3: u32,
-    arg: [u64; 3],
-}
+/// The events the monitor lives on. Not `EVENT_FORK` (see the module documentation).
+const FEATURES: u64 = (uapi::UFFD_FEATURE_EVENT_UNMAP | uapi::UFFD_FEATURE_EVENT_REMOVE | uapi::UFFD_FEATURE_EVENT_REMAP) as u64;
+/// Asked for where the kernel has it: WP registration of shmem (memfd) memory.
+const OPTIONAL: u64 = uapi::UFFD_FEATURE_WP_HUGETLBFS_SHMEM as u64;
+/// `sizeof(struct uffd_msg)`.
+const MSG: usize = 32;
 
 /// What a subscriber is told: this host range no longer holds the memory it registered.
 pub(crate) type OnGone = Box<dyn Fn(Range<u64>) + Send + Sync>;
 
+/// How a range is watched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Write-protect mode with nothing protected: events only, no fault ever trapped.
+    Wp,
+    /// Missing mode over populated pages (kernels without WP for the memory).
+    Missing,
+}
+
 struct Monitor {
     fd: OwnedFd,
+    /// Wakes the event thread for [`sync`].
+    wake: OwnedFd,
     subscribers: Mutex<Vec<(Weak<()>, Arc<OnGone>)>>,
+    /// Watched ranges (page-aligned, disjoint), start -> (end, mode).
+    watched: Mutex<BTreeMap<u64, (u64, Mode)>>,
+    /// (sync requests made, sync requests served).
+    sync: Mutex<(u64, u64)>,
+    synced: Condvar,
 }
 
 static MONITOR: OnceLock<std::result::Result<Arc<Monitor>, String>> = OnceLock::new();
@@ -87,34 +87,53 @@ fn page() -> u64 {
     rustix::param::page_size() as u64
 }
 
-fn ioctl<T>(fd: &OwnedFd, req: libc::c_ulong, arg: &mut T, what: &'static str) -> Result<()> {
-    // SAFETY: every request used here takes a pointer to the struct type it is called with
-    // (see the constants' definitions from <linux/userfaultfd.h>).
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), req, arg as *mut T) };
-    if rc < 0 {
-        return Err(Error::Monitor(format!("{what}: {}", std::io::Error::last_os_error())));
+fn err(what: &str, e: Errno) -> Error {
+    Error::Monitor(format!("{what}: {}", std::io::Error::from(e)))
+}
+
+fn uffd() -> std::result::Result<OwnedFd, String> {
+    // SAFETY: the descriptor is kept by this module, which registers only ranges its callers
+    // handed it and never resolves a fault with anything but a zero page or a wake.
+    unsafe {
+        rustix::mm::userfaultfd(rustix::mm::UserfaultfdFlags::CLOEXEC | rustix::mm::UserfaultfdFlags::NONBLOCK)
     }
-    Ok(())
+    .map_err(|e| {
+        format!(
+            "userfaultfd(2): {} (needs CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1 for this use; kernel >= 4.11)",
+            std::io::Error::from(e)
+        )
+    })
+}
+
+fn api(fd: &OwnedFd, features: u64) -> std::result::Result<u64, String> {
+    let mut a = uapi::uffdio_api { api: uapi::UFFD_API as u64, features, ioctls: 0 };
+    // SAFETY: UFFDIO_API takes a struct uffdio_api, read and written.
+    unsafe { rustix::ioctl::ioctl(fd, Updater::<UFFDIO_API, _>::new(&mut a)) }
+        .map_err(|e| format!("UFFDIO_API: {}", std::io::Error::from(e)))?;
+    Ok(a.features)
 }
 
 fn start() -> std::result::Result<Arc<Monitor>, String> {
-    // SAFETY: userfaultfd(2) takes flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-    if fd < 0 {
-        let e = std::io::Error::last_os_error();
+    // What the kernel offers: a first descriptor asks for nothing and is told (UFFDIO_API can
+    // be called once per descriptor).
+    let offered = api(&uffd()?, 0)?;
+    if offered & FEATURES != FEATURES {
         return Err(format!(
-            "userfaultfd(2): {e} (needs CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1 for this use; kernel >= 4.11)"
+            "this kernel's userfaultfd lacks the UNMAP/REMOVE/REMAP events (features {offered:#x}; needs Linux >= 4.11)"
         ));
     }
-    // SAFETY: a fresh fd owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let mut api = UffdioApi {
-        api: UFFD_API,
-        features: UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_REMAP,
-        ioctls: 0,
-    };
-    ioctl(&fd, UFFDIO_API, &mut api, "UFFDIO_API").map_err(|e| e.to_string())?;
-    let m = Arc::new(Monitor { fd, subscribers: Mutex::new(Vec::new()) });
+    let fd = uffd()?;
+    api(&fd, FEATURES | (offered & OPTIONAL))?;
+    let wake = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+        .map_err(|e| format!("eventfd: {}", std::io::Error::from(e)))?;
+    let m = Arc::new(Monitor {
+        fd,
+        wake,
+        subscribers: Mutex::new(Vec::new()),
+        watched: Mutex::new(BTreeMap::new()),
+        sync: Mutex::new((0, 0)),
+        synced: Condvar::new(),
+    });
     let weak = Arc::downgrade(&m);
     std::thread::Builder::new()
         .name("p2pbridge-uffd".into())
@@ -133,51 +152,91 @@ pub fn monitor_available() -> std::result::Result<(), String> {
 }
 
 fn event_loop(m: Weak<Monitor>) {
+    let mut buf = [0u8; MSG * 16];
     loop {
         let Some(m) = m.upgrade() else { return };
-        let mut pfd = libc::pollfd { fd: m.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd; a timeout lets the thread notice when the monitor is gone.
-        let n = unsafe { libc::poll(&mut pfd, 1, 1000) };
-        if n <= 0 {
-            continue;
+        {
+            let mut fds = [PollFd::new(&m.fd, PollFlags::IN), PollFd::new(&m.wake, PollFlags::IN)];
+            // A timeout lets the thread notice when the monitor is gone.
+            let _ = rustix::event::poll(&mut fds, Some(&rustix::event::Timespec { tv_sec: 1, tv_nsec: 0 }));
         }
-        let mut msg = UffdMsg { event: 0, _reserved1: 0, _reserved2: 0, _reserved3: 0, arg: [0; 3] };
-        // SAFETY: reads at most one uffd_msg (32 bytes) into `msg`, which is that size.
-        let r =
-            unsafe { libc::read(m.fd.as_raw_fd(), (&mut msg as *mut UffdMsg).cast(), std::mem::size_of::<UffdMsg>()) };
-        if r != std::mem::size_of::<UffdMsg>() as isize {
-            continue;
-        }
-        match msg.event {
-            UFFD_EVENT_PAGEFAULT => resolve_fault(&m, msg.arg[1]),
-            UFFD_EVENT_UNMAP | UFFD_EVENT_REMOVE => {
-                let (start, end) = (msg.arg[0], msg.arg[1]);
-                if msg.event == UFFD_EVENT_REMOVE {
-                    // MADV_DONTNEED: the range stays mapped; stop watching it with its old pages.
-                    let mut r = UffdioRange { start, len: end - start };
-                    let _ = ioctl(&m.fd, UFFDIO_UNREGISTER, &mut r, "UFFDIO_UNREGISTER");
-                }
-                notify(&m, start..end);
+        // Sync requests made before this drain are served by it.
+        let asked = m.sync.lock().unwrap_or_else(|e| e.into_inner()).0;
+        let mut eventfd_count = [0u8; 8];
+        let _ = rustix::io::read(&m.wake, &mut eventfd_count);
+        loop {
+            let n = match rustix::io::read(&m.fd, &mut buf) {
+                Ok(n) => n,
+                Err(Errno::INTR) => continue,
+                Err(_) => break, // EAGAIN: nothing more to read now
+            };
+            if n == 0 {
+                break;
             }
-            UFFD_EVENT_REMAP => {
-                let (from, len) = (msg.arg[0], msg.arg[2]);
-                notify(&m, from..from + len);
+            for msg in buf[..n].chunks_exact(MSG) {
+                handle(&m, msg);
             }
-            _ => {}
         }
+        let mut s = m.sync.lock().unwrap_or_else(|e| e.into_inner());
+        s.1 = s.1.max(asked);
+        m.synced.notify_all();
     }
 }
 
+fn arg(msg: &[u8], i: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&msg[8 + 8 * i..16 + 8 * i]);
+    u64::from_ne_bytes(b)
+}
+
+fn handle(m: &Monitor, msg: &[u8]) {
+    match u32::from(msg[0]) {
+        uapi::UFFD_EVENT_PAGEFAULT => resolve_fault(m, arg(msg, 1)),
+        uapi::UFFD_EVENT_UNMAP => {
+            let r = arg(msg, 0)..arg(msg, 1);
+            forget(m, &r);
+            notify(m, r);
+        }
+        uapi::UFFD_EVENT_REMOVE => {
+            let r = arg(msg, 0)..arg(msg, 1);
+            // The range stays mapped and watched (WP traps nothing); in MISSING mode its pages
+            // are missing again, so stop watching it there rather than trap the NIC.
+            let missing: Vec<Range<u64>> = {
+                let w = m.watched.lock().unwrap_or_else(|e| e.into_inner());
+                overlapping(&w, &r).filter(|(_, mode)| *mode == Mode::Missing).map(|(x, _)| x).collect()
+            };
+            for x in missing {
+                let x = x.start.max(r.start)..x.end.min(r.end);
+                let mut ur = uapi::uffdio_range { start: x.start, len: x.end - x.start };
+                // SAFETY: UFFDIO_UNREGISTER takes a struct uffdio_range.
+                let _ = unsafe { rustix::ioctl::ioctl(&m.fd, Updater::<UFFDIO_UNREGISTER, _>::new(&mut ur)) };
+                forget(m, &x);
+            }
+            notify(m, r);
+        }
+        uapi::UFFD_EVENT_REMAP => {
+            let (from, len) = (arg(msg, 0), arg(msg, 2));
+            let r = from..from.saturating_add(len);
+            forget(m, &r);
+            notify(m, r);
+        }
+        _ => {}
+    }
+}
+
+/// A fault on a missing page of a range watched in MISSING mode: resolve it with a zero page
+/// (what the kernel would have mapped), or, if the mapping is changing under it (EAGAIN: an
+/// event not read yet) or anything else fails, wake the faulting thread to fault again. Never
+/// spins: the next fault comes after this thread has read the pending event.
 fn resolve_fault(m: &Monitor, addr: u64) {
     let start = addr / page() * page();
-    loop {
-        let mut z = UffdioZeropage { range: UffdioRange { start, len: page() }, mode: 0, zeropage: 0 };
-        // SAFETY: UFFDIO_ZEROPAGE takes a uffdio_zeropage; the range is the faulting page.
-        let rc = unsafe { libc::ioctl(m.fd.as_raw_fd(), UFFDIO_ZEROPAGE, &mut z as *mut UffdioZeropage) };
-        // EAGAIN: the mapping changed under us; try again (the kernel will settle it).
-        if rc == 0 || z.zeropage != -(libc::EAGAIN as i64) {
-            return;
-        }
+    let mut z = uapi::uffdio_zeropage { range: uapi::uffdio_range { start, len: page() }, mode: 0, zeropage: 0 };
+    // SAFETY: UFFDIO_ZEROPAGE takes a struct uffdio_zeropage; the range is the faulting page.
+    let zeroed = unsafe { rustix::ioctl::ioctl(&m.fd, Updater::<UFFDIO_ZEROPAGE, _>::new(&mut z)) };
+    if zeroed.is_err() {
+        let mut r = uapi::uffdio_range { start, len: page() };
+        // SAFETY: UFFDIO_WAKE takes a struct uffdio_range.
+        let _ = unsafe { rustix::ioctl::ioctl(&m.fd, Updater::<UFFDIO_WAKE, _>::new(&mut r)) };
     }
 }
 
@@ -188,7 +247,36 @@ fn notify(m: &Monitor, range: Range<u64>) {
         s.iter().map(|(_, f)| f.clone()).collect()
     };
     for f in subs {
-        f(range.clone());
+        // One subscriber's panic must not stop the monitor (every later munmap of watched
+        // memory would then go unseen).
+        if catch_unwind(AssertUnwindSafe(|| f(range.clone()))).is_err() {
+            eprintln!("p2pbridge: a host-memory monitor subscriber panicked on {range:x?}; the monitor goes on");
+        }
+    }
+}
+
+/// Watched intervals of `w` overlapping `r`.
+fn overlapping<'a>(
+    w: &'a BTreeMap<u64, (u64, Mode)>,
+    r: &Range<u64>,
+) -> impl Iterator<Item = (Range<u64>, Mode)> + 'a {
+    let first = w.range(..=r.start).next_back().map(|(&s, _)| s).unwrap_or(r.start);
+    let (start, end) = (r.start, r.end);
+    w.range(first..end).map(|(&s, &(e, mode))| (s..e, mode)).filter(move |(x, _)| x.end > start && x.start < end)
+}
+
+/// Removes `r` from the watched set (the memory is gone from there).
+fn forget(m: &Monitor, r: &Range<u64>) {
+    let mut w = m.watched.lock().unwrap_or_else(|e| e.into_inner());
+    let hit: Vec<(Range<u64>, Mode)> = overlapping(&w, r).collect();
+    for (x, mode) in hit {
+        w.remove(&x.start);
+        if x.start < r.start {
+            w.insert(x.start, (r.start, mode));
+        }
+        if x.end > r.end {
+            w.insert(r.end, (x.end, mode));
+        }
     }
 }
 
@@ -205,17 +293,121 @@ pub(crate) fn subscribe(on_gone: OnGone) -> Result<Watch> {
     Ok(Watch { _alive: alive })
 }
 
-/// Starts watching the pages that cover `range` (idempotent for ranges already watched).
-pub(crate) fn watch(range: Range<u64>) -> Result<()> {
+/// Returns once every event the monitor has read (every `munmap`, `mremap` and
+/// `MADV_DONTNEED` of watched memory that has returned to its caller) is acted on.
+pub(crate) fn sync() -> Result<()> {
+    let m = monitor()?;
+    let want = {
+        let mut s = m.sync.lock().unwrap_or_else(|e| e.into_inner());
+        s.0 += 1;
+        s.0
+    };
+    rustix::io::write(&m.wake, &1u64.to_ne_bytes()).map_err(|e| err("eventfd write", e))?;
+    let mut s = m.sync.lock().unwrap_or_else(|e| e.into_inner());
+    while s.1 < want {
+        s = m.synced.wait(s).unwrap_or_else(|e| e.into_inner());
+    }
+    Ok(())
+}
+
+/// The mappings (from `/proc/self/maps`) that cover `r`, joined, if they are contiguous.
+fn mappings_covering(r: &Range<u64>) -> Option<Range<u64>> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let mut cover: Option<Range<u64>> = None;
+    for line in maps.lines() {
+        let (s, e) = line.split_whitespace().next()?.split_once('-')?;
+        let (s, e) = (u64::from_str_radix(s, 16).ok()?, u64::from_str_radix(e, 16).ok()?);
+        if e <= r.start || s >= r.end {
+            continue;
+        }
+        cover = match cover {
+            None if s <= r.start => Some(s..e),
+            Some(c) if c.end == s => Some(c.start..e),
+            _ => return None, // a hole
+        };
+    }
+    cover.filter(|c| c.end >= r.end)
+}
+
+fn register(m: &Monitor, r: &Range<u64>, mode: Mode) -> std::result::Result<(), Errno> {
+    let mode_bits = match mode {
+        Mode::Wp => uapi::UFFDIO_REGISTER_MODE_WP,
+        Mode::Missing => uapi::UFFDIO_REGISTER_MODE_MISSING,
+    } as u64;
+    let mut reg =
+        uapi::uffdio_register { range: uapi::uffdio_range { start: r.start, len: r.end - r.start }, mode: mode_bits, ioctls: 0 };
+    // SAFETY: UFFDIO_REGISTER takes a struct uffdio_register, read and written.
+    unsafe { rustix::ioctl::ioctl(&m.fd, Updater::<UFFDIO_REGISTER, _>::new(&mut reg)) }
+}
+
+/// Starts watching the pages that cover `range` (a no-op for ranges already watched), and
+/// says how.
+pub(crate) fn watch(range: Range<u64>) -> Result<Mode> {
+    watch_with(range, false)
+}
+
+/// [`watch`]; `force_missing` takes the path of kernels without WP mode (for tests).
+pub(crate) fn watch_with(range: Range<u64>, force_missing: bool) -> Result<Mode> {
     let m = monitor()?;
     let start = range.start / page() * page();
-    let end = range.end.div_ceil(page()) * page();
-    let mut reg = UffdioRegister {
-        range: UffdioRange { start, len: end - start },
-        mode: UFFDIO_REGISTER_MODE_MISSING,
-        ioctls: 0,
-    };
-    ioctl(&m.fd, UFFDIO_REGISTER, &mut reg, "UFFDIO_REGISTER (is the range anonymous or shared memory?)")
+    let end = range
+        .end
+        .checked_next_multiple_of(page())
+        .ok_or_else(|| Error::InvalidArgument(format!("range {range:x?} wraps around the address space")))?;
+    let pages = start..end;
+    let mut w = m.watched.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((x, mode)) = overlapping(&w, &pages).next() {
+        if x.start <= pages.start && x.end >= pages.end {
+            return Ok(mode);
+        }
+    }
+    let whole = mappings_covering(&pages).unwrap_or(pages.clone());
+    let mut tried = Vec::new();
+    if !force_missing {
+        for r in [whole.clone(), pages.clone()] {
+            match register(&m, &r, Mode::Wp) {
+                Ok(()) => {
+                    insert(&mut w, r, Mode::Wp);
+                    return Ok(Mode::Wp);
+                }
+                Err(e) => tried.push(format!("WP over {r:x?}: {}", std::io::Error::from(e))),
+            }
+        }
+    }
+    // No WP mode for this memory: populate it, so that neither the CPU nor the NIC meets a
+    // missing page, and watch it in MISSING mode.
+    let len = (pages.end - pages.start) as usize;
+    // SAFETY: MADV_POPULATE_WRITE faults the pages in as a write would, changing no contents;
+    // the caller vouches that the range is mapped.
+    let populated =
+        unsafe { rustix::mm::madvise(pages.start as *mut _, len, rustix::mm::Advice::LinuxPopulateWrite) };
+    if let Err(e) = populated {
+        tried.push(format!("MADV_POPULATE_WRITE: {}", std::io::Error::from(e)));
+        return Err(Error::Monitor(format!(
+            "cannot watch {pages:x?} without trapping the NIC's faults ({}); is it anonymous or shared memory? Without the monitor, call Bridge::invalidate_host before unmapping it",
+            tried.join("; ")
+        )));
+    }
+    register(&m, &pages, Mode::Missing).map_err(|e| {
+        err("UFFDIO_REGISTER (is the range anonymous or shared memory?)", e)
+    })?;
+    insert(&mut w, pages, Mode::Missing);
+    Ok(Mode::Missing)
+}
+
+fn insert(w: &mut BTreeMap<u64, (u64, Mode)>, r: Range<u64>, mode: Mode) {
+    // Replace whatever part of `r` was watched before (registering again re-registers it).
+    let hit: Vec<(Range<u64>, Mode)> = overlapping(w, &r).collect();
+    for (x, xm) in hit {
+        w.remove(&x.start);
+        if x.start < r.start {
+            w.insert(x.start, (r.start, xm));
+        }
+        if x.end > r.end {
+            w.insert(r.end, (x.end, xm));
+        }
+    }
+    w.insert(r.start, (r.end, mode));
 }
 
 #[cfg(test)]
@@ -237,45 +429,60 @@ mod tests {
         .expect("mmap") as u64
     }
 
-    #[test]
-    fn munmap_madvise_and_mremap_of_watched_memory_are_reported_and_faults_resolved() {
-        if let Err(why) = monitor_available() {
-            panic!("userfaultfd is needed here (root, kernel >= 4.11): {why}");
+    /// The monitor, or the reason this test cannot run (printed, and the test is skipped).
+    fn need_monitor(test: &str) -> bool {
+        match monitor_available() {
+            Ok(()) => true,
+            Err(why) => {
+                eprintln!("SKIPPED {test}: no userfaultfd here: {why}");
+                false
+            }
         }
+    }
+
+    fn events() -> (mpsc::Receiver<Range<u64>>, Watch) {
         let (tx, rx) = mpsc::channel();
         let tx = Mutex::new(tx);
-        let _w = subscribe(Box::new(move |r| {
+        let w = subscribe(Box::new(move |r| {
             let _ = tx.lock().unwrap().send(r);
         }))
         .unwrap();
-        let p = page();
-        let len = 4 * p as usize;
-        let seen = |rx: &mpsc::Receiver<Range<u64>>, want: Range<u64>| loop {
+        (rx, w)
+    }
+
+    fn seen(rx: &mpsc::Receiver<Range<u64>>, want: Range<u64>) {
+        loop {
             let r = rx.recv_timeout(Duration::from_secs(5)).expect("no event from the monitor");
             if r.start <= want.start && r.end >= want.end {
                 return;
             }
-        };
+        }
+    }
 
-        // A watched range whose pages were never touched: faults are resolved (zero pages).
+    #[test]
+    fn munmap_madvise_and_mremap_of_watched_memory_are_reported() {
+        if !need_monitor("munmap_madvise_and_mremap_of_watched_memory_are_reported") {
+            return;
+        }
+        let (rx, _w) = events();
+        let p = page();
+        let len = 4 * p as usize;
+
         let a = map(len);
-        watch(a..a + len as u64).unwrap();
-        // SAFETY: our mapping; writing and reading it must not hang.
+        assert_eq!(watch(a..a + len as u64).unwrap(), Mode::Wp, "this kernel has WP mode for anonymous memory");
+        // SAFETY: our mapping; untouched pages must not trap (WP mode protects nothing).
         unsafe {
             std::ptr::write_volatile((a + p) as *mut u8, 7);
             assert_eq!(std::ptr::read_volatile((a + p) as *const u8), 7);
             assert_eq!(std::ptr::read_volatile((a + 2 * p) as *const u8), 0);
         }
-        // madvise(MADV_DONTNEED) on part of it.
         // SAFETY: our mapping.
         unsafe { rustix::mm::madvise((a + p) as *mut _, p as usize, rustix::mm::Advice::LinuxDontNeed) }.unwrap();
         seen(&rx, a + p..a + 2 * p);
-        // munmap of the rest.
         // SAFETY: our mapping.
         unsafe { rustix::mm::munmap(a as *mut _, len) }.unwrap();
         seen(&rx, a..a + len as u64);
 
-        // mremap moves it (into a reserved range, so it must move).
         let b = map(len);
         let target = map(len);
         watch(b..b + len as u64).unwrap();
@@ -294,5 +501,142 @@ mod tests {
             assert_eq!(std::ptr::read_volatile(target as *const u8), 1);
             libc::munmap(nb, len);
         }
+    }
+
+    #[test]
+    fn sync_returns_after_the_unmap_is_acted_on() {
+        if !need_monitor("sync_returns_after_the_unmap_is_acted_on") {
+            return;
+        }
+        let acted = Arc::new(Mutex::new(Vec::new()));
+        let a2 = acted.clone();
+        let _w = subscribe(Box::new(move |r| {
+            std::thread::sleep(Duration::from_millis(20)); // a slow subscriber
+            a2.lock().unwrap().push(r);
+        }))
+        .unwrap();
+        let len = 2 * page() as usize;
+        let a = map(len);
+        watch(a..a + len as u64).unwrap();
+        // SAFETY: our mapping.
+        unsafe { rustix::mm::munmap(a as *mut _, len) }.unwrap();
+        sync().unwrap();
+        assert!(
+            acted.lock().unwrap().iter().any(|r| r.start <= a && r.end >= a + len as u64),
+            "sync returned before the monitor acted on the munmap"
+        );
+    }
+
+    #[test]
+    fn a_panicking_subscriber_does_not_stop_the_monitor() {
+        if !need_monitor("a_panicking_subscriber_does_not_stop_the_monitor") {
+            return;
+        }
+        let _bad = subscribe(Box::new(|_| panic!("a subscriber that panics"))).unwrap();
+        let (rx, _w) = events();
+        for _ in 0..2 {
+            let len = page() as usize;
+            let a = map(len);
+            watch(a..a + len as u64).unwrap();
+            // SAFETY: our mapping.
+            unsafe { rustix::mm::munmap(a as *mut _, len) }.unwrap();
+            seen(&rx, a..a + len as u64);
+        }
+    }
+
+    #[test]
+    fn ranges_in_one_mapping_share_one_registration() {
+        if !need_monitor("ranges_in_one_mapping_share_one_registration") {
+            return;
+        }
+        let count = || std::fs::read_to_string("/proc/self/maps").unwrap().lines().count();
+        let n = 64usize;
+        let len = 2 * n * page() as usize;
+        let a = map(len);
+        let before = count();
+        // Every other page: non-adjacent ranges, which would split the VMA 2n times if each
+        // were registered on its own.
+        for i in 0..n as u64 {
+            let s = a + 2 * i * page();
+            watch(s..s + page()).unwrap();
+        }
+        let after = count();
+        assert!(after <= before + 2, "watching split the mapping: {before} -> {after} mappings");
+        // SAFETY: our mapping.
+        unsafe { rustix::mm::munmap(a as *mut _, len) }.unwrap();
+    }
+
+    #[test]
+    fn forked_children_neither_hang_nor_leave_descriptors() {
+        if !need_monitor("forked_children_neither_hang_nor_leave_descriptors") {
+            return;
+        }
+        let fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+        let len = 4 * page() as usize;
+        let a = map(len);
+        watch(a..a + len as u64).unwrap();
+        let before = fds();
+        for _ in 0..4 {
+            // SAFETY: the child only touches and unmaps its copy of `a`, then _exits.
+            match unsafe { libc::fork() } {
+                0 => unsafe {
+                    std::ptr::write_volatile((a + page()) as *mut u8, 1);
+                    let _ = std::ptr::read_volatile((a + 2 * page()) as *const u8);
+                    libc::munmap(a as *mut _, len);
+                    libc::_exit(0);
+                },
+                pid => {
+                    assert!(pid > 0, "fork failed");
+                    let mut status = 0;
+                    let t = std::time::Instant::now();
+                    loop {
+                        // SAFETY: our own child.
+                        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+                        if r == pid {
+                            break;
+                        }
+                        if t.elapsed() > Duration::from_secs(10) {
+                            // SAFETY: our own child.
+                            unsafe { libc::kill(pid, libc::SIGKILL) };
+                            panic!("a forked child hung on watched memory");
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child failed: {status}");
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(fds(), before, "fork left descriptors behind in the parent");
+        // SAFETY: our mapping.
+        unsafe { rustix::mm::munmap(a as *mut _, len) }.unwrap();
+    }
+
+    #[test]
+    fn without_wp_the_range_is_populated_and_faults_never_hang() {
+        if !need_monitor("without_wp_the_range_is_populated_and_faults_never_hang") {
+            return;
+        }
+        let (rx, _w) = events();
+        let len = 8 * page() as usize;
+        let a = map(len);
+        assert_eq!(watch_with(a..a + len as u64, true).unwrap(), Mode::Missing);
+        // SAFETY: our mapping: reads and writes of every page complete.
+        unsafe {
+            for i in 0..8 {
+                assert_eq!(std::ptr::read_volatile((a + i * page()) as *const u8), 0);
+            }
+            std::ptr::write_volatile(a as *mut u8, 3);
+        }
+        // After MADV_DONTNEED the pages are missing again: the monitor stops watching them,
+        // and a fault there completes (the kernel's own zero page).
+        // SAFETY: our mapping.
+        unsafe { rustix::mm::madvise(a as *mut _, len, rustix::mm::Advice::LinuxDontNeed) }.unwrap();
+        seen(&rx, a..a + len as u64);
+        sync().unwrap();
+        // SAFETY: our mapping.
+        unsafe { assert_eq!(std::ptr::read_volatile(a as *const u8), 0) };
+        // SAFETY: our mapping.
+        unsafe { rustix::mm::munmap(a as *mut _, len) }.unwrap();
     }
 }

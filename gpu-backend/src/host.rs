@@ -241,9 +241,12 @@ impl MemoryBackend for HostBackend {
 
 impl Release for HostInner {
     fn release(&self, info: &AllocationInfo) -> Result<()> {
-        // Subscribers first, while the memory is still mapped.
-        self.hub.invalidate(info.key, 0..info.len, InvalidationReason::Free);
+        // Out of the table first, so that `identify` no longer finds an allocation whose
+        // subscribers are being told it goes (a registration racing the free then fails its
+        // re-identification instead of registering dying memory); then the subscribers, while
+        // the memory is still mapped.
         let a = self.allocs.write().unwrap_or_else(|e| e.into_inner()).remove(&info.base);
+        self.hub.invalidate(info.key, 0..info.len, InvalidationReason::Free);
         // SAFETY: the mapping was made by `alloc` with this base and length and is unmapped
         // once (it is no longer in the table).
         unsafe { rustix::mm::munmap(info.base as *mut libc::c_void, info.len as usize) }

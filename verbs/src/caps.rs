@@ -78,6 +78,11 @@ pub struct DeviceCaps {
     pub vendor_part_id: u32,
     /// On-Demand Paging support.
     pub odp: OdpCaps,
+    /// Type 2 memory windows (`IBV_DEVICE_MEM_WINDOW_TYPE_2A` or `_2B`): windows bound to one
+    /// QP through a work request, which can be revoked on their own.
+    pub mw_type2: bool,
+    /// Most memory windows (`max_mw`).
+    pub max_mw: u32,
 }
 
 impl DeviceCaps {
@@ -95,6 +100,8 @@ impl DeviceCaps {
             String::from_utf8_lossy(&bytes).into_owned()
         };
         let g = attr.odp_caps.general_caps;
+        let type2 = sys::ibv_device_cap_flags::IBV_DEVICE_MEM_WINDOW_TYPE_2A.0
+            | sys::ibv_device_cap_flags::IBV_DEVICE_MEM_WINDOW_TYPE_2B.0;
         let t = attr.odp_caps.per_transport_caps;
         Ok(DeviceCaps {
             fw_ver: fw,
@@ -114,6 +121,8 @@ impl DeviceCaps {
                 uc: OdpTransportCaps::from_bits_retain(t.uc_odp_caps),
                 ud: OdpTransportCaps::from_bits_retain(t.ud_odp_caps),
             },
+            mw_type2: o.device_cap_flags & type2 != 0 && o.max_mw > 0,
+            max_mw: o.max_mw.max(0) as u32,
         })
     }
 }

@@ -1,6 +1,7 @@
 //! Completion queues and work completions.
 
 use std::ptr::NonNull;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::device::Context;
@@ -115,6 +116,9 @@ impl WorkCompletion {
 pub struct CompletionQueue {
     cq: NonNull<sys::ibv_cq>,
     depth: u32,
+    /// Completions reaped by [`wait_wr`](CompletionQueue::wait_wr) for other work requests,
+    /// kept for their own waiters.
+    stash: Mutex<Vec<WorkCompletion>>,
     _ctx: Context,
 }
 
@@ -140,7 +144,7 @@ impl CompletionQueue {
         let cq = result::ptr("ibv_create_cq", unsafe {
             sys::ibv_create_cq(ctx.as_raw(), cqe, std::ptr::null_mut(), std::ptr::null_mut(), 0)
         })?;
-        Ok(CompletionQueue { cq, depth, _ctx: ctx.clone() })
+        Ok(CompletionQueue { cq, depth, stash: Mutex::new(Vec::new()), _ctx: ctx.clone() })
     }
 
     /// The raw CQ, for the `sys` layer.
@@ -172,17 +176,68 @@ impl CompletionQueue {
     }
 
     /// Waits (busy-polling) for the next completion, up to `timeout`; an error status is
-    /// returned as [`Error::WorkCompletion`].
+    /// returned as [`Error::WorkCompletion`]. Completions that [`wait_wr`](Self::wait_wr)
+    /// callers set aside come first.
     pub fn wait_one(&self, timeout: Duration) -> Result<WorkCompletion> {
         let deadline = Instant::now() + timeout;
         let mut wc = [WorkCompletion::default()];
         let mut spins = 0u32;
         loop {
+            if let Some(w) = {
+                let mut stash = self.stash.lock().unwrap_or_else(|e| e.into_inner());
+                (!stash.is_empty()).then(|| stash.remove(0))
+            } {
+                return w.ok();
+            }
             if self.poll(&mut wc)? == 1 {
                 return wc[0].ok();
             }
             spins += 1;
             if spins.is_multiple_of(1024) {
+                if Instant::now() >= deadline {
+                    return Err(Error::Timeout(timeout, "a work completion"));
+                }
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+impl CompletionQueue {
+    /// Waits (busy-polling) for the completion of the work request posted with `wr_id`, up to
+    /// `timeout`, and returns it (an error status as [`Error::WorkCompletion`]). Completions of
+    /// other work requests reaped meanwhile are set aside for their own `wait_wr` (or
+    /// [`wait_one`](Self::wait_one)) callers, so threads sharing a CQ never take each other's
+    /// completions — as long as each posts with ids of its own.
+    ///
+    /// On [`Error::Timeout`] the work request may still be outstanding: its buffers stay the
+    /// NIC's until its completion (or its flush, after [`QueuePair::set_error`](crate::QueuePair::set_error))
+    /// has been reaped.
+    pub fn wait_wr(&self, wr_id: u64, timeout: Duration) -> Result<WorkCompletion> {
+        let deadline = Instant::now() + timeout;
+        let mut batch = [WorkCompletion::default(); 16];
+        let mut spins = 0u32;
+        loop {
+            {
+                let mut stash = self.stash.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(i) = stash.iter().position(|w| w.wr_id == wr_id) {
+                    return stash.swap_remove(i).ok();
+                }
+                let n = self.poll(&mut batch)?;
+                let mut mine = None;
+                for w in &batch[..n] {
+                    if w.wr_id == wr_id && mine.is_none() {
+                        mine = Some(*w);
+                    } else {
+                        stash.push(*w);
+                    }
+                }
+                if let Some(w) = mine {
+                    return w.ok();
+                }
+            }
+            spins += 1;
+            if spins.is_multiple_of(256) {
                 if Instant::now() >= deadline {
                     return Err(Error::Timeout(timeout, "a work completion"));
                 }

@@ -38,6 +38,7 @@ mod error;
 pub mod fabric;
 pub mod library;
 mod mr;
+mod mw;
 mod qp;
 mod result;
 
@@ -48,4 +49,5 @@ pub use cq::{CompletionQueue, WcOpcode, WorkCompletion};
 pub use device::{device_names, Context, GidEntry, GidKind, LinkLayer, PortInfo, PortState};
 pub use error::{Errno, Error, Result, WcStatus};
 pub use mr::{AccessFlags, Foreign, LocalSlice, MemoryRegion, ProtectionDomain, RemoteBuf, RemoteSlice};
+pub use mw::MemoryWindow;
 pub use qp::{QpState, QueuePair, SendFlags};

@@ -1,6 +1,7 @@
 //! Protection domains and memory regions: pinned, ODP, implicit ODP, dma-buf.
 
 use std::marker::PhantomData;
+use std::mem::ManuallyDrop;
 use std::ops::{Bound, RangeBounds};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
@@ -27,6 +28,10 @@ bitflags! {
         const REMOTE_READ = 4;
         /// Peers may run atomics on the region.
         const REMOTE_ATOMIC = 8;
+        /// Memory windows may be bound over the region (`IBV_ACCESS_MW_BIND`): peers then reach
+        /// it through a window's rkey ([`MemoryWindow`](crate::MemoryWindow)), which can be
+        /// revoked on its own.
+        const MW_BIND = sys::ibv_access_flags::IBV_ACCESS_MW_BIND.0;
         /// On-Demand Paging: pages are faulted in by the NIC, not pinned.
         const ON_DEMAND = 64;
         /// PCIe relaxed ordering, where the device and platform allow it (an optional flag:
@@ -108,7 +113,7 @@ impl ProtectionDomain {
         // SAFETY: `buf` upholds RegisterableBuffer: `len` bytes at `addr`, fixed until the
         // region (which now owns `buf`) has deregistered them.
         let mr = unsafe { self.reg_raw(addr, buf.len(), access) }?;
-        Ok(MemoryRegion { mr, pd: self.clone(), access, buf, _not_sync_marker: PhantomData })
+        Ok(MemoryRegion { mr, pd: self.clone(), access, buf: ManuallyDrop::new(buf), _not_sync_marker: PhantomData })
     }
 
     /// Registers `buf` with On-Demand Paging (`IBV_ACCESS_ON_DEMAND`): the NIC faults its
@@ -134,7 +139,7 @@ impl ProtectionDomain {
         // SAFETY: the caller accepts the contract above; NULL/SIZE_MAX is how rdma-core spells
         // an implicit ODP registration, and the kernel maps no memory for it up front.
         let mr = unsafe { self.reg_raw(std::ptr::null_mut(), usize::MAX, access) }?;
-        Ok(MemoryRegion { mr, pd: self.clone(), access, buf: Foreign(()), _not_sync_marker: PhantomData })
+        Ok(MemoryRegion { mr, pd: self.clone(), access, buf: ManuallyDrop::new(Foreign(())), _not_sync_marker: PhantomData })
     }
 
     /// Registers memory this crate does not own (a raw virtual address range).
@@ -154,7 +159,7 @@ impl ProtectionDomain {
         }
         // SAFETY: forwarded from the caller's contract.
         let mr = unsafe { self.reg_raw(addr, len, access) }?;
-        Ok(MemoryRegion { mr, pd: self.clone(), access, buf: Foreign(()), _not_sync_marker: PhantomData })
+        Ok(MemoryRegion { mr, pd: self.clone(), access, buf: ManuallyDrop::new(Foreign(())), _not_sync_marker: PhantomData })
     }
 
     /// Registers `len` bytes at `offset` of a dma-buf (`ibv_reg_dmabuf_mr`), mapped at `iova`
@@ -183,7 +188,7 @@ impl ProtectionDomain {
             unsafe { sys::ibv_reg_dmabuf_mr(self.as_raw(), offset, len, iova, fd.as_raw_fd(), access.bits() as i32) };
         match NonNull::new(p) {
             Some(mr) => {
-                Ok(MemoryRegion { mr, pd: self.clone(), access, buf: Foreign(()), _not_sync_marker: PhantomData })
+                Ok(MemoryRegion { mr, pd: self.clone(), access, buf: ManuallyDrop::new(Foreign(())), _not_sync_marker: PhantomData })
             }
             None => {
                 let e = Errno::last();
@@ -284,7 +289,8 @@ pub struct MemoryRegion<B> {
     mr: NonNull<sys::ibv_mr>,
     pd: ProtectionDomain,
     access: AccessFlags,
-    buf: B,
+    /// Dropped after a successful deregistration only (leaked otherwise).
+    buf: ManuallyDrop<B>,
     _not_sync_marker: PhantomData<*mut u8>,
 }
 
@@ -307,6 +313,11 @@ impl<B> std::fmt::Debug for MemoryRegion<B> {
 }
 
 impl<B> MemoryRegion<B> {
+    /// The raw MR, for the `sys` layer (and memory-window binds).
+    pub fn as_raw(&self) -> *mut sys::ibv_mr {
+        self.mr.as_ptr()
+    }
+
     fn raw(&self) -> &sys::ibv_mr {
         // SAFETY: the MR stays registered while `self` lives; its fields are not changed by
         // the library after registration.
@@ -401,8 +412,9 @@ impl<B> MemoryRegion<B> {
         // SAFETY: we take the fields out of a value whose destructor will not run.
         let (pd, buf) = unsafe { (std::ptr::read(&me.pd), std::ptr::read(&me.buf)) };
         drop(pd);
+        // On failure the NIC may still reach the memory: the backing is leaked, not freed.
         result::pos_errno("ibv_dereg_mr", rc)?;
-        Ok(buf)
+        Ok(ManuallyDrop::into_inner(buf))
     }
 }
 
@@ -426,7 +438,7 @@ impl MemoryRegion<crate::HostBuffer> {
     /// NIC itself does. Writing through it is `unsafe`, with the usual rules for raw pointers:
     /// stay within `len()` bytes, and do not race with other writers of the same bytes.
     pub fn raw_ptr(&self) -> *mut u8 {
-        crate::RegisterableBuffer::as_ptr(&self.buf) as *mut u8
+        crate::RegisterableBuffer::as_ptr(&*self.buf) as *mut u8
     }
 }
 
@@ -434,7 +446,18 @@ impl<B> Drop for MemoryRegion<B> {
     fn drop(&mut self) {
         // SAFETY: deregistered exactly once; the buffer is dropped after this, so the NIC
         // loses access before the memory is freed.
-        unsafe { sys::ibv_dereg_mr(self.mr.as_ptr()) };
+        let rc = unsafe { sys::ibv_dereg_mr(self.mr.as_ptr()) };
+        if rc == 0 {
+            // SAFETY: dropped exactly once, here, after the NIC lost access to it.
+            unsafe { ManuallyDrop::drop(&mut self.buf) };
+        } else {
+            // The NIC may still reach the memory (a provider refuses to deregister a region
+            // with memory windows bound over it, for one): leak it rather than free it.
+            eprintln!(
+                "p2pbridge-verbs: ibv_dereg_mr failed ({}); the region's memory is leaked, not freed, since the NIC may still reach it",
+                Errno(rc.abs())
+            );
+        }
     }
 }
 

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use bitflags::bitflags;
 
 use crate::error::{Error, Result};
-use crate::mr::{AccessFlags, LocalSlice, PdInner, ProtectionDomain, RemoteSlice};
+use crate::mr::{AccessFlags, LocalSlice, MemoryRegion, PdInner, ProtectionDomain, RemoteSlice};
+use crate::mw::MemoryWindow;
 use crate::{result, sys};
 
 bitflags! {
@@ -223,6 +224,91 @@ impl QueuePair {
         // registered, locally writable MR of this PD (checked above).
         let rc = unsafe { sys::ibv_post_recv(self.qp.as_ptr(), &mut wr, &mut bad) };
         result::pos_errno("ibv_post_recv", rc)
+    }
+}
+
+impl QueuePair {
+    /// Binds `mw` over `offset..offset+len` of `mr` with the remote rights in `access`
+    /// (`IBV_WR_BIND_MW`, signaled, with `wr_id`), and returns the rkey the bind gives. The key
+    /// works once the bind's completion has been reaped with success (then call
+    /// [`bind_completed`](Self::bind_completed)); it reaches exactly that range, and only over
+    /// this queue pair.
+    ///
+    /// The region needs [`AccessFlags::MW_BIND`]; REMOTE_WRITE and REMOTE_ATOMIC windows need
+    /// its LOCAL_WRITE.
+    ///
+    /// # Safety
+    /// The window must be deallocated (which revokes its key at the NIC) before `mr` is
+    /// deregistered or dropped: a peer reaches `mr`'s memory through it until then.
+    pub unsafe fn post_bind_mw<B>(
+        &self,
+        wr_id: u64,
+        mw: &MemoryWindow,
+        mr: &MemoryRegion<B>,
+        offset: u64,
+        len: u64,
+        access: AccessFlags,
+    ) -> Result<u32> {
+        if !Arc::ptr_eq(&mr.pd().inner, &self.pd) {
+            return Err(Error::InvalidArgument(
+                "memory window bind: the region belongs to another protection domain than the QP".into(),
+            ));
+        }
+        if !mr.access().contains(AccessFlags::MW_BIND) {
+            return Err(Error::InvalidArgument("memory window bind: the region was registered without MW_BIND".into()));
+        }
+        if access.intersects(AccessFlags::REMOTE_WRITE | AccessFlags::REMOTE_ATOMIC)
+            && !mr.access().contains(AccessFlags::LOCAL_WRITE)
+        {
+            return Err(Error::InvalidArgument(
+                "memory window bind: remote write or atomic rights need the region's LOCAL_WRITE".into(),
+            ));
+        }
+        if len == 0 || offset.checked_add(len).is_none_or(|e| e > mr.len()) {
+            return Err(Error::OutOfBounds { what: "memory window bind", offset, length: len as usize, len: mr.len() });
+        }
+        let remote = access & (AccessFlags::REMOTE_WRITE | AccessFlags::REMOTE_READ | AccessFlags::REMOTE_ATOMIC);
+        let rkey = mw.next_rkey();
+        // SAFETY: ibv_send_wr is plain old data; zeroed is a valid empty request.
+        let mut wr: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
+        wr.wr_id = wr_id;
+        wr.opcode = sys::ibv_wr_opcode::IBV_WR_BIND_MW;
+        wr.send_flags = SendFlags::SIGNALED.bits();
+        wr.bind_mw_tso_union.bind_mw = sys::bind_mw_t {
+            mw: mw.as_raw(),
+            rkey,
+            bind_info: sys::ibv_mw_bind_info {
+                mr: mr.as_raw(),
+                addr: mr.addr() + offset,
+                length: len,
+                mw_access_flags: remote.bits(),
+            },
+        };
+        let mut bad: *mut sys::ibv_send_wr = std::ptr::null_mut();
+        // SAFETY: the QP, window and region are live and of one PD (checked); `wr` outlives the
+        // call; the caller keeps the region registered while the window may be bound.
+        let rc = unsafe { sys::ibv_post_send(self.qp.as_ptr(), &mut wr, &mut bad) };
+        result::pos_errno("ibv_post_send (IBV_WR_BIND_MW)", rc)?;
+        Ok(rkey)
+    }
+
+    /// Records that the bind posted by [`post_bind_mw`](Self::post_bind_mw) completed with
+    /// success, so that `mw.rkey()` is its key.
+    pub fn bind_completed(&self, mw: &mut MemoryWindow, rkey: u32) {
+        mw.set_rkey(rkey);
+    }
+
+    /// Moves the QP to the error state (`ibv_modify_qp(IBV_QPS_ERR)`): every outstanding work
+    /// request completes with `IBV_WC_WR_FLUSH_ERR`, and the NIC stops touching their buffers.
+    pub fn set_error(&self) -> Result<()> {
+        // SAFETY: plain old data; only the state is read (mask IBV_QP_STATE).
+        let mut attr: sys::ibv_qp_attr = unsafe { std::mem::zeroed() };
+        attr.qp_state = sys::ibv_qp_state::IBV_QPS_ERR;
+        // SAFETY: the QP is live; `attr` is valid for the call.
+        let rc = unsafe {
+            sys::ibv_modify_qp(self.qp.as_ptr(), &mut attr, sys::ibv_qp_attr_mask::IBV_QP_STATE.0 as i32)
+        };
+        result::pos_errno("ibv_modify_qp (to IBV_QPS_ERR)", rc)
     }
 }
 

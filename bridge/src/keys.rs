@@ -1,0 +1,160 @@
+//! The key ledger: keys handed to peers, checked, and revoked at the NIC.
+//!
+//! Where the device has type 2 memory windows ([`DeviceCaps::mw_type2`]), a registration's
+//! memory region is made with local rights and `MW_BIND` only: the region's own rkey reaches
+//! nothing. Each hand-out binds a window over exactly the handed-out range, on the queue pair
+//! of the connection it is handed to. Its key therefore
+//! - reaches that range only, whatever length the peer claims (the NIC checks the window);
+//! - works on that connection only (a type 2 window belongs to one QP);
+//! - dies at the NIC when the window is deallocated: when the registration is revoked (its
+//!   memory freed, unmapped or invalidated), or by [`crate::Bridge::revoke_key`].
+//!
+//! Without windows the key is the region's rkey; revoking the registration deregisters the
+//! region, which kills the key as well (and every other key of that registration).
+//!
+//! The ledger holds a handle on each registration with keys out, so that the cache never
+//! evicts memory a peer was given; only an invalidation (the memory going) or
+//! [`crate::Bridge::revoke_key`] ends them.
+//!
+//! [`DeviceCaps::mw_type2`]: p2pbridge_verbs::DeviceCaps
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use p2pbridge_verbs::{AccessFlags, Connection, ProtectionDomain};
+
+use crate::cache::Handle;
+use crate::error::{Error, Result};
+use crate::key::RemoteKey;
+use crate::registration::{Registered, Registration};
+use crate::transfer::{next_wr_id, reap};
+
+/// Keys handed out: (generation, rkey) -> the registration.
+#[derive(Default)]
+pub(crate) struct KeyLedger {
+    handed: Mutex<HashMap<(u64, u32), Handle<Registration>>>,
+}
+
+impl KeyLedger {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, u32), Handle<Registration>>> {
+        self.handed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands `range` (offsets within `reg`) to the peer at the other end of `conn`, with the
+    /// remote rights in `access`.
+    pub(crate) fn hand_out(
+        &self,
+        pd: &ProtectionDomain,
+        conn: &Connection,
+        reg: &Registered,
+        range: Range<u64>,
+        access: AccessFlags,
+        timeout: Duration,
+    ) -> Result<RemoteKey> {
+        if range.start >= range.end {
+            return Err(Error::InvalidArgument(format!(
+                "cannot hand out the empty or reversed range {}..{}",
+                range.start, range.end
+            )));
+        }
+        let len = range.end - range.start;
+        let at = reg.entry_range(range.start, len)?;
+        let r = reg.handle.value();
+        let guard = r.live()?;
+        let live = guard.as_ref().ok_or(Error::Revoked)?;
+        let rkey = if r.windowed() {
+            let remote = access & (AccessFlags::REMOTE_READ | AccessFlags::REMOTE_WRITE | AccessFlags::REMOTE_ATOMIC);
+            let mut mw = pd.alloc_mw()?;
+            let wr_id = next_wr_id();
+            // SAFETY: the window goes into the registration's list below whatever happens after
+            // the post, and revocation deallocates every window of the list before it
+            // deregisters the region.
+            let posted = unsafe { live.mr.bind(conn, wr_id, &mw, at, len, remote) };
+            let rkey = match posted {
+                Ok(k) => k,
+                // Not posted: the window is bound to nothing.
+                Err(e) => return Err(e),
+            };
+            let done = reap(conn, wr_id, timeout);
+            if done.is_ok() {
+                conn.qp().bind_completed(&mut mw, rkey);
+            }
+            live.windows().push(mw);
+            done?;
+            rkey
+        } else {
+            live.mr.rkey()
+        };
+        let key = RemoteKey { addr: live.mr.addr() + at, len, rkey, generation: reg.generation() };
+        drop(guard);
+        let mut handed = self.lock();
+        // Keys of revoked registrations are forgotten once the record grows, so that a process
+        // that churns buffers does not grow it without bound (amortized O(1)).
+        if handed.len() >= 64 && handed.len().is_power_of_two() {
+            handed.retain(|_, h| h.value().is_live());
+        }
+        handed.insert((key.generation, key.rkey), reg.handle.clone());
+        Ok(key)
+    }
+
+    /// `Ok` while `key` (handed out by this ledger) still reaches its memory.
+    pub(crate) fn check(&self, key: &RemoteKey) -> Result<()> {
+        let mut handed = self.lock();
+        let Some(h) = handed.get(&(key.generation, key.rkey)) else {
+            return Err(Error::StaleKey {
+                generation: key.generation,
+                why: "not a key this bridge handed out, or one revoked and forgotten since",
+            });
+        };
+        let r = h.value();
+        let live = match r.live() {
+            Ok(g) => !r.windowed() || g.as_ref().is_some_and(|l| l.windows().iter().any(|w| w.rkey() == key.rkey)),
+            Err(_) => false,
+        };
+        if live {
+            return Ok(());
+        }
+        handed.remove(&(key.generation, key.rkey));
+        Err(Error::StaleKey {
+            generation: key.generation,
+            why: "its registration was revoked (memory freed, unmapped or invalidated) or the key itself was",
+        })
+    }
+
+    /// Revokes one key at the NIC (its window is deallocated) and forgets it.
+    pub(crate) fn revoke(&self, key: &RemoteKey) -> Result<()> {
+        let Some(h) = self.lock().remove(&(key.generation, key.rkey)) else {
+            return Err(Error::StaleKey { generation: key.generation, why: "not a live key of this bridge" });
+        };
+        let r = h.value();
+        if !r.windowed() {
+            // Put it back: the key lives as long as the registration.
+            self.lock().insert((key.generation, key.rkey), h.clone());
+            return Err(Error::InvalidArgument(
+                "this registration has no memory windows (the device lacks them, or BridgeOptions::windows is off): its keys are revoked with the registration (free, unmap or invalidate it)".into(),
+            ));
+        }
+        let Ok(guard) = r.live() else { return Ok(()) };
+        let Some(live) = guard.as_ref() else { return Ok(()) };
+        let mut windows = live.windows();
+        if let Some(i) = windows.iter().position(|w| w.rkey() == key.rkey) {
+            let w = windows.swap_remove(i);
+            // On failure the window is leaked with the region under it (dealloc does not hand
+            // it back): the region must then never be deregistered.
+            if let Err(e) = w.dealloc() {
+                drop(windows);
+                drop(guard);
+                r.pin_forever();
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets every key (the bridge is going; its registrations are revoked).
+    pub(crate) fn clear(&self) {
+        self.lock().clear();
+    }
+}

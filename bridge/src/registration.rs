@@ -1,0 +1,334 @@
+//! One registration of memory for the NIC, and the handles users hold on it.
+//!
+//! A [`Registration`] owns the memory region (and, for bounce, its staging buffer), the memory
+//! windows bound over it for peers, and the dma-buf export. It is *live* until it is revoked:
+//! revocation deallocates every window (the NIC refuses their keys from then on), deregisters
+//! the region (the NIC can no longer reach the memory, not even for our own operations), and
+//! releases the export — in that order, and before the memory it covers may go.
+//!
+//! Operations hold the registration's read lock from posting until their completion is reaped,
+//! and revocation takes the write lock: it waits for operations in flight (bounded by the NIC,
+//! see [`crate::BridgeOptions::completion_timeout`]) but never for handles that merely exist.
+//! A [`Registered`] whose registration was revoked is *dead*: its operations fail with
+//! [`Error::Revoked`].
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+
+use p2pbridge_gpu::{DmaBufExport, MemoryBackend};
+use p2pbridge_verbs::{AccessFlags, Connection, Foreign, HostBuffer, LocalSlice, MemoryRegion, MemoryWindow};
+
+use crate::cache::Handle;
+use crate::error::{Error, Result};
+use crate::strategy::{SkipReason, Strategy};
+
+/// Registrations alive in this process (all bridges): for leak checks.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// The number of live registrations (memory regions) the bridges of this process hold.
+pub fn live_registrations() -> usize {
+    LIVE.load(Ordering::SeqCst)
+}
+
+/// The memory region of a registration: over the memory itself, or over a staging buffer.
+pub(crate) enum Mr {
+    Direct(MemoryRegion<Foreign>),
+    Bounce(MemoryRegion<HostBuffer>),
+}
+
+impl Mr {
+    pub(crate) fn slice(&self, offset: u64, len: u64) -> p2pbridge_verbs::Result<LocalSlice<'_>> {
+        let end = offset.checked_add(len).ok_or(p2pbridge_verbs::Error::OutOfBounds {
+            what: "registration",
+            offset,
+            length: len as usize,
+            len: self.len(),
+        })?;
+        match self {
+            Mr::Direct(m) => m.slice(offset..end),
+            Mr::Bounce(m) => m.slice(offset..end),
+        }
+    }
+    pub(crate) fn addr(&self) -> u64 {
+        match self {
+            Mr::Direct(m) => m.addr(),
+            Mr::Bounce(m) => m.addr(),
+        }
+    }
+    pub(crate) fn len(&self) -> u64 {
+        match self {
+            Mr::Direct(m) => m.len(),
+            Mr::Bounce(m) => m.len(),
+        }
+    }
+    pub(crate) fn rkey(&self) -> u32 {
+        match self {
+            Mr::Direct(m) => m.rkey(),
+            Mr::Bounce(m) => m.rkey(),
+        }
+    }
+    /// Binds `mw` over `offset..offset+len` of the region on `conn`'s QP (see
+    /// [`QueuePair::post_bind_mw`](p2pbridge_verbs::QueuePair::post_bind_mw)).
+    ///
+    /// # Safety
+    /// `mw` must be deallocated before this region is deregistered.
+    pub(crate) unsafe fn bind(
+        &self,
+        conn: &Connection,
+        wr_id: u64,
+        mw: &MemoryWindow,
+        offset: u64,
+        len: u64,
+        access: AccessFlags,
+    ) -> Result<u32> {
+        // SAFETY: forwarded from the caller.
+        let k = unsafe {
+            match self {
+                Mr::Direct(m) => conn.qp().post_bind_mw(wr_id, mw, m, offset, len, access),
+                Mr::Bounce(m) => conn.qp().post_bind_mw(wr_id, mw, m, offset, len, access),
+            }
+        }?;
+        Ok(k)
+    }
+
+    /// The staging buffer's memory, for bounce copies (None for direct regions).
+    pub(crate) fn staging(&self) -> Option<(*mut u8, u64)> {
+        match self {
+            Mr::Bounce(m) => Some((m.raw_ptr(), m.len())),
+            Mr::Direct(_) => None,
+        }
+    }
+
+    /// Deregisters now. On failure the region (and a staging buffer) is leaked, never freed:
+    /// the NIC may still reach it.
+    fn deregister(self) -> Result<()> {
+        match self {
+            Mr::Direct(m) => m.deregister().map(drop)?,
+            Mr::Bounce(m) => m.deregister().map(drop)?,
+        }
+        Ok(())
+    }
+}
+
+/// What a live registration holds.
+pub(crate) struct Live {
+    pub(crate) mr: Mr,
+    /// Windows bound over `mr` for peers (see [`crate::keys`]); deallocated before `mr` goes.
+    pub(crate) windows: Mutex<Vec<MemoryWindow>>,
+    /// Kept while the region exists: revoking or dropping it is the exporter's business.
+    export: Option<DmaBufExport>,
+    /// Serializes the bounce copies and the operations on the staging buffer.
+    bounce: Mutex<()>,
+}
+
+impl Live {
+    /// For bounce registrations, the lock that serializes staging copies and operations on the
+    /// staging buffer; `None` (nothing to serialize) for direct ones.
+    pub(crate) fn bounce_lock(&self) -> Option<MutexGuard<'_, ()>> {
+        self.mr.staging().map(|_| self.bounce.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub(crate) fn windows(&self) -> MutexGuard<'_, Vec<MemoryWindow>> {
+        self.windows.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One registration in the cache: a memory region over the memory (direct strategies) or
+/// over a registered staging buffer (bounce), until it is revoked.
+pub struct Registration {
+    strategy: Strategy,
+    skipped: Vec<(Strategy, SkipReason)>,
+    /// Memory windows carry the keys handed out (the region has no remote rights itself).
+    windowed: bool,
+    pub(crate) backend: Option<Arc<dyn MemoryBackend>>,
+    state: RwLock<Option<Live>>,
+    /// A window over the region could not be deallocated: never deregister the region (the
+    /// window may still reach it), leak it instead.
+    pinned_forever: AtomicBool,
+}
+
+impl Registration {
+    pub(crate) fn new(
+        strategy: Strategy,
+        skipped: Vec<(Strategy, SkipReason)>,
+        windowed: bool,
+        backend: Option<Arc<dyn MemoryBackend>>,
+        mr: Mr,
+        export: Option<DmaBufExport>,
+    ) -> Self {
+        LIVE.fetch_add(1, Ordering::SeqCst);
+        Registration {
+            strategy,
+            skipped,
+            windowed,
+            backend,
+            state: RwLock::new(Some(Live { mr, windows: Mutex::new(Vec::new()), export, bounce: Mutex::new(()) })),
+            pinned_forever: AtomicBool::new(false),
+        }
+    }
+
+    /// The strategy used.
+    pub fn strategy(&self) -> Strategy {
+        self.strategy
+    }
+
+    /// The strategies not used, and why.
+    pub fn skipped(&self) -> &[(Strategy, SkipReason)] {
+        &self.skipped
+    }
+
+    /// Whether the keys handed out for it are memory windows (revocable one by one) rather
+    /// than the region's own rkey.
+    pub fn windowed(&self) -> bool {
+        self.windowed
+    }
+
+    /// Whether it is still live (not revoked).
+    pub fn is_live(&self) -> bool {
+        self.state.read().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
+    /// The live state, held (read-locked) for an operation: revocation waits until the guard
+    /// is dropped. `Err(Revoked)` once revoked.
+    pub(crate) fn live(&self) -> Result<RwLockReadGuard<'_, Option<Live>>> {
+        let g = self.state.read().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            return Err(Error::Revoked);
+        }
+        Ok(g)
+    }
+
+    /// A window over it could not be deallocated: its region is leaked on revocation, never
+    /// deregistered (which would let the memory go while the window may reach it).
+    pub(crate) fn pin_forever(&self) {
+        self.pinned_forever.store(true, Ordering::SeqCst);
+    }
+
+    /// Revokes it: deallocates every window over it (their keys are refused by the NIC from
+    /// then on), deregisters its region, releases the export. Waits for operations holding it
+    /// ([`live`](Self::live)), never for handles. Idempotent.
+    ///
+    /// Where a window cannot be deallocated, the region is leaked rather than deregistered (the
+    /// NIC might still reach the memory through the window), and the error is returned.
+    pub(crate) fn revoke(&self) -> Result<()> {
+        let taken = self.state.write().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(live) = taken else { return Ok(()) };
+        LIVE.fetch_sub(1, Ordering::SeqCst);
+        let Live { mr, windows, export, .. } = live;
+        let mut first_err = None;
+        for w in windows.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            if let Err(e) = w.dealloc() {
+                first_err.get_or_insert(Error::from(e));
+            }
+        }
+        if first_err.is_none() && self.pinned_forever.load(Ordering::SeqCst) {
+            first_err = Some(Error::Leaked);
+        }
+        if let Some(e) = first_err {
+            // A window may still be bound: the memory must stay reachable only by it, never
+            // freed under it.
+            std::mem::forget(mr);
+            std::mem::forget(export);
+            return Err(e);
+        }
+        let r = mr.deregister();
+        drop(export);
+        r
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Err(e) = self.revoke() {
+            eprintln!("p2pbridge: revoking a registration failed ({e}); its memory region is leaked, not freed");
+        }
+    }
+}
+
+/// A registered range: what operations take. It holds its cache entry, but not the memory:
+/// when the memory goes (freed, unmapped), the registration is revoked and this handle turns
+/// dead — its operations then fail with [`Error::Revoked`], and no key reaches the memory.
+pub struct Registered {
+    pub(crate) handle: Handle<Registration>,
+    pub(crate) addr: u64,
+    pub(crate) len: u64,
+}
+
+impl std::fmt::Debug for Registered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registered")
+            .field("addr", &format_args!("{:#x}", self.addr))
+            .field("len", &self.len)
+            .field("strategy", &self.strategy())
+            .field("generation", &self.generation())
+            .field("live", &self.is_live())
+            .finish()
+    }
+}
+
+impl Registered {
+    /// The strategy that serves it.
+    pub fn strategy(&self) -> Strategy {
+        self.handle.value().strategy
+    }
+    /// Why the better strategies were not used.
+    pub fn skipped(&self) -> &[(Strategy, SkipReason)] {
+        &self.handle.value().skipped
+    }
+    /// Its address (the memory's own: device VA or host VA).
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+    /// Its length.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    /// Whether it is empty (never).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The registration's generation: changes whenever the memory is registered anew.
+    pub fn generation(&self) -> u64 {
+        self.handle.generation()
+    }
+    /// Whether its registration is still live (the memory has not gone since).
+    pub fn is_live(&self) -> bool {
+        self.handle.value().is_live()
+    }
+    /// Offset of `self.addr` inside the cache entry's registration.
+    pub(crate) fn entry_offset(&self) -> u64 {
+        self.addr - self.handle.range().start
+    }
+
+    /// `offset..offset+len` of this range, checked, as an offset into the registration.
+    pub(crate) fn entry_range(&self, offset: u64, len: u64) -> Result<u64> {
+        if offset.checked_add(len).is_none_or(|e| e > self.len) {
+            return Err(Error::OutOfBounds { offset, len, size: self.len });
+        }
+        Ok(self.entry_offset() + offset)
+    }
+
+    /// Holds the registration live for posting work requests yourself (on a QP of the
+    /// bridge's PD): while the returned guard lives, the registration is not revoked — a free
+    /// or unmap of the memory waits for it. Keep it until the completions of the work requests
+    /// posted with its slices are reaped. `Err(Revoked)` if the memory is already gone.
+    pub fn lock(&self) -> Result<LocalGuard<'_>> {
+        Ok(LocalGuard { reg: self, guard: self.handle.value().live()? })
+    }
+}
+
+/// A registration held live ([`Registered::lock`]), giving slices for work requests.
+pub struct LocalGuard<'r> {
+    reg: &'r Registered,
+    guard: RwLockReadGuard<'r, Option<Live>>,
+}
+
+impl LocalGuard<'_> {
+    /// A bounds-checked part of the registered range (offsets within it). For bounce
+    /// registrations it names the staging buffer.
+    pub fn slice(&self, offset: u64, len: u64) -> Result<LocalSlice<'_>> {
+        let at = self.reg.entry_range(offset, len)?;
+        let live = self.guard.as_ref().ok_or(Error::Revoked)?;
+        Ok(live.mr.slice(at, len)?)
+    }
+}

@@ -1,0 +1,238 @@
+//! Transfers through a registration: RDMA WRITE, READ, SEND and RECV, each waiting for its own
+//! completion (matched by a work-request id of its own, so threads sharing a connection never
+//! take each other's completions), and the bounce copies around them.
+//!
+//! Each operation holds its registration live (read-locked) from before it posts until its
+//! completion is reaped: the memory cannot be revoked — freed, unmapped — under it. A
+//! completion that does not come within [`BridgeOptions::completion_timeout`] is not waited
+//! past: the queue pair is moved to the error state, the request's flush is reaped, and only
+//! then does the operation return its error. Nothing is released while the NIC may still use it.
+//!
+//! [`BridgeOptions::completion_timeout`]: crate::BridgeOptions::completion_timeout
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use p2pbridge_gpu::FlushOutcome;
+use p2pbridge_verbs::{CompletionQueue, Connection, SendFlags, WorkCompletion};
+
+use crate::bridge::Bridge;
+use crate::error::{Error, Result};
+use crate::key::RemoteKey;
+use crate::registration::{Live, Registered, Registration};
+
+/// Work-request ids of the bridge's own requests: the top bit set, so that they do not meet
+/// the small ids applications number their own requests with.
+static NEXT_WR_ID: AtomicU64 = AtomicU64::new(1 << 63);
+
+pub(crate) fn next_wr_id() -> u64 {
+    NEXT_WR_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// How long a flushed request's completion may take once its QP is in the error state.
+const FLUSH_WAIT: Duration = Duration::from_secs(5);
+
+/// Waits for the completion of `wr_id` on `cq` (of `conn`). If it does not come within
+/// `timeout`, moves the QP to the error state and reaps the flush before returning
+/// [`Error::CompletionTimeout`]; [`Error::DeviceStuck`] if even the flush does not come.
+pub(crate) fn reap_on(
+    conn: &Connection,
+    cq: &CompletionQueue,
+    wr_id: u64,
+    timeout: Duration,
+    what: &'static str,
+) -> Result<WorkCompletion> {
+    match cq.wait_wr(wr_id, timeout) {
+        Ok(wc) => Ok(wc),
+        Err(p2pbridge_verbs::Error::Timeout(..)) => {
+            if conn.qp().set_error().is_err() {
+                return Err(Error::DeviceStuck { what });
+            }
+            match cq.wait_wr(wr_id, FLUSH_WAIT) {
+                Err(p2pbridge_verbs::Error::Timeout(..)) => Err(Error::DeviceStuck { what }),
+                _ => Err(Error::CompletionTimeout { what, timeout }),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// [`reap_on`] for the send queue.
+pub(crate) fn reap(conn: &Connection, wr_id: u64, timeout: Duration) -> Result<WorkCompletion> {
+    reap_on(conn, conn.send_cq(), wr_id, timeout, "a memory window bind")
+}
+
+impl Bridge {
+    /// Reaps `wr_id`; a device that does not even flush keeps the registration's region
+    /// registered for ever (leaked), since the NIC may still use it.
+    fn finish(
+        &self,
+        reg: &Registration,
+        conn: &Connection,
+        cq: &CompletionQueue,
+        wr_id: u64,
+        timeout: Duration,
+        what: &'static str,
+    ) -> Result<WorkCompletion> {
+        let r = reap_on(conn, cq, wr_id, timeout, what);
+        if matches!(r, Err(Error::DeviceStuck { .. })) {
+            reg.pin_forever();
+        }
+        r
+    }
+
+    /// RDMA WRITE of `len` bytes at `offset` of `local` to `remote` at `remote_offset`, waiting
+    /// for the completion. Bounce registrations copy memory -> staging first.
+    pub fn write(
+        &self,
+        conn: &Connection,
+        local: &Registered,
+        offset: u64,
+        len: u64,
+        remote: &RemoteKey,
+        remote_offset: u64,
+    ) -> Result<()> {
+        let at = local.entry_range(offset, len)?;
+        let rs = remote.slice(remote_offset, len)?;
+        let reg = local.handle.value();
+        let guard = reg.live()?;
+        let live = guard.as_ref().ok_or(Error::Revoked)?;
+        let _staging = live.bounce_lock();
+        stage_in(reg, live, local.addr + offset, at, len)?;
+        let id = next_wr_id();
+        conn.qp().post_write(id, &live.mr.slice(at, len)?, &rs, SendFlags::SIGNALED)?;
+        self.finish(reg, conn, conn.send_cq(), id, self.inner.completion_timeout, "RDMA WRITE")?;
+        Ok(())
+    }
+
+    /// RDMA READ of `len` bytes from `remote` at `remote_offset` into `local` at `offset`,
+    /// waiting for the completion. Bounce registrations copy staging -> memory after.
+    pub fn read(
+        &self,
+        conn: &Connection,
+        local: &Registered,
+        offset: u64,
+        len: u64,
+        remote: &RemoteKey,
+        remote_offset: u64,
+    ) -> Result<()> {
+        let at = local.entry_range(offset, len)?;
+        let rs = remote.slice(remote_offset, len)?;
+        let reg = local.handle.value();
+        let guard = reg.live()?;
+        let live = guard.as_ref().ok_or(Error::Revoked)?;
+        let _staging = live.bounce_lock();
+        let id = next_wr_id();
+        conn.qp().post_read(id, &live.mr.slice(at, len)?, &rs, SendFlags::SIGNALED)?;
+        self.finish(reg, conn, conn.send_cq(), id, self.inner.completion_timeout, "RDMA READ")?;
+        stage_out(reg, live, local.addr + offset, at, len)
+    }
+
+    /// SEND of `len` bytes at `offset` of `local` (with immediate data if given), waiting for
+    /// the completion. The peer must have a receive posted ([`Bridge::recv`]).
+    pub fn send(&self, conn: &Connection, local: &Registered, offset: u64, len: u64, imm: Option<u32>) -> Result<()> {
+        let at = local.entry_range(offset, len)?;
+        let reg = local.handle.value();
+        let guard = reg.live()?;
+        let live = guard.as_ref().ok_or(Error::Revoked)?;
+        let _staging = live.bounce_lock();
+        stage_in(reg, live, local.addr + offset, at, len)?;
+        let id = next_wr_id();
+        conn.qp().post_send(id, &live.mr.slice(at, len)?, imm, SendFlags::SIGNALED)?;
+        self.finish(reg, conn, conn.send_cq(), id, self.inner.completion_timeout, "SEND")?;
+        Ok(())
+    }
+
+    /// Posts a receive into `len` bytes at `offset` of `local` and waits up to `timeout` for a
+    /// message; returns its length and immediate data. Bounce registrations copy staging ->
+    /// memory after.
+    ///
+    /// If no message comes in time, the connection's queue pair is moved to the error state
+    /// (so that the receive can no longer land in the buffer) before [`Error::CompletionTimeout`]
+    /// is returned: the connection is then unusable.
+    pub fn recv(
+        &self,
+        conn: &Connection,
+        local: &Registered,
+        offset: u64,
+        len: u64,
+        timeout: Duration,
+    ) -> Result<(u32, Option<u32>)> {
+        let at = local.entry_range(offset, len)?;
+        let reg = local.handle.value();
+        let guard = reg.live()?;
+        let live = guard.as_ref().ok_or(Error::Revoked)?;
+        let _staging = live.bounce_lock();
+        let id = next_wr_id();
+        conn.qp().post_recv(id, &live.mr.slice(at, len)?)?;
+        let wc = self.finish(reg, conn, conn.recv_cq(), id, timeout, "RECV")?;
+        stage_out(reg, live, local.addr + offset, at, u64::from(wc.byte_len).min(len))?;
+        Ok((wc.byte_len, wc.imm))
+    }
+
+    /// Makes what peers wrote into `reg` visible to its memory's owner: bounce registrations
+    /// copy staging -> memory; device memory gets the backend's NIC-write flush.
+    pub fn flush(&self, reg: &Registered) -> Result<FlushOutcome> {
+        let r = reg.handle.value();
+        let guard = r.live()?;
+        let live = guard.as_ref().ok_or(Error::Revoked)?;
+        if live.mr.staging().is_some() {
+            let _staging = live.bounce_lock();
+            stage_out(r, live, reg.addr, reg.entry_offset(), reg.len)?;
+            return Ok(FlushOutcome::Flushed);
+        }
+        match &r.backend {
+            Some(b) => Ok(b.flush_nic_writes()?),
+            None => Ok(FlushOutcome::NotNeeded("host memory: a completion already orders the NIC's writes")),
+        }
+    }
+
+    /// Before peers RDMA READ a bounce registration: copies memory -> staging. (No-op for
+    /// direct registrations.)
+    pub fn publish(&self, reg: &Registered) -> Result<()> {
+        let r = reg.handle.value();
+        let guard = r.live()?;
+        let live = guard.as_ref().ok_or(Error::Revoked)?;
+        let _staging = live.bounce_lock();
+        stage_in(r, live, reg.addr, reg.entry_offset(), reg.len)
+    }
+}
+
+/// For a bounce registration: copies `len` bytes of the memory at `addr` into its staging
+/// buffer at `at` (no-op for direct registrations). `at..at+len` is within the registration
+/// (checked by the caller).
+fn stage_in(reg: &Registration, live: &Live, addr: u64, at: u64, len: u64) -> Result<()> {
+    let (Some((staging, size)), Some(b)) = (live.mr.staging(), &reg.backend) else { return Ok(()) };
+    let n = checked_len(at, len, size)?;
+    let mut tmp = vec![0u8; n];
+    // SAFETY: the caller holds the registration live, and the allocation's free revokes it
+    // first (waiting for that hold), so the memory is valid for the copy.
+    unsafe { b.copy_from_addr(addr, &mut tmp) }?;
+    // SAFETY: `at..at+n` lies within the staging mapping (checked); the bounce lock held by the
+    // caller makes this the only CPU access to the staging bytes, and no work request of ours
+    // on them is in flight (operations post after staging and reap before returning).
+    unsafe { std::ptr::copy_nonoverlapping(tmp.as_ptr(), staging.add(at as usize), n) };
+    Ok(())
+}
+
+/// For a bounce registration: copies `len` bytes of its staging buffer at `at` to the memory at
+/// `addr` (no-op for direct registrations). Reads the staging bytes by copy, never through a
+/// reference: a peer may be writing them.
+fn stage_out(reg: &Registration, live: &Live, addr: u64, at: u64, len: u64) -> Result<()> {
+    let (Some((staging, size)), Some(b)) = (live.mr.staging(), &reg.backend) else { return Ok(()) };
+    let n = checked_len(at, len, size)?;
+    let mut tmp = vec![0u8; n];
+    // SAFETY: within the staging mapping (checked); copied out, not referenced, since a peer
+    // with a key may write it at any time (the bytes are then whatever they were).
+    unsafe { std::ptr::copy_nonoverlapping(staging.add(at as usize), tmp.as_mut_ptr(), n) };
+    // SAFETY: as in `stage_in`: the registration is held live, so the memory is.
+    unsafe { b.copy_to_addr(addr, &tmp) }?;
+    Ok(())
+}
+
+fn checked_len(at: u64, len: u64, size: u64) -> Result<usize> {
+    if at.checked_add(len).is_none_or(|e| e > size) {
+        return Err(Error::OutOfBounds { offset: at, len, size });
+    }
+    usize::try_from(len).map_err(|_| Error::OutOfBounds { offset: at, len, size })
+}
