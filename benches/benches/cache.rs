@@ -60,7 +60,7 @@ fn benches(c: &mut Criterion) {
                 let _ = cache.insert(key(j / 100), start..start + 0x1_0000, 7, Cost::Unpinned, j);
                 (key(j / 100), start)
             },
-            |(d, start)| black_box(cache.invalidate(d, start..start + 0x1_0000, Duration::from_secs(1))),
+            |(d, start)| black_box(cache.remove_overlapping(d, start..start + 0x1_0000).len()),
             BatchSize::SmallInput,
         )
     });
@@ -75,7 +75,7 @@ fn benches(c: &mut Criterion) {
                 cache.insert(d, buf.addr()..buf.addr() + buf.len(), 7, Cost::Unpinned, 0).unwrap();
                 let c2 = cache.clone();
                 let sub = host.notices().subscribe(buf.key(), 0..buf.len(), move |n| {
-                    let _ = c2.invalidate(Domain::Alloc(n.key), 0..u64::MAX, Duration::from_secs(1));
+                    drop(c2.remove_overlapping(Domain::Alloc(n.key), 0..u64::MAX));
                     n.ack();
                 });
                 (buf, sub)

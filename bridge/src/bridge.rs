@@ -291,10 +291,11 @@ impl Bridge {
         r.map(|()| n)
     }
 
-    /// An allocator freed `len` bytes at `addr` without the bridge being told (PyTorch's caching
-    /// allocator calling `cudaFree`, another library's `munmap`): revokes every registration
-    /// over it, of host memory and of any backend allocation recorded there. Returns how many.
-    pub fn report_free(&self, addr: u64, len: u64) -> Result<usize> {
+    /// Revokes every registration over `len` bytes at `addr` — of host memory, and of any
+    /// backend allocation recorded there — whether the memory goes or not: keys over it are
+    /// refused by the NIC, handles turn dead, and the next registration is made anew. Returns
+    /// how many were revoked.
+    pub fn invalidate(&self, addr: u64, len: u64) -> Result<usize> {
         let end = check_range(addr, len)?;
         let keys: Vec<AllocationKey> = {
             let allocs = self.inner.allocs.lock().unwrap_or_else(|e| e.into_inner());
@@ -307,6 +308,18 @@ impl Bridge {
             r = r.and(rk);
         }
         r.map(|()| n)
+    }
+
+    /// An allocator freed `len` bytes at `addr` without the bridge being told (PyTorch's caching
+    /// allocator calling `cudaFree`, another library's `munmap`): revokes every registration
+    /// over it ([`Bridge::invalidate`]) and forgets the allocations recorded there. Call it
+    /// before the memory is reused. Returns how many registrations were revoked.
+    pub fn report_free(&self, addr: u64, len: u64) -> Result<usize> {
+        let n = self.invalidate(addr, len)?;
+        let end = addr.saturating_add(len);
+        let mut allocs = self.inner.allocs.lock().unwrap_or_else(|e| e.into_inner());
+        allocs.retain(|&b, (_, l)| b >= end || b.saturating_add(*l) <= addr);
+        Ok(n)
     }
 
     /// Hands `range` (offsets within `reg`) to the peer at the other end of `conn`, and

@@ -23,13 +23,13 @@ use std::ops::Range;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use p2pbridge_verbs::{AccessFlags, Connection, ProtectionDomain};
+use p2pbridge_verbs::{AccessFlags, Connection, HostBuffer, ProtectionDomain, SendFlags};
 
 use crate::cache::Handle;
 use crate::error::{Error, Result};
 use crate::key::RemoteKey;
 use crate::registration::{Registered, Registration};
-use crate::transfer::{next_wr_id, reap};
+use crate::transfer::{next_wr_id, reap, reap_on};
 
 /// Keys handed out: (generation, rkey) -> the registration.
 #[derive(Default)]
@@ -156,5 +156,33 @@ impl KeyLedger {
     /// Forgets every key (the bridge is going; its registrations are revoked).
     pub(crate) fn clear(&self) {
         self.lock().clear();
+    }
+}
+
+impl crate::Bridge {
+    /// Sends `key` to the peer over `conn` itself (a SEND of its wire form), so that no other
+    /// channel is needed. The peer receives it with [`recv_key`](Self::recv_key); its receive
+    /// must be posted before the SEND arrives, or the SEND is retried on RNR as
+    /// `ConnectionOptions::rnr_retry_count` allows (7: for ever).
+    pub fn send_key(&self, conn: &Connection, key: &RemoteKey) -> Result<()> {
+        let mut mr = self.inner.pd.register(HostBuffer::new(RemoteKey::WIRE_LEN)?, AccessFlags::LOCAL_WRITE)?;
+        mr.as_mut_slice()[..RemoteKey::WIRE_LEN].copy_from_slice(&key.to_bytes());
+        let id = next_wr_id();
+        conn.qp().post_send(id, &mr.slice(..RemoteKey::WIRE_LEN as u64)?, None, SendFlags::SIGNALED)?;
+        // `mr` lives until the completion is reaped (or the request flushed).
+        reap_on(conn, conn.send_cq(), id, self.inner.completion_timeout, "SEND of a key")?;
+        Ok(())
+    }
+
+    /// Receives a key the peer sent with [`send_key`](Self::send_key), waiting up to `timeout`.
+    /// On timeout the connection's queue pair is moved to the error state (see
+    /// [`Bridge::recv`](crate::Bridge::recv)).
+    pub fn recv_key(&self, conn: &Connection, timeout: Duration) -> Result<RemoteKey> {
+        let mr = self.inner.pd.register(HostBuffer::new(RemoteKey::WIRE_LEN)?, AccessFlags::LOCAL_WRITE)?;
+        let id = next_wr_id();
+        conn.qp().post_recv(id, &mr.slice(..)?)?;
+        let wc = reap_on(conn, conn.recv_cq(), id, timeout, "RECV of a key")?;
+        // The receive is complete and no peer has rights on this region: its bytes are settled.
+        RemoteKey::from_bytes(&mr.as_slice()[..(wc.byte_len as usize).min(RemoteKey::WIRE_LEN)])
     }
 }

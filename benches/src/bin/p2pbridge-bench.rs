@@ -23,7 +23,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use p2pbridge::cache::Domain;
 use p2pbridge::gpu::{DeviceBuffer, HostBackend, MemoryBackend};
 use p2pbridge::verbs::fabric::SoftRoce;
 use p2pbridge::verbs::{
@@ -180,7 +179,8 @@ enum Mover<'a> {
 fn one_op(conn: &Connection, m: &Mover<'_>, read: bool, size: usize, key: &RemoteKey) -> p2pbridge::Result<()> {
     match m {
         Mover::Direct(reg) => {
-            let (l, r) = (reg.slice(0, size as u64)?, key.slice(0, size as u64)?);
+            let held = reg.lock()?;
+            let (l, r) = (held.slice(0, size as u64)?, key.slice(0, size as u64)?);
             if read {
                 conn.qp().post_read(0, &l, &r, SendFlags::SIGNALED)?;
             } else {
@@ -213,7 +213,8 @@ fn bandwidth(
     let mut done = 0u64;
     match m {
         Mover::Direct(reg) => {
-            let (l, r) = (reg.slice(0, size as u64)?, key.slice(0, size as u64)?);
+            let held = reg.lock()?;
+            let (l, r) = (held.slice(0, size as u64)?, key.slice(0, size as u64)?);
             let mut wcs = [WorkCompletion::default(); 16];
             let mut posted = 0u64;
             // 16 in flight, or fewer for large transfers: at most 64 MiB on the wire.
@@ -294,9 +295,10 @@ fn size_name(b: usize) -> String {
 
 type ServerState = (HostBackend, DeviceBuffer, Bridge, Registered);
 
-/// The server's half: `max` bytes of host memory registered (pinned) for remote access, and
-/// the key to send the client.
-fn serve_buffer(pd: &ProtectionDomain, max: usize) -> p2pbridge::verbs::Result<(ServerState, Vec<u8>)> {
+/// The server's half: `max` bytes of host memory registered (pinned) for remote access; its
+/// key is handed out once the connection is up ([`Bridge::hand_out`] binds a memory window to
+/// the connection's queue pair where the device has them).
+fn serve_buffer(pd: &ProtectionDomain, max: usize) -> p2pbridge::verbs::Result<ServerState> {
     let err = |e: p2pbridge::Error| p2pbridge::verbs::Error::InvalidArgument(e.to_string());
     let mem = HostBackend::new();
     let policy = Policy::default().require(Strategy::PinnedHost);
@@ -304,8 +306,13 @@ fn serve_buffer(pd: &ProtectionDomain, max: usize) -> p2pbridge::verbs::Result<(
         Bridge::new(pd, vec![Arc::new(mem.clone())], BridgeOptions { policy, ..Default::default() }).map_err(err)?;
     let buf = mem.alloc(max).map_err(|e| p2pbridge::verbs::Error::InvalidArgument(e.to_string()))?;
     let reg = bridge.register(buf.addr(), buf.len(), AccessFlags::remote_rw()).map_err(err)?;
-    let key = bridge.hand_out(&reg, 0..max as u64).map_err(err)?;
-    Ok(((mem, buf, bridge, reg), key.to_bytes().to_vec()))
+    Ok((mem, buf, bridge, reg))
+}
+
+/// Connection options of the harness: the key travels over the connection as a SEND, retried
+/// on RNR until the client's receive is posted.
+fn conn_opts() -> ConnectionOptions {
+    ConnectionOptions { timeout: Duration::from_secs(60), rnr_retry_count: 7, ..Default::default() }
 }
 
 /// The client's memory: `max` bytes from the host backend.
@@ -318,12 +325,13 @@ fn client_buffer(max: usize) -> p2pbridge::verbs::Result<(HostBackend, DeviceBuf
 /// Both ends in this process, on the fabric's two hosts (or one host twice: loopback).
 fn run_pair(a: &Args, fabric: &SoftRoce) -> p2pbridge::Result<Vec<Row>> {
     let max = a.max;
-    let (client, _server) = fabric.connect_pair(
-        ConnectionOptions { timeout: Duration::from_secs(60), ..Default::default() },
+    let (client, server) = fabric.connect_pair(
+        conn_opts(),
         move |_pd| Ok((client_buffer(max)?, Vec::new())),
-        move |pd| serve_buffer(pd, max),
+        move |pd| Ok((serve_buffer(pd, max)?, Vec::new())),
     )?;
-    let key = RemoteKey::from_bytes(client.conn.remote_private_data())?;
+    let (_, _, sbridge, sreg) = &server.state;
+    let key = sbridge.hand_out(&server.conn, sreg, 0..max as u64)?;
     let (mem, buf) = &client.state;
     sweep(a, &client.conn, &client.pd, mem, buf, &key)
 }
@@ -336,9 +344,10 @@ fn serve(a: &Args, addr: std::net::SocketAddr) -> p2pbridge::Result<()> {
     let dev =
         req.device_name().ok_or_else(|| p2pbridge::Error::InvalidArgument("request on an unknown device".into()))?;
     let pd = ProtectionDomain::new(&Context::open(&dev)?)?;
-    let (_state, private_data) = serve_buffer(&pd, a.max)?;
-    let conn =
-        req.accept(&pd, &ConnectionOptions { private_data, timeout: Duration::from_secs(60), ..Default::default() })?;
+    let (_mem, _buf, bridge, reg) = serve_buffer(&pd, a.max)?;
+    let conn = req.accept(&pd, &conn_opts())?;
+    let key = bridge.hand_out(&conn, &reg, 0..a.max as u64)?;
+    bridge.send_key(&conn, &key)?;
     println!("client connected through {dev}; serving until it disconnects");
     conn.wait_disconnect(Duration::from_secs(24 * 3600))?;
     Ok(())
@@ -348,9 +357,8 @@ fn serve(a: &Args, addr: std::net::SocketAddr) -> p2pbridge::Result<()> {
 fn run_client(a: &Args, addr: std::net::SocketAddr, device: &str) -> p2pbridge::Result<Vec<Row>> {
     let pd = ProtectionDomain::new(&Context::open(device)?)?;
     let (mem, buf) = client_buffer(a.max)?;
-    let conn =
-        Connection::connect(&pd, addr, &ConnectionOptions { timeout: Duration::from_secs(60), ..Default::default() })?;
-    let key = RemoteKey::from_bytes(conn.remote_private_data())?;
+    let conn = Connection::connect(&pd, addr, &conn_opts())?;
+    let key = Bridge::new(&pd, Vec::new(), BridgeOptions::default())?.recv_key(&conn, Duration::from_secs(60))?;
     if key.len < a.max as u64 {
         return Err(p2pbridge::Error::InvalidArgument(format!(
             "the server's buffer ({} B) is smaller than --max",
@@ -400,14 +408,13 @@ fn sweep(
 
     let mut prog = Progress { total: movers.len() * sizes.len() * 2, done: 0, tty: std::io::stderr().is_terminal() };
     let mut rows = Vec::new();
-    let domain = Domain::Alloc(buf.key());
     for (name, bridge) in &movers {
         for &size in &sizes {
             let (mut cold, mut hit, mut touch, mut flush) = (0.0, 0.0, 0.0, 0.0);
             let reg;
             let mover = match bridge {
                 Some(b) => {
-                    drop(b.cache().remove_overlapping(domain, 0..u64::MAX));
+                    b.invalidate(buf.addr(), buf.len())?;
                     let t = Instant::now();
                     reg = b.register(buf.addr(), size as u64, AccessFlags::remote_rw())?;
                     cold = us(t.elapsed());

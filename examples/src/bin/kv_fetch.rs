@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use p2pbridge::verbs::fabric::SoftRoce;
 use p2pbridge::verbs::{AccessFlags, ConnectionOptions};
-use p2pbridge::RemoteKey;
 use p2pbridge_examples::{bridged, pattern, verbs_err};
 
 const BLOCK: usize = 64 << 10;
@@ -46,16 +45,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 bridge.register(pool.addr(), (BLOCKS * BLOCK) as u64, AccessFlags::remote_rw()).map_err(verbs_err)?;
             bridge.publish(&reg).map_err(verbs_err)?;
             println!("server: {what}, {BLOCKS} blocks of {BLOCK} B, {}", reg.strategy());
-            let mut private = bridge.hand_out(&reg, 0..(BLOCKS * BLOCK) as u64).map_err(verbs_err)?.to_bytes().to_vec();
-            private.extend_from_slice(&(BLOCK as u32).to_le_bytes());
-            Ok(((mem, bridge, pool, reg), private))
+            Ok(((mem, bridge, pool, reg), (BLOCK as u32).to_le_bytes().to_vec()))
         },
     )?;
-    let pd = client.conn.remote_private_data();
-    let key = RemoteKey::from_bytes(pd)?;
-    let block = u32::from_le_bytes(pd[RemoteKey::WIRE_LEN..RemoteKey::WIRE_LEN + 4].try_into()?) as u64;
+    // The pool's key: a memory window over the pool, bound to the server's queue pair.
+    let (_, sbridge, _, sreg) = &server.state;
+    let key = sbridge.hand_out(&server.conn, sreg, 0..(BLOCKS * BLOCK) as u64)?;
+    let block = u32::from_le_bytes(client.conn.remote_private_data()[..4].try_into()?) as u64;
     let (mem, bridge, buf, reg) = &client.state;
-    let _keep_server_alive = &server.state;
     let t = std::time::Instant::now();
     for (slot, &b) in WANTED.iter().enumerate() {
         bridge.read(&client.conn, reg, slot as u64 * block, block, &key, b as u64 * block)?;

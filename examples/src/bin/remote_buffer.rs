@@ -6,15 +6,13 @@
 //!
 //! The server allocates a buffer with the best backend it has (CUDA, else host memory),
 //! registers it through the bridge — which picks dma-buf, peer memory, ODP, pinned or bounce
-//! and says why — and sends the key (address, length, rkey, generation) in rdma_cm's private
-//! data. The client writes a pattern into it, the server flushes (NIC writes made visible to
+//! and says why — and sends the key (address, length, rkey, generation) over the connection. The client writes a pattern into it, the server flushes (NIC writes made visible to
 //! the GPU) and checks, the client reads it back.
 
 use std::time::Duration;
 
 use p2pbridge::verbs::fabric::SoftRoce;
 use p2pbridge::verbs::{AccessFlags, ConnectionOptions};
-use p2pbridge::RemoteKey;
 use p2pbridge_examples::{bridged, pattern, verbs_err};
 
 const LEN: usize = 8 << 20;
@@ -23,7 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fabric = SoftRoce::from_env().ok_or("run it under scripts/softroce (two Soft-RoCE hosts)")?;
     // Each side: a backend, a bridge on its PD, a buffer registered through the bridge.
     let (client, server) = fabric.connect_pair(
-        ConnectionOptions { timeout: Duration::from_secs(60), ..Default::default() },
+        ConnectionOptions { timeout: Duration::from_secs(60), rnr_retry_count: 7, ..Default::default() },
         move |pd| {
             let (mem, bridge, what) = bridged(pd)?;
             let buf = mem.alloc(LEN).map_err(verbs_err)?;
@@ -41,11 +39,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let buf = mem.alloc(LEN).map_err(verbs_err)?;
             let reg = bridge.register(buf.addr(), LEN as u64, AccessFlags::remote_rw()).map_err(verbs_err)?;
             println!("server: {what}, registered with {}", reg.strategy());
-            let key = bridge.hand_out(&reg, 0..LEN as u64).map_err(verbs_err)?;
-            Ok(((mem, bridge, buf, reg), key.to_bytes().to_vec()))
+            Ok(((mem, bridge, buf, reg), Vec::new()))
         },
     )?;
-    let key = RemoteKey::from_bytes(client.conn.remote_private_data())?;
+    // The key is handed out on the server's connection (a memory window bound to its queue
+    // pair, where the device has them) and travels over the connection itself.
+    let (_, sbridge, _, sreg) = &server.state;
+    let key = sbridge.hand_out(&server.conn, sreg, 0..LEN as u64)?;
+    std::thread::scope(|s| -> Result<(), p2pbridge::Error> {
+        let sent = s.spawn(|| sbridge.send_key(&server.conn, &key));
+        let got = client.state.1.recv_key(&client.conn, Duration::from_secs(60))?;
+        sent.join().expect("send_key panicked")?;
+        assert_eq!(got, key);
+        Ok(())
+    })?;
     println!("server's key: addr {:#x}, {} B, rkey {:#x}, generation {}", key.addr, key.len, key.rkey, key.generation);
     let (cmem, cbridge, cbuf, creg) = &client.state;
     let (smem, sbridge, sbuf, sreg) = &server.state;
