@@ -32,7 +32,7 @@ pub(crate) struct Inner {
     /// Backend allocations seen, by base address: a new allocation found where an old one was
     /// (freed without a notice this bridge saw) revokes the old one's registrations.
     allocs: Mutex<BTreeMap<u64, (AllocationKey, u64)>>,
-    keys: KeyLedger,
+    pub(crate) keys: KeyLedger,
     /// Keys are memory windows (the device has type 2 windows and the options allow them).
     windows: bool,
     pub(crate) completion_timeout: Duration,
@@ -61,7 +61,9 @@ impl Inner {
     /// a registration that could not be revoked keeps the free waiting for ever rather than
     /// letting the memory go while the NIC may reach it.
     fn on_notice(&self, notice: Notice) {
-        let (_, r) = self.invalidate(Domain::Alloc(notice.key), notice.range.clone());
+        // The notice's range is in offsets of the allocation, the cache's in addresses: the
+        // whole allocation's registrations go (a part going is as rare as it is final).
+        let (_, r) = self.invalidate(Domain::Alloc(notice.key), 0..u64::MAX);
         if notice.reason == p2pbridge_gpu::InvalidationReason::Free {
             self.subs.lock().unwrap_or_else(|e| e.into_inner()).remove(&notice.key);
             let mut allocs = self.allocs.lock().unwrap_or_else(|e| e.into_inner());
@@ -331,7 +333,7 @@ impl Bridge {
     /// [`Bridge::publish`] before peers read and [`Bridge::flush`] after they write.
     pub fn hand_out(&self, conn: &Connection, reg: &Registered, range: Range<u64>) -> Result<RemoteKey> {
         let access = AccessFlags::from_bits_truncate(reg.handle.access());
-        self.inner.keys.hand_out(&self.inner.pd, conn, reg, range, access, self.inner.completion_timeout)
+        self.inner.keys.hand_out(Arc::downgrade(&self.inner), &self.inner.pd, conn, reg, range, access, self.inner.completion_timeout)
     }
 
     /// `Ok` while a key this bridge handed out still reaches its memory; [`Error::StaleKey`]

@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::Mutex;
+use std::sync::{Mutex, Weak};
 use std::time::Duration;
 
 use p2pbridge_verbs::{AccessFlags, Connection, HostBuffer, ProtectionDomain, SendFlags};
@@ -28,7 +28,7 @@ use p2pbridge_verbs::{AccessFlags, Connection, HostBuffer, ProtectionDomain, Sen
 use crate::cache::Handle;
 use crate::error::{Error, Result};
 use crate::key::RemoteKey;
-use crate::registration::{Registered, Registration};
+use crate::registration::{Bound, Registered, Registration};
 use crate::transfer::{next_wr_id, reap, reap_on};
 
 /// Keys handed out: (generation, rkey) -> the registration.
@@ -46,6 +46,7 @@ impl KeyLedger {
     /// remote rights in `access`.
     pub(crate) fn hand_out(
         &self,
+        bridge: Weak<crate::bridge::Inner>,
         pd: &ProtectionDomain,
         conn: &Connection,
         reg: &Registered,
@@ -66,22 +67,36 @@ impl KeyLedger {
         let live = guard.as_ref().ok_or(Error::Revoked)?;
         let rkey = if r.windowed() {
             let remote = access & (AccessFlags::REMOTE_READ | AccessFlags::REMOTE_WRITE | AccessFlags::REMOTE_ATOMIC);
+            // Part of the region: bind over a region of exactly that part, so that providers
+            // that bound a window's accesses by its region's range only (rxe) refuse the rest
+            // too. Not for dma-buf regions (their memory has no mapping to register by
+            // address): there the window's own range is what the NIC checks.
+            let whole = at == 0 && len == live.mr.len();
+            let region = if whole || r.strategy() == crate::Strategy::DmaBuf {
+                None
+            } else {
+                // SAFETY: it is kept in the registration's window list, whose regions are
+                // deregistered before the registration's own.
+                Some(unsafe { live.mr.sub_region(at, len) }?)
+            };
             let mut mw = pd.alloc_mw()?;
             let wr_id = next_wr_id();
-            // SAFETY: the window goes into the registration's list below whatever happens after
-            // the post, and revocation deallocates every window of the list before it
-            // deregisters the region.
-            let posted = unsafe { live.mr.bind(conn, wr_id, &mw, at, len, remote) };
-            let rkey = match posted {
-                Ok(k) => k,
-                // Not posted: the window is bound to nothing.
-                Err(e) => return Err(e),
+            // SAFETY: the window (and its region) go into the registration's list below
+            // whatever happens after the post, and revocation deallocates every window of the
+            // list before it deregisters any region.
+            let posted = unsafe {
+                match &region {
+                    Some(sub) => conn.qp().post_bind_mw(wr_id, &mw, sub, 0, len, remote).map_err(Error::from),
+                    None => live.mr.bind(conn, wr_id, &mw, at, len, remote),
+                }
             };
+            // Not posted: the window is bound to nothing (dropping it, and the region, is safe).
+            let rkey = posted?;
             let done = reap(conn, wr_id, timeout);
             if done.is_ok() {
                 conn.qp().bind_completed(&mut mw, rkey);
             }
-            live.windows().push(mw);
+            live.windows().push(Bound { mw, region });
             done?;
             rkey
         } else {
@@ -96,6 +111,16 @@ impl KeyLedger {
             handed.retain(|_, h| h.value().is_live());
         }
         handed.insert((key.generation, key.rkey), reg.handle.clone());
+        drop(handed);
+        if r.windowed() {
+            // A window is bound to the connection's QP, which cannot be destroyed while it is:
+            // the key goes with the connection.
+            conn.on_close(move || {
+                if let Some(inner) = bridge.upgrade() {
+                    let _ = inner.keys.revoke(&key);
+                }
+            });
+        }
         Ok(key)
     }
 
@@ -110,7 +135,7 @@ impl KeyLedger {
         };
         let r = h.value();
         let live = match r.live() {
-            Ok(g) => !r.windowed() || g.as_ref().is_some_and(|l| l.windows().iter().any(|w| w.rkey() == key.rkey)),
+            Ok(g) => !r.windowed() || g.as_ref().is_some_and(|l| l.windows().iter().any(|b| b.mw.rkey() == key.rkey)),
             Err(_) => false,
         };
         if live {
@@ -139,15 +164,19 @@ impl KeyLedger {
         let Ok(guard) = r.live() else { return Ok(()) };
         let Some(live) = guard.as_ref() else { return Ok(()) };
         let mut windows = live.windows();
-        if let Some(i) = windows.iter().position(|w| w.rkey() == key.rkey) {
-            let w = windows.swap_remove(i);
-            // On failure the window is leaked with the region under it (dealloc does not hand
-            // it back): the region must then never be deregistered.
-            if let Err(e) = w.dealloc() {
+        if let Some(i) = windows.iter().position(|b| b.mw.rkey() == key.rkey) {
+            let b = windows.swap_remove(i);
+            // On failure the window is leaked with the regions under it (dealloc does not hand
+            // it back): they must then never be deregistered.
+            if let Err(e) = b.mw.dealloc() {
+                std::mem::forget(b.region);
                 drop(windows);
                 drop(guard);
                 r.pin_forever();
                 return Err(e.into());
+            }
+            if let Some(sub) = b.region {
+                sub.deregister()?;
             }
         }
         Ok(())

@@ -91,6 +91,22 @@ impl Mr {
         Ok(k)
     }
 
+    /// A region over exactly `offset..offset+len` of this one's memory, with the same rights,
+    /// for a window over part of it (see [`Bound`]).
+    ///
+    /// # Safety
+    /// The returned region must be deregistered before this one.
+    pub(crate) unsafe fn sub_region(&self, offset: u64, len: u64) -> Result<MemoryRegion<Foreign>> {
+        let (pd, access) = match self {
+            Mr::Direct(m) => (m.pd(), m.access()),
+            Mr::Bounce(m) => (m.pd(), m.access()),
+        };
+        let len = usize::try_from(len).map_err(|_| Error::InvalidArgument("range too large".into()))?;
+        // SAFETY: the range lies within this region's memory (the caller checked it), which
+        // stays mapped while this region lives, and the caller drops the new region first.
+        Ok(unsafe { pd.register_raw((self.addr() + offset) as *mut u8, len, access) }?)
+    }
+
     /// The staging buffer's memory, for bounce copies (None for direct regions).
     pub(crate) fn staging(&self) -> Option<(*mut u8, u64)> {
         match self {
@@ -110,11 +126,20 @@ impl Mr {
     }
 }
 
+/// A window handed to a peer, and the region it is bound over when that is not the
+/// registration's own: a region over exactly the handed-out range, so that the range is
+/// enforced by providers that check a window's accesses against its region's bounds only
+/// (rxe does).
+pub(crate) struct Bound {
+    pub(crate) mw: MemoryWindow,
+    pub(crate) region: Option<MemoryRegion<Foreign>>,
+}
+
 /// What a live registration holds.
 pub(crate) struct Live {
     pub(crate) mr: Mr,
-    /// Windows bound over `mr` for peers (see [`crate::keys`]); deallocated before `mr` goes.
-    pub(crate) windows: Mutex<Vec<MemoryWindow>>,
+    /// Windows bound for peers (see [`crate::keys`]); deallocated before any region goes.
+    pub(crate) windows: Mutex<Vec<Bound>>,
     /// Kept while the region exists: revoking or dropping it is the exporter's business.
     export: Option<DmaBufExport>,
     /// Serializes the bounce copies and the operations on the staging buffer.
@@ -128,7 +153,7 @@ impl Live {
         self.mr.staging().map(|_| self.bounce.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    pub(crate) fn windows(&self) -> MutexGuard<'_, Vec<MemoryWindow>> {
+    pub(crate) fn windows(&self) -> MutexGuard<'_, Vec<Bound>> {
         self.windows.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -216,8 +241,18 @@ impl Registration {
         LIVE.fetch_sub(1, Ordering::SeqCst);
         let Live { mr, windows, export, .. } = live;
         let mut first_err = None;
-        for w in windows.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            if let Err(e) = w.dealloc() {
+        let mut regions = Vec::new();
+        for b in windows.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            match b.mw.dealloc() {
+                Ok(()) => regions.extend(b.region),
+                Err(e) => {
+                    first_err.get_or_insert(Error::from(e));
+                    std::mem::forget(b.region);
+                }
+            }
+        }
+        for r in regions {
+            if let Err(e) = r.deregister() {
                 first_err.get_or_insert(Error::from(e));
             }
         }

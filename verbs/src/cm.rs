@@ -311,6 +311,8 @@ pub struct Connection {
     recv_cq: CompletionQueue,
     pd: ProtectionDomain,
     remote_private_data: Vec<u8>,
+    /// Run before the QP is destroyed (see [`Connection::on_close`]).
+    on_close: std::sync::Mutex<Vec<Box<dyn FnOnce() + Send>>>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -357,7 +359,15 @@ impl Connection {
         let rc = unsafe { sys::rdma_connect(id.raw(), &mut param) };
         result::neg_errno("rdma_connect", rc)?;
         let ev = id.wait(sys::rdma_cm_event_type::RDMA_CM_EVENT_ESTABLISHED, opts.timeout)?;
-        Ok(Connection { qp, id, send_cq, recv_cq, pd: pd.clone(), remote_private_data: ev.private_data })
+        Ok(Connection {
+            qp,
+            id,
+            send_cq,
+            recv_cq,
+            pd: pd.clone(),
+            remote_private_data: ev.private_data,
+            on_close: Default::default(),
+        })
     }
 
     /// The queue pair: post work requests here.
@@ -392,8 +402,20 @@ impl Connection {
     }
 }
 
+impl Connection {
+    /// Runs `f` when the connection is dropped, before its queue pair is destroyed: for
+    /// objects bound to the QP (type 2 memory windows) that must go first. Callbacks run in
+    /// the order they were added.
+    pub fn on_close(&self, f: impl FnOnce() + Send + 'static) {
+        self.on_close.lock().unwrap_or_else(|e| e.into_inner()).push(Box::new(f));
+    }
+}
+
 impl Drop for Connection {
     fn drop(&mut self) {
+        for f in std::mem::take(&mut *self.on_close.lock().unwrap_or_else(|e| e.into_inner())) {
+            f();
+        }
         // SAFETY: the id is live; disconnecting an already disconnected id only fails.
         unsafe { sys::rdma_disconnect(self.id.raw()) };
     }
@@ -505,7 +527,15 @@ impl ConnectRequest<'_> {
         result::neg_errno("rdma_accept", rc)?;
         id.wait(sys::rdma_cm_event_type::RDMA_CM_EVENT_ESTABLISHED, opts.timeout)?;
         let private = std::mem::take(&mut self.private_data);
-        Ok(Connection { qp, id, send_cq, recv_cq, pd: pd.clone(), remote_private_data: private })
+        Ok(Connection {
+            qp,
+            id,
+            send_cq,
+            recv_cq,
+            pd: pd.clone(),
+            remote_private_data: private,
+            on_close: Default::default(),
+        })
     }
 
     /// Rejects the request.
