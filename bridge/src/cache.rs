@@ -1,6 +1,6 @@
 //! The registration cache: an interval map of registrations, keyed by (memory domain, access,
-//! range), with limits, LRU eviction of unused entries, and invalidation that waits for
-//! in-flight users.
+//! range), with limits, LRU eviction of unused entries, and invalidation that hands every
+//! entry over a range — held or not — to the caller to revoke.
 //!
 //! It is generic over the registration `V` (the bridge stores memory regions; tests store
 //! plain values), so its logic is checked against a reference model without a NIC.
