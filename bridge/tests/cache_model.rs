@@ -33,6 +33,9 @@ struct M {
 
 struct Model {
     entries: Vec<M>,
+    /// Entries merged away: still invalidated while held; the unheld ones are let go at the
+    /// next successful insert.
+    retired: Vec<M>,
     clock: u64,
     generation: u64,
     policy: CachePolicy,
@@ -84,6 +87,9 @@ impl Model {
         if over(count, bytes) {
             return None;
         }
+        let replaced: Vec<M> = self.entries.iter().filter(|e| touches(e)).cloned().collect();
+        self.retired.retain(|e| e.held > 0);
+        self.retired.extend(replaced);
         self.entries = keep.into_iter().filter(|e| !evicted.contains(&e.generation)).collect();
         let g = self.generation;
         self.generation += 1;
@@ -93,9 +99,11 @@ impl Model {
     }
 
     fn remove_overlapping(&mut self, d: Domain, r: &Range<u64>) -> usize {
-        let before = self.entries.len();
-        self.entries.retain(|e| !(e.domain == d && e.range.start < r.end && r.start < e.range.end));
-        before - self.entries.len()
+        let before = self.entries.len() + self.retired.len();
+        let gone = |e: &M| e.domain == d && e.range.start < r.end && r.start < e.range.end;
+        self.entries.retain(|e| !gone(e));
+        self.retired.retain(|e| !gone(e));
+        before - self.entries.len() - self.retired.len()
     }
 }
 
@@ -117,7 +125,7 @@ fn cache_matches_the_reference_model_over_20000_random_steps() {
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).max(1));
     let policy = CachePolicy { max_entries: 12, max_bytes: 3 << 20, ..CachePolicy::default() };
     let cache: RegCache<u64> = RegCache::new(policy.clone());
-    let mut model = Model { entries: Vec::new(), clock: 1, generation: 1, policy };
+    let mut model = Model { entries: Vec::new(), retired: Vec::new(), clock: 1, generation: 1, policy };
     let domains = [
         Domain::HostVa,
         Domain::Alloc(AllocationKey { backend: BackendKind::Host, device: 0, id: 1 }),
@@ -161,7 +169,9 @@ fn cache_matches_the_reference_model_over_20000_random_steps() {
             6 => {
                 if !held.is_empty() {
                     let h = held.swap_remove(rng.below(held.len() as u64) as usize);
-                    if let Some(e) = model.entries.iter_mut().find(|e| e.generation == h.generation()) {
+                    if let Some(e) =
+                        model.entries.iter_mut().chain(model.retired.iter_mut()).find(|e| e.generation == h.generation())
+                    {
                         e.held -= 1;
                     }
                 }
