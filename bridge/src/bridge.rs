@@ -20,7 +20,7 @@ use crate::registration::{Mr, Registered, Registration};
 use crate::strategy::{plan, HostCaps, MemoryKind, Policy, SkipReason, Strategy};
 
 /// How often a registration that raced an invalidation is tried again before giving up.
-const RACE_RETRIES: usize = 8;
+const RACE_RETRIES: usize = 64;
 
 pub(crate) struct Inner {
     pub(crate) pd: ProtectionDomain,
@@ -226,10 +226,12 @@ impl Bridge {
     pub fn register(&self, addr: u64, len: u64, access: AccessFlags) -> Result<Registered> {
         check_range(addr, len)?;
         for _ in 0..RACE_RETRIES {
-            let epoch = self.inner.cache.epoch();
             let (backend, info) = self.identify(addr)?;
             info.check(addr - info.base, len)?;
             let domain = Domain::Alloc(info.key);
+            // Before the second identification below: a free of this allocation that runs
+            // after it is seen by the epoch.
+            let epoch = self.inner.cache.epoch(domain);
             let access = access | AccessFlags::LOCAL_WRITE;
             if let Some(handle) = self.inner.cache.lookup(domain, addr..addr + len, access.bits()) {
                 return Ok(Registered { handle, addr, len });
@@ -267,7 +269,7 @@ impl Bridge {
         check_range(addr, len)?;
         let access = access | AccessFlags::LOCAL_WRITE;
         for _ in 0..RACE_RETRIES {
-            let epoch = self.inner.cache.epoch();
+            let epoch = self.inner.cache.epoch(Domain::HostVa);
             // The hit path first: a cached range is already watched.
             if let Some(handle) = self.inner.cache.lookup(Domain::HostVa, addr..addr + len, access.bits()) {
                 return Ok(Registered { handle, addr, len });

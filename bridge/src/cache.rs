@@ -120,6 +120,9 @@ impl Default for CachePolicy {
 }
 
 type Slot = (Domain, u32);
+
+/// Buckets of invalidation epochs.
+const EPOCH_BUCKETS: usize = 256;
 type Intervals<V> = BTreeMap<u64, Arc<Entry<V>>>;
 
 struct Index<V> {
@@ -204,8 +207,11 @@ pub struct Inserted<V> {
 /// The cache. See the module documentation.
 pub struct RegCache<V> {
     index: RwLock<Index<V>>,
-    /// Bumped by every [`remove_overlapping`](RegCache::remove_overlapping), under the write lock.
-    epoch: AtomicU64,
+    /// Invalidation counts, per bucket of domains: bumped by every
+    /// [`remove_overlapping`](RegCache::remove_overlapping) of a domain of the bucket, under
+    /// the write lock. (Buckets, not one counter, so that frees of other allocations do not make
+    /// a registration start over; a shared bucket costs a spurious retry at worst.)
+    epochs: Box<[AtomicU64]>,
     clock: AtomicU64,
     next_generation: AtomicU64,
     policy: CachePolicy,
@@ -222,7 +228,7 @@ impl<V> RegCache<V> {
                 by_cost: HashMap::default(),
                 retired: Vec::new(),
             }),
-            epoch: AtomicU64::new(0),
+            epochs: (0..EPOCH_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
             clock: AtomicU64::new(1),
             next_generation: AtomicU64::new(1),
             policy,
@@ -300,13 +306,20 @@ impl<V> RegCache<V> {
         }
     }
 
-    /// The current epoch: read it before a cache miss starts its registration, and pass it
-    /// to [`insert_since`](Self::insert_since).
-    pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::SeqCst)
+    /// The current epoch of `domain`: read it before a cache miss starts its registration, and
+    /// pass it to [`insert_since`](Self::insert_since).
+    pub fn epoch(&self, domain: Domain) -> u64 {
+        self.epoch_of(domain).load(Ordering::SeqCst)
     }
 
-    /// [`insert`](Self::insert), but only if no invalidation ran since `epoch` was read:
+    fn epoch_of(&self, domain: Domain) -> &AtomicU64 {
+        use std::hash::BuildHasher;
+        let h = rustc_hash::FxBuildHasher.hash_one(domain);
+        &self.epochs[(h % EPOCH_BUCKETS as u64) as usize]
+    }
+
+    /// [`insert`](Self::insert), but only if no invalidation of `domain` ran since `epoch`
+    /// ([`epoch`](Self::epoch)) was read:
     /// otherwise `Ok(Err(value))` gives the registration back (its memory may be gone; the
     /// caller drops it and tries again).
     pub fn insert_since(
@@ -331,7 +344,7 @@ impl<V> RegCache<V> {
         value: V,
     ) -> Result<Result<Inserted<V>, V>, CacheFull> {
         let mut idx = self.write();
-        if since.is_some_and(|e| e != self.epoch.load(Ordering::SeqCst)) {
+        if since.is_some_and(|e| e != self.epoch_of(domain).load(Ordering::SeqCst)) {
             return Ok(Err(value));
         }
         let len = range.end.saturating_sub(range.start);
@@ -444,7 +457,7 @@ impl<V> RegCache<V> {
     /// Bumps the epoch (see [`insert_since`](Self::insert_since)).
     pub fn remove_overlapping(&self, domain: Domain, range: Range<u64>) -> Vec<Handle<V>> {
         let mut idx = self.write();
-        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.epoch_of(domain).fetch_add(1, Ordering::SeqCst);
         let victims: Vec<(u32, u64)> = match idx.maps.get(&domain) {
             Some(by) => by.iter().flat_map(|(&a, m)| overlapping(m, &range).map(move |e| (a, e.range.start))).collect(),
             None => Vec::new(),
@@ -462,7 +475,9 @@ impl<V> RegCache<V> {
     /// Removes every entry (indexed and retired) and returns them, for the caller to revoke.
     pub fn drain(&self) -> Vec<Handle<V>> {
         let mut idx = self.write();
-        self.epoch.fetch_add(1, Ordering::SeqCst);
+        for e in self.epochs.iter() {
+            e.fetch_add(1, Ordering::SeqCst);
+        }
         let mut all: Vec<Handle<V>> = std::mem::take(&mut idx.retired);
         let maps = std::mem::take(&mut idx.maps);
         all.extend(maps.into_values().flat_map(|by| by.into_values().flat_map(|m| m.into_values())));
@@ -630,14 +645,14 @@ mod tests {
     #[test]
     fn an_insert_after_an_invalidation_since_the_miss_is_refused() {
         let c = cache(10);
-        let e0 = c.epoch();
+        let e0 = c.epoch(Domain::HostVa);
         drop(c.remove_overlapping(Domain::HostVa, 0..100));
         match c.insert_since(e0, Domain::HostVa, 0..100, 1, Cost::Unpinned, "late").unwrap() {
             Err(v) => assert_eq!(v, "late"),
             Ok(_) => panic!("a registration that raced an invalidation was inserted"),
         }
         assert_eq!(c.usage(), (0, 0));
-        let e1 = c.epoch();
+        let e1 = c.epoch(Domain::HostVa);
         assert!(c.insert_since(e1, Domain::HostVa, 0..100, 1, Cost::Unpinned, "ok").unwrap().is_ok());
         assert_eq!(c.drain().len(), 1);
         assert_eq!(c.usage(), (0, 0));
