@@ -487,11 +487,26 @@ impl Bridge {
                     .map_err(Error::from),
             };
             match attempt {
-                Ok((mr, export)) => return Ok(Registration::new(s, skipped, windowed, backend.clone(), mr, export)),
+                Ok((mr, export)) => {
+                    let prefetch = (s == Strategy::Odp).then(|| self.prefetch(&mr, access));
+                    return Ok(Registration::new(s, skipped, windowed, prefetch, backend.clone(), mr, export));
+                }
                 Err(e) => skipped.push((s, SkipReason::Failed { error: e.to_string() })),
             }
         }
         Err(Error::NoStrategy(skipped))
+    }
+
+    /// Faults an ODP registration's pages into the NIC now (`ibv_advise_mr`, for writing where
+    /// peers may write), so that the first transfers do not pay for the faults; or says why not.
+    fn prefetch(&self, mr: &Mr, access: AccessFlags) -> std::result::Result<(), String> {
+        self.inner.caps.prefetch.clone()?;
+        match mr {
+            Mr::Direct(m) => m
+                .advise_prefetch(.., access.intersects(AccessFlags::LOCAL_WRITE | AccessFlags::REMOTE_WRITE))
+                .map_err(|e| e.to_string()),
+            Mr::Bounce(_) => Err("not an ODP region".into()),
+        }
     }
 
     /// Subscribes (once per allocation) to the backend's notices: before the allocation is

@@ -165,6 +165,8 @@ pub struct Registration {
     skipped: Vec<(Strategy, SkipReason)>,
     /// Memory windows carry the keys handed out (the region has no remote rights itself).
     windowed: bool,
+    /// ODP registrations: whether the pages were prefetched into the NIC, or why not.
+    prefetch: Option<std::result::Result<(), String>>,
     pub(crate) backend: Option<Arc<dyn MemoryBackend>>,
     state: RwLock<Option<Live>>,
     /// A window over the region could not be deallocated: never deregister the region (the
@@ -173,10 +175,12 @@ pub struct Registration {
 }
 
 impl Registration {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         strategy: Strategy,
         skipped: Vec<(Strategy, SkipReason)>,
         windowed: bool,
+        prefetch: Option<std::result::Result<(), String>>,
         backend: Option<Arc<dyn MemoryBackend>>,
         mr: Mr,
         export: Option<DmaBufExport>,
@@ -186,6 +190,7 @@ impl Registration {
             strategy,
             skipped,
             windowed,
+            prefetch,
             backend,
             state: RwLock::new(Some(Live { mr, windows: Mutex::new(Vec::new()), export, bounce: Mutex::new(()) })),
             pinned_forever: AtomicBool::new(false),
@@ -200,6 +205,12 @@ impl Registration {
     /// The strategies not used, and why.
     pub fn skipped(&self) -> &[(Strategy, SkipReason)] {
         &self.skipped
+    }
+
+    /// For ODP registrations, whether the pages were prefetched into the NIC at registration
+    /// (`ibv_advise_mr`), or why not; `None` for other strategies.
+    pub fn prefetch(&self) -> Option<std::result::Result<(), &str>> {
+        self.prefetch.as_ref().map(|r| r.as_ref().map(|_| ()).map_err(|e| e.as_str()))
     }
 
     /// Whether the keys handed out for it are memory windows (revocable one by one) rather
@@ -325,6 +336,11 @@ impl Registered {
     /// The registration's generation: changes whenever the memory is registered anew.
     pub fn generation(&self) -> u64 {
         self.handle.generation()
+    }
+    /// For ODP registrations, whether the pages were prefetched into the NIC at registration,
+    /// or why not; `None` for other strategies.
+    pub fn prefetch(&self) -> Option<std::result::Result<(), &str>> {
+        self.handle.value().prefetch()
     }
     /// Whether its registration is still live (the memory has not gone since).
     pub fn is_live(&self) -> bool {

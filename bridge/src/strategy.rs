@@ -258,6 +258,8 @@ pub struct HostCaps {
     pub odp: OdpCaps,
     /// Type 2 memory windows, for keys the NIC revokes one by one.
     pub mem_windows: bool,
+    /// ODP prefetch (`ibv_advise_mr`), or why not.
+    pub prefetch: std::result::Result<(), String>,
 }
 
 impl HostCaps {
@@ -270,6 +272,11 @@ impl HostCaps {
             peermem: PeerMem::detect(std::path::Path::new("/")),
             odp: caps.odp,
             mem_windows: caps.mw_type2,
+            prefetch: match pd.prefetch_support() {
+                Ok(None) => Ok(()),
+                Ok(Some(why)) => Err(why),
+                Err(e) => Err(e.to_string()),
+            },
         })
     }
 }
@@ -376,6 +383,7 @@ mod tests {
                 ud: OdpTransportCaps::empty(),
             },
             mem_windows: true,
+            prefetch: Ok(()),
         }
     }
 
