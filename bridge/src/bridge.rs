@@ -155,7 +155,9 @@ impl Bridge {
                     crate::uffd::subscribe(Box::new(move |range| {
                         if let Some(inner) = weak.upgrade() {
                             if let (_, Err(e)) = inner.invalidate(Domain::HostVa, range.clone()) {
-                                eprintln!("p2pbridge: revoking registrations of unmapped host memory {range:x?} failed: {e}");
+                                eprintln!(
+                                    "p2pbridge: revoking registrations of unmapped host memory {range:x?} failed: {e}"
+                                );
                             }
                         }
                     }))
@@ -335,7 +337,7 @@ impl Bridge {
     /// [`Bridge::publish`] before peers read and [`Bridge::flush`] after they write.
     pub fn hand_out(&self, conn: &Connection, reg: &Registered, range: Range<u64>) -> Result<RemoteKey> {
         let access = AccessFlags::from_bits_truncate(reg.handle.access());
-        self.inner.keys.hand_out(Arc::downgrade(&self.inner), &self.inner.pd, conn, reg, range, access, self.inner.completion_timeout)
+        self.inner.keys.hand_out(&self.inner, conn, reg, range, access)
     }
 
     /// `Ok` while a key this bridge handed out still reaches its memory; [`Error::StaleKey`]
@@ -429,8 +431,9 @@ impl Bridge {
         let ops = ops_for(access);
         let p = plan(kind, ops, &self.inner.policy, &self.inner.caps);
         let mut skipped = p.skipped;
-        let len = usize::try_from(range.end - range.start)
-            .map_err(|_| Error::InvalidArgument(format!("{} bytes do not fit this address space", range.end - range.start)))?;
+        let len = usize::try_from(range.end - range.start).map_err(|_| {
+            Error::InvalidArgument(format!("{} bytes do not fit this address space", range.end - range.start))
+        })?;
         let pd = &self.inner.pd;
         let windowed = self.inner.windows;
         // With windows, the region itself grants no remote rights: only windows reach it.

@@ -639,7 +639,11 @@ mod tests {
         let y = c.insert(Domain::HostVa, 0..20, 1, Cost::Unpinned, "y").unwrap();
         drop((x, y));
         let z = c.insert(Domain::HostVa, 100..110, 1, Cost::Unpinned, "z").unwrap();
-        assert_eq!(z.removed.iter().map(|e| *e.value()).collect::<Vec<_>>(), vec!["x"], "unheld retired entries are pruned");
+        assert_eq!(
+            z.removed.iter().map(|e| *e.value()).collect::<Vec<_>>(),
+            vec!["x"],
+            "unheld retired entries are pruned"
+        );
     }
 
     #[test]

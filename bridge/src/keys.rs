@@ -20,10 +20,12 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::{Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use p2pbridge_verbs::{AccessFlags, Connection, HostBuffer, ProtectionDomain, SendFlags};
+use p2pbridge_verbs::{AccessFlags, Connection, HostBuffer, SendFlags};
+
+use crate::bridge::Inner;
 
 use crate::cache::Handle;
 use crate::error::{Error, Result};
@@ -46,14 +48,13 @@ impl KeyLedger {
     /// remote rights in `access`.
     pub(crate) fn hand_out(
         &self,
-        bridge: Weak<crate::bridge::Inner>,
-        pd: &ProtectionDomain,
+        owner: &Arc<Inner>,
         conn: &Connection,
         reg: &Registered,
         range: Range<u64>,
         access: AccessFlags,
-        timeout: Duration,
     ) -> Result<RemoteKey> {
+        let (pd, timeout) = (&owner.pd, owner.completion_timeout);
         if range.start >= range.end {
             return Err(Error::InvalidArgument(format!(
                 "cannot hand out the empty or reversed range {}..{}",
@@ -115,6 +116,7 @@ impl KeyLedger {
         if r.windowed() {
             // A window is bound to the connection's QP, which cannot be destroyed while it is:
             // the key goes with the connection.
+            let bridge: Weak<Inner> = Arc::downgrade(owner);
             conn.on_close(move || {
                 if let Some(inner) = bridge.upgrade() {
                     let _ = inner.keys.revoke(&key);

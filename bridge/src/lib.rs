@@ -41,9 +41,9 @@ mod uffd;
 
 pub use bounce::{BounceConfig, BounceEngine};
 pub use bridge::{Bridge, BridgeOptions};
-pub use registration::{live_registrations, LocalGuard, Registered, Registration};
 pub use error::{Error, Result};
 pub use key::RemoteKey;
+pub use registration::{live_registrations, LocalGuard, Registered, Registration};
 pub use strategy::{HostCaps, MemoryKind, Policy, Preference, SkipReason, Strategy};
 pub use uffd::monitor_available;
 

@@ -189,7 +189,10 @@ fn device_report(name: &str) -> Result<(DeviceReport, Option<HostCaps>), VerbsEr
         )
     };
     let host_caps = if active { Some(HostCaps::probe(&pd)?) } else { None };
-    Ok((DeviceReport { name: name.into(), ports, odp, odp_rc, implicit_odp, dmabuf_mr, advise_mr, mem_windows }, host_caps))
+    Ok((
+        DeviceReport { name: name.into(), ports, odp, odp_rc, implicit_odp, dmabuf_mr, advise_mr, mem_windows },
+        host_caps,
+    ))
 }
 
 impl Report {

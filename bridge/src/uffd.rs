@@ -51,7 +51,8 @@ const UFFDIO_ZEROPAGE: Opcode =
     opcode::read_write::<uapi::uffdio_zeropage>(uapi::UFFDIO as u8, uapi::_UFFDIO_ZEROPAGE as u8);
 
 /// The events the monitor lives on. Not `EVENT_FORK` (see the module documentation).
-const FEATURES: u64 = (uapi::UFFD_FEATURE_EVENT_UNMAP | uapi::UFFD_FEATURE_EVENT_REMOVE | uapi::UFFD_FEATURE_EVENT_REMAP) as u64;
+const FEATURES: u64 =
+    (uapi::UFFD_FEATURE_EVENT_UNMAP | uapi::UFFD_FEATURE_EVENT_REMOVE | uapi::UFFD_FEATURE_EVENT_REMAP) as u64;
 /// Asked for where the kernel has it: WP registration of shmem (memfd) memory.
 const OPTIONAL: u64 = uapi::UFFD_FEATURE_WP_HUGETLBFS_SHMEM as u64;
 /// `sizeof(struct uffd_msg)`.
@@ -94,15 +95,13 @@ fn err(what: &str, e: Errno) -> Error {
 fn uffd() -> std::result::Result<OwnedFd, String> {
     // SAFETY: the descriptor is kept by this module, which registers only ranges its callers
     // handed it and never resolves a fault with anything but a zero page or a wake.
-    unsafe {
-        rustix::mm::userfaultfd(rustix::mm::UserfaultfdFlags::CLOEXEC | rustix::mm::UserfaultfdFlags::NONBLOCK)
-    }
-    .map_err(|e| {
-        format!(
+    unsafe { rustix::mm::userfaultfd(rustix::mm::UserfaultfdFlags::CLOEXEC | rustix::mm::UserfaultfdFlags::NONBLOCK) }
+        .map_err(|e| {
+            format!(
             "userfaultfd(2): {} (needs CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1 for this use; kernel >= 4.11)",
             std::io::Error::from(e)
         )
-    })
+        })
 }
 
 fn api(fd: &OwnedFd, features: u64) -> std::result::Result<u64, String> {
@@ -256,10 +255,7 @@ fn notify(m: &Monitor, range: Range<u64>) {
 }
 
 /// Watched intervals of `w` overlapping `r`.
-fn overlapping<'a>(
-    w: &'a BTreeMap<u64, (u64, Mode)>,
-    r: &Range<u64>,
-) -> impl Iterator<Item = (Range<u64>, Mode)> + 'a {
+fn overlapping<'a>(w: &'a BTreeMap<u64, (u64, Mode)>, r: &Range<u64>) -> impl Iterator<Item = (Range<u64>, Mode)> + 'a {
     let first = w.range(..=r.start).next_back().map(|(&s, _)| s).unwrap_or(r.start);
     let (start, end) = (r.start, r.end);
     w.range(first..end).map(|(&s, &(e, mode))| (s..e, mode)).filter(move |(x, _)| x.end > start && x.start < end)
@@ -334,8 +330,11 @@ fn register(m: &Monitor, r: &Range<u64>, mode: Mode) -> std::result::Result<(), 
         Mode::Wp => uapi::UFFDIO_REGISTER_MODE_WP,
         Mode::Missing => uapi::UFFDIO_REGISTER_MODE_MISSING,
     } as u64;
-    let mut reg =
-        uapi::uffdio_register { range: uapi::uffdio_range { start: r.start, len: r.end - r.start }, mode: mode_bits, ioctls: 0 };
+    let mut reg = uapi::uffdio_register {
+        range: uapi::uffdio_range { start: r.start, len: r.end - r.start },
+        mode: mode_bits,
+        ioctls: 0,
+    };
     // SAFETY: UFFDIO_REGISTER takes a struct uffdio_register, read and written.
     unsafe { rustix::ioctl::ioctl(&m.fd, Updater::<UFFDIO_REGISTER, _>::new(&mut reg)) }
 }
@@ -379,8 +378,7 @@ pub(crate) fn watch_with(range: Range<u64>, force_missing: bool) -> Result<Mode>
     let len = (pages.end - pages.start) as usize;
     // SAFETY: MADV_POPULATE_WRITE faults the pages in as a write would, changing no contents;
     // the caller vouches that the range is mapped.
-    let populated =
-        unsafe { rustix::mm::madvise(pages.start as *mut _, len, rustix::mm::Advice::LinuxPopulateWrite) };
+    let populated = unsafe { rustix::mm::madvise(pages.start as *mut _, len, rustix::mm::Advice::LinuxPopulateWrite) };
     if let Err(e) = populated {
         tried.push(format!("MADV_POPULATE_WRITE: {}", std::io::Error::from(e)));
         return Err(Error::Monitor(format!(
@@ -388,9 +386,8 @@ pub(crate) fn watch_with(range: Range<u64>, force_missing: bool) -> Result<Mode>
             tried.join("; ")
         )));
     }
-    register(&m, &pages, Mode::Missing).map_err(|e| {
-        err("UFFDIO_REGISTER (is the range anonymous or shared memory?)", e)
-    })?;
+    register(&m, &pages, Mode::Missing)
+        .map_err(|e| err("UFFDIO_REGISTER (is the range anonymous or shared memory?)", e))?;
     insert(&mut w, pages, Mode::Missing);
     Ok(Mode::Missing)
 }

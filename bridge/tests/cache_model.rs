@@ -169,8 +169,11 @@ fn cache_matches_the_reference_model_over_20000_random_steps() {
             6 => {
                 if !held.is_empty() {
                     let h = held.swap_remove(rng.below(held.len() as u64) as usize);
-                    if let Some(e) =
-                        model.entries.iter_mut().chain(model.retired.iter_mut()).find(|e| e.generation == h.generation())
+                    if let Some(e) = model
+                        .entries
+                        .iter_mut()
+                        .chain(model.retired.iter_mut())
+                        .find(|e| e.generation == h.generation())
                     {
                         e.held -= 1;
                     }

@@ -113,7 +113,11 @@ struct VaServer {
     p: u64,
 }
 
-fn va_server(pd: &p2pbridge::verbs::ProtectionDomain, strategy: Strategy, len: usize) -> p2pbridge::verbs::Result<VaServer> {
+fn va_server(
+    pd: &p2pbridge::verbs::ProtectionDomain,
+    strategy: Strategy,
+    len: usize,
+) -> p2pbridge::verbs::Result<VaServer> {
     let bridge =
         Bridge::new(pd, vec![], BridgeOptions { policy: Policy::default().require(strategy), ..Default::default() })
             .map_err(err)?;
@@ -191,7 +195,8 @@ fn revocation_case(strategy: Strategy, gone: Gone, hold: bool) {
     };
     match gone {
         Gone::Remap => {
-            let (c, s) = fab.connect_pair(opts(), client, move |pd| Ok((va_server(pd, strategy, len)?, Vec::new()))).unwrap();
+            let (c, s) =
+                fab.connect_pair(opts(), client, move |pd| Ok((va_server(pd, strategy, len)?, Vec::new()))).unwrap();
             let (c2, s2) = connect(&c.pd, &s.pd);
             let mut srv = s.state;
             assert_eq!(srv.reg.as_ref().unwrap().strategy(), strategy);
@@ -216,7 +221,8 @@ fn revocation_case(strategy: Strategy, gone: Gone, hold: bool) {
         }
         Gone::BackendFree => {
             let policy = Policy::default().require(strategy);
-            let (c, s) = fab.connect_pair(opts(), client, move |pd| Ok((side(pd, policy, len, None)?, Vec::new()))).unwrap();
+            let (c, s) =
+                fab.connect_pair(opts(), client, move |pd| Ok((side(pd, policy, len, None)?, Vec::new()))).unwrap();
             let (c2, s2) = connect(&c.pd, &s.pd);
             let mut srv = s.state;
             assert_eq!(srv.reg.as_ref().unwrap().strategy(), strategy);
@@ -297,12 +303,14 @@ fn rdma_untouched_registered_memory_is_reachable_by_the_peer_with_the_monitor_on
         }
         let key = srv.bridge.hand_out(&s.conn, srv.reg.as_ref().unwrap(), 0..len as u64).unwrap();
         // Never touched by the owner: the peer's first WRITE lands, its first READ works.
-        c.state.bridge.write(&c.conn, c.state.reg.as_ref().unwrap(), 0, 8192, &key, 0).unwrap_or_else(|e| {
-            panic!("{strategy}: the peer's first WRITE into untouched memory failed: {e}")
-        });
-        c.state.bridge.read(&c.conn, c.state.reg.as_ref().unwrap(), 8192, 8192, &key, 16384).unwrap_or_else(|e| {
-            panic!("{strategy}: the peer's first READ of untouched memory failed: {e}")
-        });
+        c.state
+            .bridge
+            .write(&c.conn, c.state.reg.as_ref().unwrap(), 0, 8192, &key, 0)
+            .unwrap_or_else(|e| panic!("{strategy}: the peer's first WRITE into untouched memory failed: {e}"));
+        c.state
+            .bridge
+            .read(&c.conn, c.state.reg.as_ref().unwrap(), 8192, 8192, &key, 16384)
+            .unwrap_or_else(|e| panic!("{strategy}: the peer's first READ of untouched memory failed: {e}"));
         assert!(host_bytes(srv.p, 8192) == pattern(len, 0x21)[..8192], "{strategy}: the WRITE did not land");
         let got = c.state.mem.as_slice(c.state.buf.as_ref().unwrap()).unwrap();
         assert!(got[8192..16384].iter().all(|&b| b == 0), "{strategy}: untouched memory read back non-zero");
@@ -412,7 +420,10 @@ fn rdma_bad_ranges_get_typed_errors_never_panics() {
             }
             if l == 0 || a.checked_add(l).is_none() {
                 // SAFETY: these ranges are empty or wrap: refused before anything is touched.
-                assert!(unsafe { b.register_host(a, l, AccessFlags::remote_rw()) }.is_err(), "register_host({a:#x}, {l})");
+                assert!(
+                    unsafe { b.register_host(a, l, AccessFlags::remote_rw()) }.is_err(),
+                    "register_host({a:#x}, {l})"
+                );
                 assert!(b.report_free(a, l).is_err(), "report_free({a:#x}, {l})");
             }
         }
@@ -426,7 +437,10 @@ fn rdma_bad_ranges_get_typed_errors_never_panics() {
             if !fits {
                 let creg = c.state.reg.as_ref().unwrap();
                 assert!(c.state.bridge.write(&c.conn, creg, o, l, &key, 0).is_err(), "write at {o}+{l}");
-                assert!(c.state.bridge.read(&c.conn, creg, 0, l.min(16), &key, o).is_err() || o < len as u64, "read at {o}");
+                assert!(
+                    c.state.bridge.read(&c.conn, creg, 0, l.min(16), &key, o).is_err() || o < len as u64,
+                    "read at {o}"
+                );
                 assert!(s.state.bridge.recv(&s.conn, reg, o, l, Duration::from_millis(1)).is_err(), "recv at {o}+{l}");
             }
         }

@@ -41,7 +41,8 @@ impl ProtectionDomain {
     /// with the provider's errno (normally `EOPNOTSUPP`).
     pub fn alloc_mw(&self) -> Result<MemoryWindow> {
         // SAFETY: the PD is live (held by the window for its life).
-        let mw = result::ptr("ibv_alloc_mw", unsafe { sys::ibv_alloc_mw(self.as_raw(), sys::ibv_mw_type::IBV_MW_TYPE_2) })?;
+        let mw =
+            result::ptr("ibv_alloc_mw", unsafe { sys::ibv_alloc_mw(self.as_raw(), sys::ibv_mw_type::IBV_MW_TYPE_2) })?;
         // SAFETY: a window just allocated and owned here.
         let rkey = unsafe { mw.as_ref() }.rkey;
         Ok(MemoryWindow { mw, rkey, _pd: self.clone() })

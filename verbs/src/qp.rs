@@ -305,9 +305,8 @@ impl QueuePair {
         let mut attr: sys::ibv_qp_attr = unsafe { std::mem::zeroed() };
         attr.qp_state = sys::ibv_qp_state::IBV_QPS_ERR;
         // SAFETY: the QP is live; `attr` is valid for the call.
-        let rc = unsafe {
-            sys::ibv_modify_qp(self.qp.as_ptr(), &mut attr, sys::ibv_qp_attr_mask::IBV_QP_STATE.0 as i32)
-        };
+        let rc =
+            unsafe { sys::ibv_modify_qp(self.qp.as_ptr(), &mut attr, sys::ibv_qp_attr_mask::IBV_QP_STATE.0 as i32) };
         result::pos_errno("ibv_modify_qp (to IBV_QPS_ERR)", rc)
     }
 }
