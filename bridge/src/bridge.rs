@@ -409,7 +409,7 @@ impl Bridge {
             Strategy::PinnedHost | Strategy::Bounce => Cost::Pinned,
             Strategy::Odp => Cost::Unpinned,
         };
-        match self.inner.cache.insert_since(epoch, domain, reg_range, access.bits(), cost, reg)? {
+        match self.inner.cache.insert_since(Some(epoch), domain, reg_range, access.bits(), cost, reg)? {
             Ok(ins) => {
                 drop(ins.removed);
                 Ok(Some(Registered { handle: ins.handle, addr, len }))

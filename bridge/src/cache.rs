@@ -300,7 +300,7 @@ impl<V> RegCache<V> {
         cost: Cost,
         value: V,
     ) -> Result<Inserted<V>, CacheFull> {
-        match self.insert_inner(None, domain, range, access, cost, value)? {
+        match self.insert_since(None, domain, range, access, cost, value)? {
             Ok(ins) => Ok(ins),
             Err(_) => unreachable!("an insert without an epoch is never stale"),
         }
@@ -318,23 +318,11 @@ impl<V> RegCache<V> {
         &self.epochs[(h % EPOCH_BUCKETS as u64) as usize]
     }
 
-    /// [`insert`](Self::insert), but only if no invalidation of `domain` ran since `epoch`
-    /// ([`epoch`](Self::epoch)) was read:
+    /// [`insert`](Self::insert), but (with `since: Some(epoch)`) only if no invalidation of
+    /// `domain` ran since `epoch` ([`epoch`](Self::epoch)) was read:
     /// otherwise `Ok(Err(value))` gives the registration back (its memory may be gone; the
     /// caller drops it and tries again).
     pub fn insert_since(
-        &self,
-        epoch: u64,
-        domain: Domain,
-        range: Range<u64>,
-        access: u32,
-        cost: Cost,
-        value: V,
-    ) -> Result<Result<Inserted<V>, V>, CacheFull> {
-        self.insert_inner(Some(epoch), domain, range, access, cost, value)
-    }
-
-    fn insert_inner(
         &self,
         since: Option<u64>,
         domain: Domain,
@@ -651,13 +639,13 @@ mod tests {
         let c = cache(10);
         let e0 = c.epoch(Domain::HostVa);
         drop(c.remove_overlapping(Domain::HostVa, 0..100));
-        match c.insert_since(e0, Domain::HostVa, 0..100, 1, Cost::Unpinned, "late").unwrap() {
+        match c.insert_since(Some(e0), Domain::HostVa, 0..100, 1, Cost::Unpinned, "late").unwrap() {
             Err(v) => assert_eq!(v, "late"),
             Ok(_) => panic!("a registration that raced an invalidation was inserted"),
         }
         assert_eq!(c.usage(), (0, 0));
         let e1 = c.epoch(Domain::HostVa);
-        assert!(c.insert_since(e1, Domain::HostVa, 0..100, 1, Cost::Unpinned, "ok").unwrap().is_ok());
+        assert!(c.insert_since(Some(e1), Domain::HostVa, 0..100, 1, Cost::Unpinned, "ok").unwrap().is_ok());
         assert_eq!(c.drain().len(), 1);
         assert_eq!(c.usage(), (0, 0));
     }

@@ -81,6 +81,34 @@ impl Bridge {
         r
     }
 
+    /// Runs `op` on `len` bytes at `offset` of `local` with its registration held live (and,
+    /// for bounce registrations, its staging lock held): `op` gets the live state and the
+    /// offset in the registration, posts with the id it is given, and this reaps that id's
+    /// completion on `cq` before anything is let go.
+    #[allow(clippy::too_many_arguments)]
+    fn held<R>(
+        &self,
+        conn: &Connection,
+        cq: &CompletionQueue,
+        timeout: Duration,
+        what: &'static str,
+        local: &Registered,
+        offset: u64,
+        len: u64,
+        op: impl FnOnce(&Registration, &Live, u64, u64) -> Result<()>,
+        after: impl FnOnce(&Registration, &Live, u64, WorkCompletion) -> Result<R>,
+    ) -> Result<R> {
+        let at = local.entry_range(offset, len)?;
+        let reg = local.handle.value();
+        let guard = reg.live()?;
+        let live = guard.as_ref().ok_or(Error::Revoked)?;
+        let _staging = live.bounce_lock();
+        let id = next_wr_id();
+        op(reg, live, at, id)?;
+        let wc = self.finish(reg, conn, cq, id, timeout, what)?;
+        after(reg, live, at, wc)
+    }
+
     /// RDMA WRITE of `len` bytes at `offset` of `local` to `remote` at `remote_offset`, waiting
     /// for the completion. Bounce registrations copy memory -> staging first.
     pub fn write(
@@ -92,17 +120,13 @@ impl Bridge {
         remote: &RemoteKey,
         remote_offset: u64,
     ) -> Result<()> {
-        let at = local.entry_range(offset, len)?;
         let rs = remote.slice(remote_offset, len)?;
-        let reg = local.handle.value();
-        let guard = reg.live()?;
-        let live = guard.as_ref().ok_or(Error::Revoked)?;
-        let _staging = live.bounce_lock();
-        stage_in(reg, live, local.addr + offset, at, len)?;
-        let id = next_wr_id();
-        conn.qp().post_write(id, &live.mr.slice(at, len)?, &rs, SendFlags::SIGNALED)?;
-        self.finish(reg, conn, conn.send_cq(), id, self.inner.completion_timeout, "RDMA WRITE")?;
-        Ok(())
+        let timeout = self.inner.completion_timeout;
+        let op = |reg: &Registration, live: &Live, at, id| {
+            stage_in(reg, live, local.addr + offset, at, len)?;
+            Ok(conn.qp().post_write(id, &live.mr.slice(at, len)?, &rs, SendFlags::SIGNALED)?)
+        };
+        self.held(conn, conn.send_cq(), timeout, "RDMA WRITE", local, offset, len, op, |_, _, _, _| Ok(()))
     }
 
     /// RDMA READ of `len` bytes from `remote` at `remote_offset` into `local` at `offset`,
@@ -116,31 +140,24 @@ impl Bridge {
         remote: &RemoteKey,
         remote_offset: u64,
     ) -> Result<()> {
-        let at = local.entry_range(offset, len)?;
         let rs = remote.slice(remote_offset, len)?;
-        let reg = local.handle.value();
-        let guard = reg.live()?;
-        let live = guard.as_ref().ok_or(Error::Revoked)?;
-        let _staging = live.bounce_lock();
-        let id = next_wr_id();
-        conn.qp().post_read(id, &live.mr.slice(at, len)?, &rs, SendFlags::SIGNALED)?;
-        self.finish(reg, conn, conn.send_cq(), id, self.inner.completion_timeout, "RDMA READ")?;
-        stage_out(reg, live, local.addr + offset, at, len)
+        let timeout = self.inner.completion_timeout;
+        let op = |_: &Registration, live: &Live, at, id| {
+            Ok(conn.qp().post_read(id, &live.mr.slice(at, len)?, &rs, SendFlags::SIGNALED)?)
+        };
+        let after = |reg: &Registration, live: &Live, at, _| stage_out(reg, live, local.addr + offset, at, len);
+        self.held(conn, conn.send_cq(), timeout, "RDMA READ", local, offset, len, op, after)
     }
 
     /// SEND of `len` bytes at `offset` of `local` (with immediate data if given), waiting for
     /// the completion. The peer must have a receive posted ([`Bridge::recv`]).
     pub fn send(&self, conn: &Connection, local: &Registered, offset: u64, len: u64, imm: Option<u32>) -> Result<()> {
-        let at = local.entry_range(offset, len)?;
-        let reg = local.handle.value();
-        let guard = reg.live()?;
-        let live = guard.as_ref().ok_or(Error::Revoked)?;
-        let _staging = live.bounce_lock();
-        stage_in(reg, live, local.addr + offset, at, len)?;
-        let id = next_wr_id();
-        conn.qp().post_send(id, &live.mr.slice(at, len)?, imm, SendFlags::SIGNALED)?;
-        self.finish(reg, conn, conn.send_cq(), id, self.inner.completion_timeout, "SEND")?;
-        Ok(())
+        let timeout = self.inner.completion_timeout;
+        let op = |reg: &Registration, live: &Live, at, id| {
+            stage_in(reg, live, local.addr + offset, at, len)?;
+            Ok(conn.qp().post_send(id, &live.mr.slice(at, len)?, imm, SendFlags::SIGNALED)?)
+        };
+        self.held(conn, conn.send_cq(), timeout, "SEND", local, offset, len, op, |_, _, _, _| Ok(()))
     }
 
     /// Posts a receive into `len` bytes at `offset` of `local` and waits up to `timeout` for a
@@ -158,16 +175,12 @@ impl Bridge {
         len: u64,
         timeout: Duration,
     ) -> Result<(u32, Option<u32>)> {
-        let at = local.entry_range(offset, len)?;
-        let reg = local.handle.value();
-        let guard = reg.live()?;
-        let live = guard.as_ref().ok_or(Error::Revoked)?;
-        let _staging = live.bounce_lock();
-        let id = next_wr_id();
-        conn.qp().post_recv(id, &live.mr.slice(at, len)?)?;
-        let wc = self.finish(reg, conn, conn.recv_cq(), id, timeout, "RECV")?;
-        stage_out(reg, live, local.addr + offset, at, u64::from(wc.byte_len).min(len))?;
-        Ok((wc.byte_len, wc.imm))
+        let op = |_: &Registration, live: &Live, at, id| Ok(conn.qp().post_recv(id, &live.mr.slice(at, len)?)?);
+        let after = |reg: &Registration, live: &Live, at, wc: WorkCompletion| {
+            stage_out(reg, live, local.addr + offset, at, u64::from(wc.byte_len).min(len))?;
+            Ok((wc.byte_len, wc.imm))
+        };
+        self.held(conn, conn.recv_cq(), timeout, "RECV", local, offset, len, op, after)
     }
 
     /// Makes what peers wrote into `reg` visible to its memory's owner: bounce registrations

@@ -263,8 +263,12 @@ fn overlapping<'a>(w: &'a BTreeMap<u64, (u64, Mode)>, r: &Range<u64>) -> impl It
 
 /// Removes `r` from the watched set (the memory is gone from there).
 fn forget(m: &Monitor, r: &Range<u64>) {
-    let mut w = m.watched.lock().unwrap_or_else(|e| e.into_inner());
-    let hit: Vec<(Range<u64>, Mode)> = overlapping(&w, r).collect();
+    carve(&mut m.watched.lock().unwrap_or_else(|e| e.into_inner()), r);
+}
+
+/// Takes `r` out of the watched intervals of `w`, keeping what lies outside it.
+fn carve(w: &mut BTreeMap<u64, (u64, Mode)>, r: &Range<u64>) {
+    let hit: Vec<(Range<u64>, Mode)> = overlapping(w, r).collect();
     for (x, mode) in hit {
         w.remove(&x.start);
         if x.start < r.start {
@@ -394,16 +398,7 @@ pub(crate) fn watch_with(range: Range<u64>, force_missing: bool) -> Result<Mode>
 
 fn insert(w: &mut BTreeMap<u64, (u64, Mode)>, r: Range<u64>, mode: Mode) {
     // Replace whatever part of `r` was watched before (registering again re-registers it).
-    let hit: Vec<(Range<u64>, Mode)> = overlapping(w, &r).collect();
-    for (x, xm) in hit {
-        w.remove(&x.start);
-        if x.start < r.start {
-            w.insert(x.start, (r.start, xm));
-        }
-        if x.end > r.end {
-            w.insert(r.end, (x.end, xm));
-        }
-    }
+    carve(w, &r);
     w.insert(r.start, (r.end, mode));
 }
 

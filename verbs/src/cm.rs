@@ -359,15 +359,7 @@ impl Connection {
         let rc = unsafe { sys::rdma_connect(id.raw(), &mut param) };
         result::neg_errno("rdma_connect", rc)?;
         let ev = id.wait(sys::rdma_cm_event_type::RDMA_CM_EVENT_ESTABLISHED, opts.timeout)?;
-        Ok(Connection {
-            qp,
-            id,
-            send_cq,
-            recv_cq,
-            pd: pd.clone(),
-            remote_private_data: ev.private_data,
-            on_close: Default::default(),
-        })
+        Ok(Connection::assemble(qp, id, send_cq, recv_cq, pd, ev.private_data))
     }
 
     /// The queue pair: post work requests here.
@@ -403,6 +395,17 @@ impl Connection {
 }
 
 impl Connection {
+    fn assemble(
+        qp: QueuePair,
+        id: CmId,
+        send_cq: CompletionQueue,
+        recv_cq: CompletionQueue,
+        pd: &ProtectionDomain,
+        remote_private_data: Vec<u8>,
+    ) -> Self {
+        Connection { qp, id, send_cq, recv_cq, pd: pd.clone(), remote_private_data, on_close: Default::default() }
+    }
+
     /// Runs `f` when the connection is dropped, before its queue pair is destroyed: for
     /// objects bound to the QP (type 2 memory windows) that must go first. Callbacks run in
     /// the order they were added.
@@ -527,15 +530,7 @@ impl ConnectRequest<'_> {
         result::neg_errno("rdma_accept", rc)?;
         id.wait(sys::rdma_cm_event_type::RDMA_CM_EVENT_ESTABLISHED, opts.timeout)?;
         let private = std::mem::take(&mut self.private_data);
-        Ok(Connection {
-            qp,
-            id,
-            send_cq,
-            recv_cq,
-            pd: pd.clone(),
-            remote_private_data: private,
-            on_close: Default::default(),
-        })
+        Ok(Connection::assemble(qp, id, send_cq, recv_cq, pd, private))
     }
 
     /// Rejects the request.

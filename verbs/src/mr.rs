@@ -139,13 +139,7 @@ impl ProtectionDomain {
         // SAFETY: the caller accepts the contract above; NULL/SIZE_MAX is how rdma-core spells
         // an implicit ODP registration, and the kernel maps no memory for it up front.
         let mr = unsafe { self.reg_raw(std::ptr::null_mut(), usize::MAX, access) }?;
-        Ok(MemoryRegion {
-            mr,
-            pd: self.clone(),
-            access,
-            buf: ManuallyDrop::new(Foreign(())),
-            _not_sync_marker: PhantomData,
-        })
+        Ok(self.wrap(mr, access, Foreign(())))
     }
 
     /// Registers memory this crate does not own (a raw virtual address range).
@@ -165,13 +159,7 @@ impl ProtectionDomain {
         }
         // SAFETY: forwarded from the caller's contract.
         let mr = unsafe { self.reg_raw(addr, len, access) }?;
-        Ok(MemoryRegion {
-            mr,
-            pd: self.clone(),
-            access,
-            buf: ManuallyDrop::new(Foreign(())),
-            _not_sync_marker: PhantomData,
-        })
+        Ok(self.wrap(mr, access, Foreign(())))
     }
 
     /// Registers `len` bytes at `offset` of a dma-buf (`ibv_reg_dmabuf_mr`), mapped at `iova`
@@ -199,13 +187,7 @@ impl ProtectionDomain {
         let p =
             unsafe { sys::ibv_reg_dmabuf_mr(self.as_raw(), offset, len, iova, fd.as_raw_fd(), access.bits() as i32) };
         match NonNull::new(p) {
-            Some(mr) => Ok(MemoryRegion {
-                mr,
-                pd: self.clone(),
-                access,
-                buf: ManuallyDrop::new(Foreign(())),
-                _not_sync_marker: PhantomData,
-            }),
+            Some(mr) => Ok(self.wrap(mr, access, Foreign(()))),
             None => {
                 let e = Errno::last();
                 match DmaBufSupport::from_probe_errno(e.0) {
@@ -249,6 +231,11 @@ impl ProtectionDomain {
             ))),
             Err(e) => Err(e),
         }
+    }
+
+    /// A region of this PD over the registered `mr`, owning `buf`.
+    fn wrap<B>(&self, mr: NonNull<sys::ibv_mr>, access: AccessFlags, buf: B) -> MemoryRegion<B> {
+        MemoryRegion { mr, pd: self.clone(), access, buf: ManuallyDrop::new(buf), _not_sync_marker: PhantomData }
     }
 
     fn require_odp(&self, implicit: bool) -> Result<()> {
