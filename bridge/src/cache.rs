@@ -133,7 +133,8 @@ struct Index<V> {
     bytes: u64,
     /// Bytes per cost class (Unpinned included).
     by_cost: HashMap<Cost, u64>,
-    /// Entries replaced by a merged entry while they may still be held; pruned once unheld.
+    /// Entries out of the index (replaced by a merged entry, or handed over by an invalidation)
+    /// that may still be held; invalidations find them too. Pruned once unheld.
     retired: Vec<Arc<Entry<V>>>,
 }
 
@@ -444,19 +445,32 @@ impl<V> RegCache<V> {
     /// still held — and returns them: the memory is about to go, and the caller revokes them.
     /// Bumps the epoch (see [`insert_since`](Self::insert_since)).
     pub fn remove_overlapping(&self, domain: Domain, range: Range<u64>) -> Vec<Handle<V>> {
-        let mut idx = self.write();
-        self.epoch_of(domain).fetch_add(1, Ordering::SeqCst);
-        let victims: Vec<(u32, u64)> = match idx.maps.get(&domain) {
-            Some(by) => by.iter().flat_map(|(&a, m)| overlapping(m, &range).map(move |e| (a, e.range.start))).collect(),
-            None => Vec::new(),
+        let overlaps = |e: &Entry<V>| e.domain == domain && e.range.start < range.end && range.start < e.range.end;
+        let unheld;
+        let gone = {
+            let mut idx = self.write();
+            self.epoch_of(domain).fetch_add(1, Ordering::SeqCst);
+            // Retired entries no one holds any more are done with: dropped (which releases
+            // their registrations) once the lock is released, before this returns.
+            unheld = prune_retired(&mut idx.retired);
+            let mut gone = Vec::new();
+            let victims: Vec<(u32, u64)> = match idx.maps.get(&domain) {
+                Some(by) => {
+                    by.iter().flat_map(|(&a, m)| overlapping(m, &range).map(move |e| (a, e.range.start))).collect()
+                }
+                None => Vec::new(),
+            };
+            let indexed: Vec<Handle<V>> =
+                victims.into_iter().filter_map(|(a, start)| idx.remove((domain, a), start)).collect();
+            gone.extend(idx.retired.iter().filter(|e| overlaps(e)).cloned());
+            // What is handed over stays findable (retired) while anyone holds it, so that a
+            // second invalidation of the same memory — a free racing this one — gets it too and
+            // waits for its revocation instead of finding nothing.
+            idx.retired.extend(indexed.iter().cloned());
+            gone.extend(indexed);
+            gone
         };
-        let mut gone: Vec<Handle<V>> =
-            victims.into_iter().filter_map(|(a, start)| idx.remove((domain, a), start)).collect();
-        let (hit, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut idx.retired)
-            .into_iter()
-            .partition(|e| e.domain == domain && e.range.start < range.end && range.start < e.range.end);
-        idx.retired = kept;
-        gone.extend(hit);
+        drop(unheld);
         gone
     }
 
@@ -466,13 +480,13 @@ impl<V> RegCache<V> {
         for e in self.epochs.iter() {
             e.fetch_add(1, Ordering::SeqCst);
         }
-        let mut all: Vec<Handle<V>> = std::mem::take(&mut idx.retired);
         let maps = std::mem::take(&mut idx.maps);
-        all.extend(maps.into_values().flat_map(|by| by.into_values().flat_map(|m| m.into_values())));
+        idx.retired.extend(maps.into_values().flat_map(|by| by.into_values().flat_map(|m| m.into_values())));
         idx.entries = 0;
         idx.bytes = 0;
         idx.by_cost.clear();
-        all
+        // Kept findable, as in `remove_overlapping`.
+        idx.retired.clone()
     }
 
     /// Every entry (for inspection and tests), in no particular order.

@@ -247,8 +247,12 @@ impl Registration {
     /// Where a window cannot be deallocated, the region is leaked rather than deregistered (the
     /// NIC might still reach the memory through the window), and the error is returned.
     pub(crate) fn revoke(&self) -> Result<()> {
-        let taken = self.state.write().unwrap_or_else(|e| e.into_inner()).take();
-        let Some(live) = taken else { return Ok(()) };
+        // The write lock is held until the teardown is over: a second revoker (a free racing an
+        // invalidation of the same memory) returns only once the NIC can no longer reach it.
+        let mut guard = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let Some(live) = guard.take() else {
+            return if self.pinned_forever.load(Ordering::SeqCst) { Err(Error::Leaked) } else { Ok(()) };
+        };
         LIVE.fetch_sub(1, Ordering::SeqCst);
         let Live { mr, windows, export, .. } = live;
         let mut first_err = None;
@@ -270,15 +274,23 @@ impl Registration {
         if first_err.is_none() && self.pinned_forever.load(Ordering::SeqCst) {
             first_err = Some(Error::Leaked);
         }
-        if let Some(e) = first_err {
+        let r = match first_err {
             // A window may still be bound: the memory must stay reachable only by it, never
             // freed under it.
-            std::mem::forget(mr);
-            std::mem::forget(export);
-            return Err(e);
+            Some(e) => {
+                std::mem::forget(mr);
+                Err(e)
+            }
+            None => mr.deregister(),
+        };
+        match r {
+            Ok(()) => drop(export),
+            Err(_) => {
+                self.pin_forever();
+                std::mem::forget(export);
+            }
         }
-        let r = mr.deregister();
-        drop(export);
+        drop(guard);
         r
     }
 }

@@ -98,12 +98,17 @@ impl Model {
         Some(g)
     }
 
+    /// Entries handed over are retired while held: a later invalidation hands them over again;
+    /// unheld retired entries are let go first.
     fn remove_overlapping(&mut self, d: Domain, r: &Range<u64>) -> usize {
-        let before = self.entries.len() + self.retired.len();
         let gone = |e: &M| e.domain == d && e.range.start < r.end && r.start < e.range.end;
-        self.entries.retain(|e| !gone(e));
-        self.retired.retain(|e| !gone(e));
-        before - self.entries.len() - self.retired.len()
+        self.retired.retain(|e| e.held > 0);
+        let retired_now = self.retired.iter().filter(|e| gone(e)).count();
+        let (out, keep): (Vec<M>, Vec<M>) = self.entries.drain(..).partition(|e| gone(e));
+        self.entries = keep;
+        let n = out.len() + retired_now;
+        self.retired.extend(out.into_iter().filter(|e| e.held > 0));
+        n
     }
 }
 
