@@ -22,29 +22,21 @@ use crate::strategy::{plan, HostCaps, MemoryKind, Policy, SkipReason, Strategy};
 /// How often a registration that raced an invalidation is tried again before giving up.
 const RACE_RETRIES: usize = 64;
 
-pub(crate) struct Inner {
+/// What revocation needs, shared with the callbacks that revoke — backend notices, the
+/// monitor, connections closing — so that they revoke (and wait) even while the bridge itself
+/// is going, rather than finding nothing and letting the memory go.
+pub(crate) struct Core {
     pub(crate) pd: ProtectionDomain,
-    caps: HostCaps,
-    policy: Policy,
-    cache: RegCache<Registration>,
-    backends: Vec<Arc<dyn MemoryBackend>>,
-    subs: Mutex<HashMap<AllocationKey, Subscription>>,
-    /// Backend allocations seen, by base address: a new allocation found where an old one was
-    /// (freed without a notice this bridge saw) revokes the old one's registrations.
-    allocs: Mutex<BTreeMap<u64, (AllocationKey, u64)>>,
-    pub(crate) keys: KeyLedger,
-    /// Keys are memory windows (the device has type 2 windows and the options allow them).
-    windows: bool,
     pub(crate) completion_timeout: Duration,
-    /// The userfaultfd monitor's subscription, or why there is none.
-    watch: std::result::Result<crate::uffd::Watch, String>,
+    pub(crate) cache: RegCache<Registration>,
+    pub(crate) keys: KeyLedger,
 }
 
-impl Inner {
+impl Core {
     /// Revokes every registration of `domain` over `range`, held or not: keys die at the NIC,
     /// regions are deregistered, handles turn dead. Waits only for operations in flight on
-    /// them (bounded by the NIC). Returns how many there were, and the first failure.
-    fn invalidate(&self, domain: Domain, range: Range<u64>) -> (usize, Result<()>) {
+    /// them. Returns how many there were, and the first failure.
+    pub(crate) fn invalidate(&self, domain: Domain, range: Range<u64>) -> (usize, Result<()>) {
         let gone = self.cache.remove_overlapping(domain, range);
         let mut r = Ok(());
         for e in &gone {
@@ -56,17 +48,34 @@ impl Inner {
         }
         (gone.len(), r)
     }
+}
 
+pub(crate) struct Inner {
+    pub(crate) core: Arc<Core>,
+    caps: HostCaps,
+    policy: Policy,
+    backends: Vec<Arc<dyn MemoryBackend>>,
+    subs: Mutex<HashMap<AllocationKey, Subscription>>,
+    /// Backend allocations seen, by base address: a new allocation found where an old one was
+    /// (freed without a notice this bridge saw) revokes the old one's registrations.
+    allocs: Mutex<BTreeMap<u64, (AllocationKey, u64)>>,
+    /// Keys are memory windows (the device has type 2 windows and the options allow them).
+    windows: bool,
+    /// The userfaultfd monitor's subscription, or why there is none.
+    watch: std::result::Result<crate::uffd::Watch, String>,
+}
+
+impl Inner {
     /// A backend's notice: the allocation (or part of it) goes. Revokes, then acknowledges;
     /// a registration that could not be revoked keeps the free waiting for ever rather than
     /// letting the memory go while the NIC may reach it.
-    fn on_notice(&self, notice: Notice) {
+    fn on_notice(core: &Core, inner: Option<Arc<Inner>>, notice: Notice) {
         // The notice's range is in offsets of the allocation, the cache's in addresses: the
         // whole allocation's registrations go (a part going is as rare as it is final).
-        let (_, r) = self.invalidate(Domain::Alloc(notice.key), 0..u64::MAX);
-        if notice.reason == p2pbridge_gpu::InvalidationReason::Free {
-            self.subs.lock().unwrap_or_else(|e| e.into_inner()).remove(&notice.key);
-            let mut allocs = self.allocs.lock().unwrap_or_else(|e| e.into_inner());
+        let (_, r) = core.invalidate(Domain::Alloc(notice.key), 0..u64::MAX);
+        if let Some(inner) = inner.filter(|_| notice.reason == p2pbridge_gpu::InvalidationReason::Free) {
+            inner.subs.lock().unwrap_or_else(|e| e.into_inner()).remove(&notice.key);
+            let mut allocs = inner.allocs.lock().unwrap_or_else(|e| e.into_inner());
             allocs.retain(|_, (k, _)| *k != notice.key);
         }
         match r {
@@ -83,8 +92,8 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // The subscriptions go with the bridge: nothing would tell a registration that its
         // memory went. Revoke them all now; remaining handles turn dead.
-        self.keys.clear();
-        for e in self.cache.drain() {
+        self.core.keys.clear();
+        for e in self.core.cache.drain() {
             if let Err(err) = e.value().revoke() {
                 eprintln!("p2pbridge: revoking a registration as the bridge goes failed ({err}); its memory region is leaked, not freed");
             }
@@ -138,33 +147,33 @@ impl Bridge {
         let caps = HostCaps::probe(pd)?;
         let monitor_host = opts.monitor_host;
         let windows = opts.windows && caps.mem_windows;
+        let core = Arc::new(Core {
+            pd: pd.clone(),
+            completion_timeout: opts.completion_timeout,
+            cache: RegCache::new(opts.cache),
+            keys: KeyLedger::default(),
+        });
+        let watch = if monitor_host {
+            let core = core.clone();
+            crate::uffd::subscribe(Box::new(move |range| {
+                if let (_, Err(e)) = core.invalidate(Domain::HostVa, range.clone()) {
+                    eprintln!("p2pbridge: revoking registrations of unmapped host memory {range:x?} failed: {e}");
+                }
+            }))
+            .map_err(|e| e.to_string())
+        } else {
+            Err("disabled by BridgeOptions::monitor_host".into())
+        };
         Ok(Bridge {
-            inner: Arc::new_cyclic(|weak: &Weak<Inner>| Inner {
-                pd: pd.clone(),
+            inner: Arc::new(Inner {
+                core,
                 caps,
                 policy: opts.policy,
-                cache: RegCache::new(opts.cache),
                 backends,
                 subs: Mutex::new(HashMap::new()),
                 allocs: Mutex::new(BTreeMap::new()),
-                keys: KeyLedger::default(),
                 windows,
-                completion_timeout: opts.completion_timeout,
-                watch: if monitor_host {
-                    let weak = weak.clone();
-                    crate::uffd::subscribe(Box::new(move |range| {
-                        if let Some(inner) = weak.upgrade() {
-                            if let (_, Err(e)) = inner.invalidate(Domain::HostVa, range.clone()) {
-                                eprintln!(
-                                    "p2pbridge: revoking registrations of unmapped host memory {range:x?} failed: {e}"
-                                );
-                            }
-                        }
-                    }))
-                    .map_err(|e| e.to_string())
-                } else {
-                    Err("disabled by BridgeOptions::monitor_host".into())
-                },
+                watch,
             }),
         })
     }
@@ -205,17 +214,17 @@ impl Bridge {
 
     /// The protection domain.
     pub fn pd(&self) -> &ProtectionDomain {
-        &self.inner.pd
+        &self.inner.core.pd
     }
 
     /// (entries, bytes) in the registration cache.
     pub fn cache_usage(&self) -> (usize, u64) {
-        self.inner.cache.usage()
+        self.inner.core.cache.usage()
     }
 
     /// The cache's limits.
     pub fn cache_policy(&self) -> &CachePolicy {
-        self.inner.cache.policy()
+        self.inner.core.cache.policy()
     }
 
     /// Registers `len` bytes at `addr`, which must be memory of one of the bridge's backends.
@@ -233,16 +242,19 @@ impl Bridge {
             let domain = Domain::Alloc(info.key);
             // Before the second identification below: a free of this allocation that runs
             // after it is seen by the epoch.
-            let epoch = self.inner.cache.epoch(domain);
+            let epoch = self.inner.core.cache.epoch(domain);
             let access = access | AccessFlags::LOCAL_WRITE;
-            if let Some(handle) = self.inner.cache.lookup(domain, addr..addr + len, access.bits()) {
-                return Ok(Registered { handle, addr, len });
+            if let Some(handle) = self.inner.core.cache.lookup(domain, addr..addr + len, access.bits()) {
+                return Ok(Registered { handle, addr, len, access });
             }
-            // A miss: be told before this allocation goes, then make sure it did not go before
-            // we listened (its free takes it out of the backend's table before it notifies).
+            // A miss: be told before this allocation goes, then make sure it did not start going
+            // before we listened.
             self.subscribe(&backend, info.key, info.len);
             let (_, again) = self.identify(addr)?;
-            if again.key != info.key {
+            // A free whose notices went out before we subscribed (a backend that notifies
+            // before it lets the allocation go, as CUDA's does) shows as dying.
+            if again.key != info.key || backend.notices().is_dying(info.key) {
+                std::thread::yield_now();
                 continue;
             }
             self.note_allocation(&info);
@@ -271,10 +283,10 @@ impl Bridge {
         check_range(addr, len)?;
         let access = access | AccessFlags::LOCAL_WRITE;
         for _ in 0..RACE_RETRIES {
-            let epoch = self.inner.cache.epoch(Domain::HostVa);
+            let epoch = self.inner.core.cache.epoch(Domain::HostVa);
             // The hit path first: a cached range is already watched.
-            if let Some(handle) = self.inner.cache.lookup(Domain::HostVa, addr..addr + len, access.bits()) {
-                return Ok(Registered { handle, addr, len });
+            if let Some(handle) = self.inner.core.cache.lookup(Domain::HostVa, addr..addr + len, access.bits()) {
+                return Ok(Registered { handle, addr, len, access });
             }
             if self.inner.watch.is_ok() {
                 crate::uffd::watch(addr..addr + len)?;
@@ -293,7 +305,7 @@ impl Bridge {
         if range.start > range.end {
             return Err(Error::InvalidArgument(format!("reversed range {:#x}..{:#x}", range.start, range.end)));
         }
-        let (n, r) = self.inner.invalidate(Domain::HostVa, range);
+        let (n, r) = self.inner.core.invalidate(Domain::HostVa, range);
         r.map(|()| n)
     }
 
@@ -307,9 +319,9 @@ impl Bridge {
             let allocs = self.inner.allocs.lock().unwrap_or_else(|e| e.into_inner());
             allocs.range(..end).filter(|(&b, (_, l))| b.saturating_add(*l) > addr).map(|(_, (k, _))| *k).collect()
         };
-        let (mut n, mut r) = self.inner.invalidate(Domain::HostVa, addr..end);
+        let (mut n, mut r) = self.inner.core.invalidate(Domain::HostVa, addr..end);
         for k in keys {
-            let (m, rk) = self.inner.invalidate(Domain::Alloc(k), 0..u64::MAX);
+            let (m, rk) = self.inner.core.invalidate(Domain::Alloc(k), 0..u64::MAX);
             n += m;
             r = r.and(rk);
         }
@@ -336,20 +348,20 @@ impl Bridge {
     /// For bounce registrations the key names the staging buffer: the owner calls
     /// [`Bridge::publish`] before peers read and [`Bridge::flush`] after they write.
     pub fn hand_out(&self, conn: &Connection, reg: &Registered, range: Range<u64>) -> Result<RemoteKey> {
-        let access = AccessFlags::from_bits_truncate(reg.handle.access());
-        self.inner.keys.hand_out(&self.inner, conn, reg, range, access)
+        let access = reg.access;
+        self.inner.core.keys.hand_out(&self.inner.core, conn, reg, range, access)
     }
 
     /// `Ok` while a key this bridge handed out still reaches its memory; [`Error::StaleKey`]
     /// once it was revoked (memory freed, unmapped or invalidated, or the key revoked).
     pub fn check_key(&self, key: &RemoteKey) -> Result<()> {
-        self.inner.keys.check(key)
+        self.inner.core.keys.check(key)
     }
 
     /// Revokes one key handed out with memory windows: the NIC refuses it from the moment this
     /// returns. Other keys of the same registration stay valid.
     pub fn revoke_key(&self, key: &RemoteKey) -> Result<()> {
-        self.inner.keys.revoke(key)
+        self.inner.core.keys.revoke(key)
     }
 
     fn identify(&self, addr: u64) -> Result<(Arc<dyn MemoryBackend>, AllocationInfo)> {
@@ -377,7 +389,7 @@ impl Bridge {
             stale
         };
         for k in stale {
-            if let (_, Err(e)) = self.inner.invalidate(Domain::Alloc(k), 0..u64::MAX) {
+            if let (_, Err(e)) = self.inner.core.invalidate(Domain::Alloc(k), 0..u64::MAX) {
                 eprintln!("p2pbridge: revoking registrations of a freed allocation failed: {e}");
             }
         }
@@ -398,10 +410,10 @@ impl Bridge {
         access: AccessFlags,
     ) -> Result<Option<Registered>> {
         let range = addr..addr + len;
-        if let Some(handle) = self.inner.cache.lookup(domain, range.clone(), access.bits()) {
-            return Ok(Some(Registered { handle, addr, len }));
+        if let Some(handle) = self.inner.core.cache.lookup(domain, range.clone(), access.bits()) {
+            return Ok(Some(Registered { handle, addr, len, access }));
         }
-        let reg_range = self.inner.cache.merged_range(domain, range, access.bits());
+        let reg_range = self.inner.core.cache.merged_range(domain, range, access.bits());
         let device = backend.as_ref().map(|b| b.device()).unwrap_or(0);
         let reg = self.try_strategies(kind, backend, reg_range.clone(), access)?;
         let cost = match reg.strategy() {
@@ -409,10 +421,10 @@ impl Bridge {
             Strategy::PinnedHost | Strategy::Bounce => Cost::Pinned,
             Strategy::Odp => Cost::Unpinned,
         };
-        match self.inner.cache.insert_since(Some(epoch), domain, reg_range, access.bits(), cost, reg)? {
+        match self.inner.core.cache.insert_since(Some(epoch), domain, reg_range, access.bits(), cost, reg)? {
             Ok(ins) => {
                 drop(ins.removed);
-                Ok(Some(Registered { handle: ins.handle, addr, len }))
+                Ok(Some(Registered { handle: ins.handle, addr, len, access }))
             }
             Err(stale) => {
                 stale.revoke()?;
@@ -434,7 +446,7 @@ impl Bridge {
         let len = usize::try_from(range.end - range.start).map_err(|_| {
             Error::InvalidArgument(format!("{} bytes do not fit this address space", range.end - range.start))
         })?;
-        let pd = &self.inner.pd;
+        let pd = &self.inner.core.pd;
         let windowed = self.inner.windows;
         // With windows, the region itself grants no remote rights: only windows reach it.
         let mr_access = if windowed {
@@ -520,11 +532,10 @@ impl Bridge {
             return;
         }
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
-        let sub = backend.notices().subscribe(key, 0..len, move |notice| match weak.upgrade() {
-            Some(inner) => inner.on_notice(notice),
-            // The bridge is gone, and revoked everything it had when it went.
-            None => notice.ack(),
-        });
+        let core = self.inner.core.clone();
+        // The core, not the bridge: a free while the bridge goes still revokes (and waits).
+        let sub =
+            backend.notices().subscribe(key, 0..len, move |notice| Inner::on_notice(&core, weak.upgrade(), notice));
         subs.insert(key, sub);
     }
 }

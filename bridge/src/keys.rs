@@ -20,12 +20,12 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use p2pbridge_verbs::{AccessFlags, Connection, HostBuffer, SendFlags};
 
-use crate::bridge::Inner;
+use crate::bridge::Core;
 
 use crate::cache::Handle;
 use crate::error::{Error, Result};
@@ -48,7 +48,7 @@ impl KeyLedger {
     /// remote rights in `access`.
     pub(crate) fn hand_out(
         &self,
-        owner: &Arc<Inner>,
+        owner: &Arc<Core>,
         conn: &Connection,
         reg: &Registered,
         range: Range<u64>,
@@ -82,6 +82,7 @@ impl KeyLedger {
             };
             let mut mw = pd.alloc_mw()?;
             let wr_id = next_wr_id();
+            conn.send_cq().expect(wr_id);
             // SAFETY: the window (and its region) go into the registration's list below
             // whatever happens after the post, and revocation deallocates every window of the
             // list before it deregisters any region.
@@ -92,10 +93,13 @@ impl KeyLedger {
                 }
             };
             // Not posted: the window is bound to nothing (dropping it, and the region, is safe).
-            let rkey = posted?;
+            let rkey = posted.inspect_err(|_| conn.send_cq().unexpect(wr_id))?;
             let done = reap(conn, wr_id, timeout);
-            if done.is_ok() {
-                conn.qp().bind_completed(&mut mw, rkey);
+            match &done {
+                Ok(_) => conn.qp().bind_completed(&mut mw, rkey),
+                // The bind may still happen: its window must never outlive the region under it.
+                Err(Error::DeviceStuck { .. }) => r.pin_forever(),
+                Err(_) => {}
             }
             live.windows().push(Bound { mw, region });
             done?;
@@ -116,11 +120,9 @@ impl KeyLedger {
         if r.windowed() {
             // A window is bound to the connection's QP, which cannot be destroyed while it is:
             // the key goes with the connection.
-            let bridge: Weak<Inner> = Arc::downgrade(owner);
+            let core = owner.clone();
             conn.on_close(move || {
-                if let Some(inner) = bridge.upgrade() {
-                    let _ = inner.keys.revoke(&key);
-                }
+                let _ = core.keys.revoke(&key);
             });
         }
         Ok(key)
@@ -178,7 +180,13 @@ impl KeyLedger {
                 return Err(e.into());
             }
             if let Some(sub) = b.region {
-                sub.deregister()?;
+                if let Err(e) = sub.deregister() {
+                    // Still registered: keep the memory under it registered too.
+                    drop(windows);
+                    drop(guard);
+                    r.pin_forever();
+                    return Err(e.into());
+                }
             }
         }
         Ok(())
@@ -196,12 +204,14 @@ impl crate::Bridge {
     /// must be posted before the SEND arrives, or the SEND is retried on RNR as
     /// `ConnectionOptions::rnr_retry_count` allows (7: for ever).
     pub fn send_key(&self, conn: &Connection, key: &RemoteKey) -> Result<()> {
-        let mut mr = self.inner.pd.register(HostBuffer::new(RemoteKey::WIRE_LEN)?, AccessFlags::LOCAL_WRITE)?;
+        let mut mr = self.inner.core.pd.register(HostBuffer::new(RemoteKey::WIRE_LEN)?, AccessFlags::LOCAL_WRITE)?;
         mr.as_mut_slice()[..RemoteKey::WIRE_LEN].copy_from_slice(&key.to_bytes());
+        let slice = mr.slice(..RemoteKey::WIRE_LEN as u64)?;
         let id = next_wr_id();
-        conn.qp().post_send(id, &mr.slice(..RemoteKey::WIRE_LEN as u64)?, None, SendFlags::SIGNALED)?;
+        conn.send_cq().expect(id);
+        conn.qp().post_send(id, &slice, None, SendFlags::SIGNALED).inspect_err(|_| conn.send_cq().unexpect(id))?;
         // `mr` lives until the completion is reaped (or the request flushed).
-        reap_on(conn, conn.send_cq(), id, self.inner.completion_timeout, "SEND of a key")?;
+        reap_on(conn, conn.send_cq(), id, self.inner.core.completion_timeout, "SEND of a key")?;
         Ok(())
     }
 
@@ -209,9 +219,11 @@ impl crate::Bridge {
     /// On timeout the connection's queue pair is moved to the error state (see
     /// [`Bridge::recv`](crate::Bridge::recv)).
     pub fn recv_key(&self, conn: &Connection, timeout: Duration) -> Result<RemoteKey> {
-        let mr = self.inner.pd.register(HostBuffer::new(RemoteKey::WIRE_LEN)?, AccessFlags::LOCAL_WRITE)?;
+        let mr = self.inner.core.pd.register(HostBuffer::new(RemoteKey::WIRE_LEN)?, AccessFlags::LOCAL_WRITE)?;
+        let slice = mr.slice(..)?;
         let id = next_wr_id();
-        conn.qp().post_recv(id, &mr.slice(..)?)?;
+        conn.recv_cq().expect(id);
+        conn.qp().post_recv(id, &slice).inspect_err(|_| conn.recv_cq().unexpect(id))?;
         let wc = reap_on(conn, conn.recv_cq(), id, timeout, "RECV of a key")?;
         // The receive is complete and no peer has rights on this region: its bytes are settled.
         RemoteKey::from_bytes(&mr.as_slice()[..(wc.byte_len as usize).min(RemoteKey::WIRE_LEN)])

@@ -310,6 +310,8 @@ pub struct Registered {
     pub(crate) handle: Handle<Registration>,
     pub(crate) addr: u64,
     pub(crate) len: u64,
+    /// The rights asked for (the cached registration may have more): what keys grant.
+    pub(crate) access: AccessFlags,
 }
 
 impl std::fmt::Debug for Registered {
@@ -374,7 +376,13 @@ impl Registered {
     /// Holds the registration live for posting work requests yourself (on a QP of the
     /// bridge's PD): while the returned guard lives, the registration is not revoked — a free
     /// or unmap of the memory waits for it. Keep it until the completions of the work requests
-    /// posted with its slices are reaped. `Err(Revoked)` if the memory is already gone.
+    /// posted with its slices are reaped, and no longer. `Err(Revoked)` if the memory is
+    /// already gone.
+    ///
+    /// While holding it, do not free or unmap this memory, and do not call the bridge on this
+    /// registration (another read lock behind a waiting revocation): either waits for the
+    /// guard itself, for ever. The host-memory monitor's thread also waits for it when the
+    /// memory is unmapped, and with it every other `munmap` of watched memory in the process.
     pub fn lock(&self) -> Result<LocalGuard<'_>> {
         Ok(LocalGuard { reg: self, guard: self.handle.value().live()? })
     }

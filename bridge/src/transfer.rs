@@ -104,7 +104,11 @@ impl Bridge {
         let live = guard.as_ref().ok_or(Error::Revoked)?;
         let _staging = live.bounce_lock();
         let id = next_wr_id();
-        op(reg, live, at, id)?;
+        cq.expect(id);
+        if let Err(e) = op(reg, live, at, id) {
+            cq.unexpect(id);
+            return Err(e);
+        }
         let wc = self.finish(reg, conn, cq, id, timeout, what)?;
         after(reg, live, at, wc)
     }
@@ -121,10 +125,11 @@ impl Bridge {
         remote_offset: u64,
     ) -> Result<()> {
         let rs = remote.slice(remote_offset, len)?;
-        let timeout = self.inner.completion_timeout;
+        let timeout = self.inner.core.completion_timeout;
         let op = |reg: &Registration, live: &Live, at, id| {
+            let sl = live.mr.slice(at, len)?;
             stage_in(reg, live, local.addr + offset, at, len)?;
-            Ok(conn.qp().post_write(id, &live.mr.slice(at, len)?, &rs, SendFlags::SIGNALED)?)
+            Ok(conn.qp().post_write(id, &sl, &rs, SendFlags::SIGNALED)?)
         };
         self.held(conn, conn.send_cq(), timeout, "RDMA WRITE", local, offset, len, op, |_, _, _, _| Ok(()))
     }
@@ -141,7 +146,7 @@ impl Bridge {
         remote_offset: u64,
     ) -> Result<()> {
         let rs = remote.slice(remote_offset, len)?;
-        let timeout = self.inner.completion_timeout;
+        let timeout = self.inner.core.completion_timeout;
         let op = |_: &Registration, live: &Live, at, id| {
             Ok(conn.qp().post_read(id, &live.mr.slice(at, len)?, &rs, SendFlags::SIGNALED)?)
         };
@@ -152,10 +157,11 @@ impl Bridge {
     /// SEND of `len` bytes at `offset` of `local` (with immediate data if given), waiting for
     /// the completion. The peer must have a receive posted ([`Bridge::recv`]).
     pub fn send(&self, conn: &Connection, local: &Registered, offset: u64, len: u64, imm: Option<u32>) -> Result<()> {
-        let timeout = self.inner.completion_timeout;
+        let timeout = self.inner.core.completion_timeout;
         let op = |reg: &Registration, live: &Live, at, id| {
+            let sl = live.mr.slice(at, len)?;
             stage_in(reg, live, local.addr + offset, at, len)?;
-            Ok(conn.qp().post_send(id, &live.mr.slice(at, len)?, imm, SendFlags::SIGNALED)?)
+            Ok(conn.qp().post_send(id, &sl, imm, SendFlags::SIGNALED)?)
         };
         self.held(conn, conn.send_cq(), timeout, "SEND", local, offset, len, op, |_, _, _, _| Ok(()))
     }
@@ -211,20 +217,26 @@ impl Bridge {
     }
 }
 
+/// Bounce copies go through a bounded temporary buffer, this many bytes at a time.
+const STAGE_CHUNK: usize = 1 << 20;
+
 /// For a bounce registration: copies `len` bytes of the memory at `addr` into its staging
 /// buffer at `at` (no-op for direct registrations). `at..at+len` is within the registration
-/// (checked by the caller).
+/// (checked by the caller, and again here against the staging buffer).
 fn stage_in(reg: &Registration, live: &Live, addr: u64, at: u64, len: u64) -> Result<()> {
     let (Some((staging, size)), Some(b)) = (live.mr.staging(), &reg.backend) else { return Ok(()) };
     let n = checked_len(at, len, size)?;
-    let mut tmp = vec![0u8; n];
-    // SAFETY: the caller holds the registration live, and the allocation's free revokes it
-    // first (waiting for that hold), so the memory is valid for the copy.
-    unsafe { b.copy_from_addr(addr, &mut tmp) }?;
-    // SAFETY: `at..at+n` lies within the staging mapping (checked); the bounce lock held by the
-    // caller makes this the only CPU access to the staging bytes, and no work request of ours
-    // on them is in flight (operations post after staging and reap before returning).
-    unsafe { std::ptr::copy_nonoverlapping(tmp.as_ptr(), staging.add(at as usize), n) };
+    let mut tmp = vec![0u8; n.min(STAGE_CHUNK)];
+    for done in (0..n).step_by(STAGE_CHUNK) {
+        let k = (n - done).min(STAGE_CHUNK);
+        // SAFETY: the caller holds the registration live, and the allocation's free revokes it
+        // first (waiting for that hold), so the memory is valid for the copy.
+        unsafe { b.copy_from_addr(addr + done as u64, &mut tmp[..k]) }?;
+        // SAFETY: `at+done..+k` lies within the staging mapping (checked); the bounce lock held
+        // by the caller makes this the only CPU access to the staging bytes, and no work request
+        // of ours on them is in flight (operations post after staging and reap before returning).
+        unsafe { std::ptr::copy_nonoverlapping(tmp.as_ptr(), staging.add(at as usize + done), k) };
+    }
     Ok(())
 }
 
@@ -234,12 +246,15 @@ fn stage_in(reg: &Registration, live: &Live, addr: u64, at: u64, len: u64) -> Re
 fn stage_out(reg: &Registration, live: &Live, addr: u64, at: u64, len: u64) -> Result<()> {
     let (Some((staging, size)), Some(b)) = (live.mr.staging(), &reg.backend) else { return Ok(()) };
     let n = checked_len(at, len, size)?;
-    let mut tmp = vec![0u8; n];
-    // SAFETY: within the staging mapping (checked); copied out, not referenced, since a peer
-    // with a key may write it at any time (the bytes are then whatever they were).
-    unsafe { std::ptr::copy_nonoverlapping(staging.add(at as usize), tmp.as_mut_ptr(), n) };
-    // SAFETY: as in `stage_in`: the registration is held live, so the memory is.
-    unsafe { b.copy_to_addr(addr, &tmp) }?;
+    let mut tmp = vec![0u8; n.min(STAGE_CHUNK)];
+    for done in (0..n).step_by(STAGE_CHUNK) {
+        let k = (n - done).min(STAGE_CHUNK);
+        // SAFETY: within the staging mapping (checked); copied out, not referenced, since a
+        // peer with a key may write it at any time (the bytes are then whatever they were).
+        unsafe { std::ptr::copy_nonoverlapping(staging.add(at as usize + done), tmp.as_mut_ptr(), k) };
+        // SAFETY: as in `stage_in`: the registration is held live, so the memory is.
+        unsafe { b.copy_to_addr(addr + done as u64, &tmp[..k]) }?;
+    }
     Ok(())
 }
 

@@ -25,8 +25,10 @@
 //!
 //! **Latency.** `munmap` returns once this thread has *read* its event, and the revocation
 //! follows within microseconds; [`sync`] waits until every event already read is acted on.
-//! The event thread never waits for anything but operations in flight on the memory (which
-//! the NIC completes), and survives a panicking subscriber.
+//! The event thread waits for nothing but the revocations themselves, which wait for
+//! operations in flight on the memory (ended by the NIC, or by `completion_timeout` or a
+//! `recv`'s own timeout) and for `LocalGuard`s held on it (as long as their holders keep
+//! them). It survives a panicking subscriber.
 
 use std::collections::BTreeMap;
 use std::ops::Range;

@@ -362,6 +362,22 @@ fn rdma_a_key_for_part_of_a_registration_reaches_that_part_only() {
 
 #[test]
 #[ignore = "needs an RDMA device: scripts/test runs it on Soft-RoCE"]
+fn rdma_a_key_grants_only_the_rights_asked_for() {
+    let len = 65_536usize;
+    let (c, s, _) = pair(Policy::default().require(Strategy::PinnedHost), len);
+    // A read-only registration of memory already registered read-write: a cache hit on the
+    // read-write entry, but its key lets the peer read only.
+    let ro =
+        s.state.bridge.register(s.state.buf.as_ref().unwrap().addr(), len as u64, AccessFlags::REMOTE_READ).unwrap();
+    assert_eq!(ro.generation(), s.state.reg.as_ref().unwrap().generation(), "a hit on the read-write entry");
+    let key = s.state.bridge.hand_out(&s.conn, &ro, 0..len as u64).unwrap();
+    c.state.bridge.read(&c.conn, c.state.reg.as_ref().unwrap(), 0, 4096, &key, 0).unwrap();
+    assert_write_refused(&c.state, &c.conn, &key, 0, 4096, "a read-only key");
+    assert!(s.state.mem.as_slice(s.state.buf.as_ref().unwrap()).unwrap().iter().all(|&b| b == 0));
+}
+
+#[test]
+#[ignore = "needs an RDMA device: scripts/test runs it on Soft-RoCE"]
 fn rdma_a_revoked_key_is_refused_and_its_siblings_still_work() {
     let len = 65_536usize;
     let (c, s, k1) = pair(Policy::default().require(Strategy::Odp), len);

@@ -48,6 +48,8 @@ struct Sub {
 struct State {
     subs: BTreeMap<u64, Sub>,
     next: u64,
+    /// Allocations whose invalidation is under way, and how many invalidations of each.
+    dying: BTreeMap<AllocationKey, usize>,
 }
 
 /// Counts the notices of one invalidation that are not acknowledged yet.
@@ -159,13 +161,32 @@ impl NoticeHub {
     /// have acknowledged. Returns how many were notified.
     pub fn invalidate(&self, key: AllocationKey, range: Range<u64>, reason: InvalidationReason) -> usize {
         let targets: Vec<(Callback, Range<u64>)> = {
-            let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            *s.dying.entry(key).or_default() += 1;
             s.subs
                 .values()
                 .filter(|sub| sub.key == key && sub.range.start < range.end && range.start < sub.range.end)
                 .map(|sub| (sub.callback.clone(), sub.range.start.max(range.start)..sub.range.end.min(range.end)))
                 .collect()
         };
+        let n = self.notify(key, reason, targets);
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = s.dying.get_mut(&key) {
+            *c -= 1;
+            if *c == 0 {
+                s.dying.remove(&key);
+            }
+        }
+        n
+    }
+
+    /// Whether an invalidation of `key` is under way: a subscriber that subscribed during it
+    /// may have missed its notice, and must treat the allocation as going.
+    pub fn is_dying(&self, key: AllocationKey) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).dying.contains_key(&key)
+    }
+
+    fn notify(&self, key: AllocationKey, reason: InvalidationReason, targets: Vec<(Callback, Range<u64>)>) -> usize {
         if targets.is_empty() {
             return 0;
         }
@@ -191,6 +212,22 @@ mod tests {
 
     fn key(id: u64) -> AllocationKey {
         AllocationKey { backend: BackendKind::Host, device: 0, id }
+    }
+
+    #[test]
+    fn an_allocation_is_dying_while_its_notices_are_out() {
+        let hub = NoticeHub::default();
+        let seen = Arc::new(AtomicBool::new(false));
+        let (h2, s2) = (hub.clone(), seen.clone());
+        let _sub = hub.subscribe(key(3), 0..10, move |n| {
+            // A subscriber that comes now has missed this notice: it can tell.
+            s2.store(h2.is_dying(key(3)) && !h2.is_dying(key(4)), Ordering::SeqCst);
+            n.ack();
+        });
+        assert!(!hub.is_dying(key(3)));
+        assert_eq!(hub.invalidate(key(3), 0..10, InvalidationReason::Free), 1);
+        assert!(seen.load(Ordering::SeqCst), "not dying while its notice was out");
+        assert!(!hub.is_dying(key(3)), "still dying after the invalidation ended");
     }
 
     #[test]

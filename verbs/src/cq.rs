@@ -112,13 +112,28 @@ impl WorkCompletion {
     }
 }
 
+#[derive(Default)]
+struct Stash {
+    reaped: Vec<WorkCompletion>,
+    awaited: std::collections::HashSet<u64>,
+}
+
+/// `now + timeout`, or no deadline where that does not fit.
+fn deadline(timeout: Duration) -> Option<Instant> {
+    Instant::now().checked_add(timeout)
+}
+
+fn past(deadline: Option<Instant>) -> bool {
+    deadline.is_some_and(|d| Instant::now() >= d)
+}
+
 /// A completion queue (`struct ibv_cq`), polled (no completion channel).
 pub struct CompletionQueue {
     cq: NonNull<sys::ibv_cq>,
     depth: u32,
-    /// Completions reaped by [`wait_wr`](CompletionQueue::wait_wr) for other work requests,
-    /// kept for their own waiters.
-    stash: Mutex<Vec<WorkCompletion>>,
+    /// Completions reaped for other work requests than the reaper's, kept for their own
+    /// waiters, and the ids [`wait_wr`](CompletionQueue::wait_wr) callers are waiting for.
+    stash: Mutex<Stash>,
     _ctx: Context,
 }
 
@@ -144,7 +159,7 @@ impl CompletionQueue {
         let cq = result::ptr("ibv_create_cq", unsafe {
             sys::ibv_create_cq(ctx.as_raw(), cqe, std::ptr::null_mut(), std::ptr::null_mut(), 0)
         })?;
-        Ok(CompletionQueue { cq, depth, stash: Mutex::new(Vec::new()), _ctx: ctx.clone() })
+        Ok(CompletionQueue { cq, depth, stash: Mutex::new(Stash::default()), _ctx: ctx.clone() })
     }
 
     /// The raw CQ, for the `sys` layer.
@@ -179,22 +194,32 @@ impl CompletionQueue {
     /// returned as [`Error::WorkCompletion`]. Completions that [`wait_wr`](Self::wait_wr)
     /// callers set aside come first.
     pub fn wait_one(&self, timeout: Duration) -> Result<WorkCompletion> {
-        let deadline = Instant::now() + timeout;
-        let mut wc = [WorkCompletion::default()];
+        let deadline = deadline(timeout);
+        let mut batch = [WorkCompletion::default(); 16];
         let mut spins = 0u32;
         loop {
-            if let Some(w) = {
-                let mut stash = self.stash.lock().unwrap_or_else(|e| e.into_inner());
-                (!stash.is_empty()).then(|| stash.remove(0))
-            } {
-                return w.ok();
-            }
-            if self.poll(&mut wc)? == 1 {
-                return wc[0].ok();
+            {
+                let mut st = self.stash.lock().unwrap_or_else(|e| e.into_inner());
+                // Not a completion a `wait_wr` caller is waiting for.
+                if let Some(i) = st.reaped.iter().position(|w| !st.awaited.contains(&w.wr_id)) {
+                    return st.reaped.remove(i).ok();
+                }
+                let n = self.poll(&mut batch)?;
+                let mut mine = None;
+                for w in &batch[..n] {
+                    if mine.is_none() && !st.awaited.contains(&w.wr_id) {
+                        mine = Some(*w);
+                    } else {
+                        st.reaped.push(*w);
+                    }
+                }
+                if let Some(w) = mine {
+                    return w.ok();
+                }
             }
             spins += 1;
-            if spins.is_multiple_of(1024) {
-                if Instant::now() >= deadline {
+            if spins.is_multiple_of(256) {
+                if past(deadline) {
                     return Err(Error::Timeout(timeout, "a work completion"));
                 }
                 std::thread::yield_now();
@@ -206,22 +231,43 @@ impl CompletionQueue {
 impl CompletionQueue {
     /// Waits (busy-polling) for the completion of the work request posted with `wr_id`, up to
     /// `timeout`, and returns it (an error status as [`Error::WorkCompletion`]). Completions of
-    /// other work requests reaped meanwhile are set aside for their own `wait_wr` (or
-    /// [`wait_one`](Self::wait_one)) callers, so threads sharing a CQ never take each other's
-    /// completions — as long as each posts with ids of its own.
+    /// other work requests reaped meanwhile are set aside for their own `wait_wr` or
+    /// [`wait_one`](Self::wait_one) callers — `wait_one` never takes one a `wait_wr` caller is
+    /// waiting for — so threads sharing a CQ never take each other's completions, as long as
+    /// each posts with ids of its own. (Raw [`poll`](Self::poll) sees neither the set-aside
+    /// completions nor spares the awaited ones: do not mix it with these on one CQ.)
     ///
     /// On [`Error::Timeout`] the work request may still be outstanding: its buffers stay the
     /// NIC's until its completion (or its flush, after [`QueuePair::set_error`](crate::QueuePair::set_error))
     /// has been reaped.
     pub fn wait_wr(&self, wr_id: u64, timeout: Duration) -> Result<WorkCompletion> {
-        let deadline = Instant::now() + timeout;
+        self.expect(wr_id);
+        let r = self.wait_wr_inner(wr_id, timeout);
+        self.stash.lock().unwrap_or_else(|e| e.into_inner()).awaited.remove(&wr_id);
+        r
+    }
+
+    /// Marks `wr_id` as awaited before its request is posted, so that no
+    /// [`wait_one`](Self::wait_one) caller takes its completion before [`wait_wr`](Self::wait_wr)
+    /// begins. `wait_wr` ends the mark; [`unexpect`](Self::unexpect) ends it when the post failed.
+    pub fn expect(&self, wr_id: u64) {
+        self.stash.lock().unwrap_or_else(|e| e.into_inner()).awaited.insert(wr_id);
+    }
+
+    /// Ends an [`expect`](Self::expect) whose request was not posted.
+    pub fn unexpect(&self, wr_id: u64) {
+        self.stash.lock().unwrap_or_else(|e| e.into_inner()).awaited.remove(&wr_id);
+    }
+
+    fn wait_wr_inner(&self, wr_id: u64, timeout: Duration) -> Result<WorkCompletion> {
+        let deadline = deadline(timeout);
         let mut batch = [WorkCompletion::default(); 16];
         let mut spins = 0u32;
         loop {
             {
-                let mut stash = self.stash.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(i) = stash.iter().position(|w| w.wr_id == wr_id) {
-                    return stash.swap_remove(i).ok();
+                let mut st = self.stash.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(i) = st.reaped.iter().position(|w| w.wr_id == wr_id) {
+                    return st.reaped.swap_remove(i).ok();
                 }
                 let n = self.poll(&mut batch)?;
                 let mut mine = None;
@@ -229,7 +275,7 @@ impl CompletionQueue {
                     if w.wr_id == wr_id && mine.is_none() {
                         mine = Some(*w);
                     } else {
-                        stash.push(*w);
+                        st.reaped.push(*w);
                     }
                 }
                 if let Some(w) = mine {
@@ -238,7 +284,7 @@ impl CompletionQueue {
             }
             spins += 1;
             if spins.is_multiple_of(256) {
-                if Instant::now() >= deadline {
+                if past(deadline) {
                     return Err(Error::Timeout(timeout, "a work completion"));
                 }
                 std::thread::yield_now();

@@ -560,7 +560,14 @@ impl RemoteBuf {
         let len = u32::try_from(length).map_err(|_| {
             Error::InvalidArgument(format!("a work request moves at most 4 GiB - 1, not {length} bytes"))
         })?;
-        Ok(RemoteSlice { addr: self.addr + offset, len, rkey: self.rkey })
+        // The descriptor came from a peer: its address may be anything.
+        let addr = self.addr.checked_add(offset).ok_or(Error::OutOfBounds {
+            what: "remote buffer (its address wraps)",
+            offset,
+            length: len as usize,
+            len: self.len,
+        })?;
+        Ok(RemoteSlice { addr, len, rkey: self.rkey })
     }
 }
 

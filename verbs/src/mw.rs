@@ -26,7 +26,8 @@ pub struct MemoryWindow {
 // SAFETY: a window is a kernel/provider object handle; binding and deallocation are verbs
 // that may be called from any thread.
 unsafe impl Send for MemoryWindow {}
-// SAFETY: shared access only reads the rkey kept in the struct.
+// SAFETY: shared access reads the rkey kept in the struct (changed only through `&mut`), and
+// binds through `&MemoryWindow` are work requests the provider serializes on its queue.
 unsafe impl Sync for MemoryWindow {}
 
 impl std::fmt::Debug for MemoryWindow {
@@ -53,6 +54,11 @@ impl MemoryWindow {
     /// The rkey peers use: after a successful bind, the bind's.
     pub fn rkey(&self) -> u32 {
         self.rkey
+    }
+
+    /// Whether the window belongs to `pd`.
+    pub(crate) fn in_pd(&self, pd: &ProtectionDomain) -> bool {
+        std::sync::Arc::ptr_eq(&self._pd.inner, &pd.inner)
     }
 
     /// The raw window, for the `sys` layer.

@@ -254,6 +254,11 @@ impl QueuePair {
                 "memory window bind: the region belongs to another protection domain than the QP".into(),
             ));
         }
+        if !mw.in_pd(mr.pd()) {
+            return Err(Error::InvalidArgument(
+                "memory window bind: the window belongs to another protection domain than the region".into(),
+            ));
+        }
         if !mr.access().contains(AccessFlags::MW_BIND) {
             return Err(Error::InvalidArgument("memory window bind: the region was registered without MW_BIND".into()));
         }
