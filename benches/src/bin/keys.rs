@@ -12,7 +12,7 @@
 //!   reap the bind) against a hand-out without windows (the region's rkey), which is what a
 //!   hand-out was before windows.
 //! - **WRITE bandwidth through a window's key against the region's own key**, at 64 KiB and
-//!   1 MiB: the same buffers, size, depth (16) and no inline on both sides; 7 pairs, each
+//!   1 MiB: the same buffers, size, depth (16) and no inline on both sides; `--pairs` (7) pairs, each
 //!   `--seconds` long per side, the first of each pair alternating between the two keys; only completions reaped before the
 //!   deadline count; the median ratio and its spread.
 
@@ -76,13 +76,15 @@ fn write_bw(conn: &Connection, local: &Registered, key: &RemoteKey, size: u64, s
 fn main() -> Res<()> {
     let mut rounds = 200usize;
     let mut secs = 1.0f64;
+    let mut pairs = 7usize;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--rounds" => rounds = args.next().ok_or("--rounds N")?.parse()?,
             "--seconds" => secs = args.next().ok_or("--seconds S")?.parse()?,
+            "--pairs" => pairs = args.next().ok_or("--pairs N")?.parse::<usize>()?.max(1),
             "--help" | "-h" => {
-                println!("keys [--rounds N] [--seconds S]: revocation latency, hand-out cost, window vs region key bandwidth (under scripts/softroce)");
+                println!("keys [--rounds N] [--seconds S] [--pairs N]: revocation latency, hand-out cost, window vs region key bandwidth (under scripts/softroce)");
                 return Ok(());
             }
             other => return Err(format!("unknown argument {other} (see --help)").into()),
@@ -186,7 +188,7 @@ fn main() -> Res<()> {
     let (_, _, _, creg) = &client.state;
     for size in [64u64 << 10, 1 << 20] {
         let mut ratios = Vec::new();
-        for i in 0..7 {
+        for i in 0..pairs {
             // Each pair alternates which key goes first.
             let (w, m) = if i % 2 == 0 {
                 let w = write_bw(&client.conn, creg, &wkey, size, secs)?;
@@ -199,7 +201,7 @@ fn main() -> Res<()> {
         }
         let (lo, hi) = (ratios.iter().cloned().fold(f64::MAX, f64::min), ratios.iter().cloned().fold(0.0, f64::max));
         println!(
-            "WRITE {} KiB: window key / region key = {:.3} median of 7 pairs (spread {lo:.3}..{hi:.3})",
+            "WRITE {} KiB: window key / region key = {:.3} median of {pairs} pairs (spread {lo:.3}..{hi:.3})",
             size >> 10,
             percentile(&mut ratios, 0.5)
         );
