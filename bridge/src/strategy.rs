@@ -9,7 +9,7 @@
 //! 4. **pinned host**: `ibv_reg_mr` on host memory;
 //! 5. **bounce**: registered host staging buffers and backend copies — always possible.
 //!
-//! [`choose`] is a pure function of the memory, the operations, the caller's [`Policy`] and
+//! [`plan`] is a pure function of the memory, the operations, the caller's [`Policy`] and
 //! the host's [`HostCaps`] (from [`HostCaps::probe`]), so every decision can be tested.
 
 use std::fmt;

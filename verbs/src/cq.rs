@@ -194,20 +194,30 @@ impl CompletionQueue {
     /// returned as [`Error::WorkCompletion`]. Completions that [`wait_wr`](Self::wait_wr)
     /// callers set aside come first.
     pub fn wait_one(&self, timeout: Duration) -> Result<WorkCompletion> {
+        // Not a completion a `wait_wr` caller is waiting for.
+        self.wait_for(timeout, |w, awaited| !awaited.contains(&w.wr_id))
+    }
+
+    /// Waits for the first completion that `pick` accepts — set aside earlier, or polled now —
+    /// setting aside the others it polls meanwhile.
+    fn wait_for(
+        &self,
+        timeout: Duration,
+        pick: impl Fn(&WorkCompletion, &std::collections::HashSet<u64>) -> bool,
+    ) -> Result<WorkCompletion> {
         let deadline = deadline(timeout);
         let mut batch = [WorkCompletion::default(); 16];
         let mut spins = 0u32;
         loop {
             {
                 let mut st = self.stash.lock().unwrap_or_else(|e| e.into_inner());
-                // Not a completion a `wait_wr` caller is waiting for.
-                if let Some(i) = st.reaped.iter().position(|w| !st.awaited.contains(&w.wr_id)) {
+                if let Some(i) = st.reaped.iter().position(|w| pick(w, &st.awaited)) {
                     return st.reaped.remove(i).ok();
                 }
                 let n = self.poll(&mut batch)?;
                 let mut mine = None;
                 for w in &batch[..n] {
-                    if mine.is_none() && !st.awaited.contains(&w.wr_id) {
+                    if mine.is_none() && pick(w, &st.awaited) {
                         mine = Some(*w);
                     } else {
                         st.reaped.push(*w);
@@ -260,36 +270,7 @@ impl CompletionQueue {
     }
 
     fn wait_wr_inner(&self, wr_id: u64, timeout: Duration) -> Result<WorkCompletion> {
-        let deadline = deadline(timeout);
-        let mut batch = [WorkCompletion::default(); 16];
-        let mut spins = 0u32;
-        loop {
-            {
-                let mut st = self.stash.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(i) = st.reaped.iter().position(|w| w.wr_id == wr_id) {
-                    return st.reaped.swap_remove(i).ok();
-                }
-                let n = self.poll(&mut batch)?;
-                let mut mine = None;
-                for w in &batch[..n] {
-                    if w.wr_id == wr_id && mine.is_none() {
-                        mine = Some(*w);
-                    } else {
-                        st.reaped.push(*w);
-                    }
-                }
-                if let Some(w) = mine {
-                    return w.ok();
-                }
-            }
-            spins += 1;
-            if spins.is_multiple_of(256) {
-                if past(deadline) {
-                    return Err(Error::Timeout(timeout, "a work completion"));
-                }
-                std::thread::yield_now();
-            }
-        }
+        self.wait_for(timeout, |w, _| w.wr_id == wr_id)
     }
 }
 
