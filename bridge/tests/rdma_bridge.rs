@@ -559,17 +559,7 @@ fn rdma_dmabuf_and_peermem_are_skipped_with_the_probes_reasons() {
 }
 
 fn kernel_mr_count(device: &str) -> usize {
-    let out = std::process::Command::new("rdma").args(["resource", "show"]).output().expect("rdma (iproute2)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line =
-        text.lines().find(|l| l.contains(&format!("{device}:"))).unwrap_or_else(|| panic!("no {device} in {text}"));
-    let mut words = line.split_whitespace();
-    while let Some(w) = words.next() {
-        if w == "mr" {
-            return words.next().and_then(|n| n.parse().ok()).expect("an mr count");
-        }
-    }
-    panic!("no mr count in {line}")
+    p2pbridge::verbs::fabric::kernel_count(device, "mr").unwrap()
 }
 
 #[test]

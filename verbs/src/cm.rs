@@ -155,6 +155,15 @@ impl CmId {
     }
 }
 
+/// A connection that failed after its QP was made: the QP and the id go first, then the CQs
+/// (a CQ that a QP still uses cannot be destroyed, and would leak). Returns `e`.
+fn teardown(qp: QueuePair, id: CmId, send_cq: CompletionQueue, recv_cq: CompletionQueue, e: Error) -> Error {
+    drop(qp);
+    drop(id);
+    drop((send_cq, recv_cq));
+    e
+}
+
 impl Drop for CmId {
     fn drop(&mut self) {
         // SAFETY: each is destroyed once, QP before id; the channel outlives the id (field
@@ -355,11 +364,16 @@ impl Connection {
         id.check_pd(pd)?;
         let (qp, send_cq, recv_cq) = id.create_qp(pd, opts)?;
         let mut param = param;
-        // SAFETY: the id is routed and has a QP; `param` and its private data outlive the call.
-        let rc = unsafe { sys::rdma_connect(id.raw(), &mut param) };
-        result::neg_errno("rdma_connect", rc)?;
-        let ev = id.wait(sys::rdma_cm_event_type::RDMA_CM_EVENT_ESTABLISHED, opts.timeout)?;
-        Ok(Connection::assemble(qp, id, send_cq, recv_cq, pd, ev.private_data))
+        let established = (|| {
+            // SAFETY: the id is routed and has a QP; `param` and its private data outlive the call.
+            let rc = unsafe { sys::rdma_connect(id.raw(), &mut param) };
+            result::neg_errno("rdma_connect", rc)?;
+            id.wait(sys::rdma_cm_event_type::RDMA_CM_EVENT_ESTABLISHED, opts.timeout)
+        })();
+        match established {
+            Ok(ev) => Ok(Connection::assemble(qp, id, send_cq, recv_cq, pd, ev.private_data)),
+            Err(e) => Err(teardown(qp, id, send_cq, recv_cq, e)),
+        }
     }
 
     /// The queue pair: post work requests here.
@@ -525,12 +539,19 @@ impl ConnectRequest<'_> {
         }
         let (qp, send_cq, recv_cq) = id.create_qp(pd, opts)?;
         let mut param = param;
-        // SAFETY: the id has a QP; `param` and its data outlive the call.
-        let rc = unsafe { sys::rdma_accept(id.raw(), &mut param) };
-        result::neg_errno("rdma_accept", rc)?;
-        id.wait(sys::rdma_cm_event_type::RDMA_CM_EVENT_ESTABLISHED, opts.timeout)?;
-        let private = std::mem::take(&mut self.private_data);
-        Ok(Connection::assemble(qp, id, send_cq, recv_cq, pd, private))
+        let established = (|| {
+            // SAFETY: the id has a QP; `param` and its data outlive the call.
+            let rc = unsafe { sys::rdma_accept(id.raw(), &mut param) };
+            result::neg_errno("rdma_accept", rc)?;
+            id.wait(sys::rdma_cm_event_type::RDMA_CM_EVENT_ESTABLISHED, opts.timeout)
+        })();
+        match established {
+            Ok(_) => {
+                let private = std::mem::take(&mut self.private_data);
+                Ok(Connection::assemble(qp, id, send_cq, recv_cq, pd, private))
+            }
+            Err(e) => Err(teardown(qp, id, send_cq, recv_cq, e)),
+        }
     }
 
     /// Rejects the request.

@@ -278,6 +278,9 @@ impl Drop for CompletionQueue {
     fn drop(&mut self) {
         // SAFETY: destroyed once; QPs using this CQ hold it alive (Connection owns both and
         // destroys the QP first).
-        unsafe { sys::ibv_destroy_cq(self.cq.as_ptr()) };
+        let rc = unsafe { sys::ibv_destroy_cq(self.cq.as_ptr()) };
+        if rc != 0 {
+            eprintln!("p2pbridge-verbs: ibv_destroy_cq failed ({}); the CQ is leaked", crate::Errno(rc.abs()));
+        }
     }
 }

@@ -146,6 +146,29 @@ impl SoftRoce {
     }
 }
 
+/// How many objects of `kind` ("mr", "cq", "qp", "pd", ...) the kernel holds for `device`, from
+/// `rdma resource show` (iproute2): for tests that check nothing leaked.
+pub fn kernel_count(device: &str, kind: &str) -> Result<usize> {
+    let out = std::process::Command::new("rdma")
+        .args(["resource", "show"])
+        .output()
+        .map_err(|e| Error::InvalidArgument(format!("rdma resource show: {e} (install iproute2)")))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains(&format!("{device}:")))
+        .ok_or_else(|| Error::InvalidArgument(format!("no {device} in `rdma resource show`: {text}")))?;
+    let mut words = line.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == kind {
+            if let Some(n) = words.next().and_then(|n| n.parse().ok()) {
+                return Ok(n);
+            }
+        }
+    }
+    Err(Error::InvalidArgument(format!("no {kind} count in `{line}`")))
+}
+
 /// A command that runs `program` as on a host without rdma-core: libibverbs.so.1 and
 /// librdmacm.so.1 are hidden from it by bind-mounting /dev/null over them in a private mount
 /// namespace (`unshare -m`, or `unshare -r -m` when not root), so the dynamic loader fails as

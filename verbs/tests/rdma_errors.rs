@@ -2,6 +2,8 @@
 
 mod common;
 
+use p2pbridge_verbs::fabric::kernel_count;
+
 use common::{connect_pair, TIMEOUT};
 use p2pbridge_verbs::{
     AccessFlags, Connection, ConnectionOptions, Context, DmaBufSupport, Error, GidKind, HostBuffer, LinkLayer,
@@ -170,6 +172,7 @@ fn connecting_where_nobody_listens_fails_without_hanging() {
     let fab = common::fabric();
     let a = fab.a.clone();
     let b_addr = fab.b.addr;
+    let cqs_before = kernel_count(&a.device, "cq").unwrap();
     let r = std::thread::spawn(move || {
         a.enter().unwrap();
         let pd = ProtectionDomain::new(&Context::open(&a.device).unwrap()).unwrap();
@@ -182,6 +185,8 @@ fn connecting_where_nobody_listens_fails_without_hanging() {
         Err(Error::CmEvent { got, .. }) => assert!(got.contains("REJECTED") || got.contains("UNREACHABLE"), "{got}"),
         other => panic!("expected a rejected connection, got {other:?}"),
     }
+    // The failed connection's CQs (made with its QP, before the peer refused) are gone too.
+    assert_eq!(kernel_count(&fab.a.device, "cq").unwrap(), cqs_before, "a failed connect leaked its CQs");
 }
 
 #[test]
