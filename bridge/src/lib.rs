@@ -4,11 +4,13 @@
 //! - [`Bridge`] registers memory of its backends ([`gpu`]) or plain host memory through the
 //!   best [`Strategy`] the host supports — dma-buf, peer memory, ODP, pinned host, or bounce
 //!   buffers — and says why it skipped the others ([`SkipReason`]).
-//! - Registrations are cached ([`cache`]); a backend's notice before a free removes them,
-//!   waits for in-flight work, and deregisters before the memory goes.
-//! - [`RemoteKey`]s carry a generation: a registration made anew after the memory was freed
-//!   or remapped has a new one, the old rkey is gone at the NIC, and the bridge refuses the
-//!   old key it handed out.
+//! - Registrations are cached ([`cache`]). When the memory goes — a backend's notice before a
+//!   free, the userfaultfd monitor seeing an unmap, or a call — they are revoked: every key
+//!   handed out over the memory is refused by the NIC from then on, the regions are
+//!   deregistered after the operations in flight end, and handles turn dead
+//!   ([`Error::Revoked`]).
+//! - [`Bridge::hand_out`] gives a peer a [`RemoteKey`]: where the NIC has memory windows, a
+//!   window over exactly the range handed out, usable only over that peer's connection.
 //!
 //! ```no_run
 //! use std::sync::Arc;
