@@ -154,17 +154,18 @@ impl KeyLedger {
 
     /// Revokes one key at the NIC (its window is deallocated) and forgets it.
     pub(crate) fn revoke(&self, key: &RemoteKey) -> Result<()> {
-        let Some(h) = self.lock().remove(&(key.generation, key.rkey)) else {
+        let id = (key.generation, key.rkey);
+        let Some(h) = self.lock().get(&id).cloned() else {
             return Err(Error::StaleKey { generation: key.generation, why: "not a live key of this bridge" });
         };
         let r = h.value();
         if !r.windowed() {
-            // Put it back: the key lives as long as the registration.
-            self.lock().insert((key.generation, key.rkey), h.clone());
+            // The key lives as long as the registration: it stays recorded.
             return Err(Error::InvalidArgument(
                 "this registration has no memory windows (the device lacks them, or BridgeOptions::windows is off): its keys are revoked with the registration (free, unmap or invalidate it)".into(),
             ));
         }
+        self.lock().remove(&id);
         let Ok(guard) = r.live() else { return Ok(()) };
         let Some(live) = guard.as_ref() else { return Ok(()) };
         let mut windows = live.windows();

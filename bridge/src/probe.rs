@@ -158,16 +158,19 @@ fn device_report(name: &str) -> Result<(DeviceReport, Option<HostCaps>), VerbsEr
         });
     }
     let pd = ProtectionDomain::new(&ctx)?;
-    let dmabuf_mr = match pd.dmabuf_support() {
+    // The strategy planner's view of the device: the probe reports from it rather than
+    // probing dma-buf and advise_mr a second time.
+    let host_caps = HostCaps::probe(&pd)?;
+    let dmabuf_mr = match host_caps.dmabuf {
         DmaBufSupport::Supported => Verdict::yes(),
         DmaBufSupport::Unsupported(e) => Verdict::no(
             format!("ibv_reg_dmabuf_mr: {}", e.name()),
             "a kernel >= 5.12, rdma-core >= 34 and a NIC driver that imports dma-bufs (mlx5, efa, irdma, bnxt_re); rxe and siw do not",
         ),
     };
-    let advise_mr = match pd.prefetch_support()? {
-        None => Verdict::yes(),
-        Some(why) => Verdict::no(why, "newer rdma-core (the provider's advise_mr) and an ODP-capable device"),
+    let advise_mr = match &host_caps.prefetch {
+        Ok(()) => Verdict::yes(),
+        Err(why) => Verdict::no(why.clone(), "newer rdma-core (the provider's advise_mr) and an ODP-capable device"),
     };
     let odp = if caps.odp.supported {
         Verdict::yes()
@@ -188,7 +191,7 @@ fn device_report(name: &str) -> Result<(DeviceReport, Option<HostCaps>), VerbsEr
             "keys are then the region's rkey, revoked with the whole registration; mlx5 and rxe (Linux >= 5.12) have type 2 windows",
         )
     };
-    let host_caps = if active { Some(HostCaps::probe(&pd)?) } else { None };
+    let host_caps = active.then_some(host_caps);
     Ok((
         DeviceReport { name: name.into(), ports, odp, odp_rc, implicit_odp, dmabuf_mr, advise_mr, mem_windows },
         host_caps,
