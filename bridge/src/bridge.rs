@@ -317,7 +317,7 @@ impl Bridge {
         let end = check_range(addr, len)?;
         let keys: Vec<AllocationKey> = {
             let allocs = self.inner.allocs.lock().unwrap_or_else(|e| e.into_inner());
-            allocs.range(..end).filter(|(&b, (_, l))| b.saturating_add(*l) > addr).map(|(_, (k, _))| *k).collect()
+            allocations_over(&allocs, addr..end).map(|(_, k)| k).collect()
         };
         let (mut n, mut r) = self.inner.core.invalidate(Domain::HostVa, addr..end);
         for k in keys {
@@ -334,9 +334,11 @@ impl Bridge {
     /// before the memory is reused. Returns how many registrations were revoked.
     pub fn report_free(&self, addr: u64, len: u64) -> Result<usize> {
         let n = self.invalidate(addr, len)?;
-        let end = addr.saturating_add(len);
         let mut allocs = self.inner.allocs.lock().unwrap_or_else(|e| e.into_inner());
-        allocs.retain(|&b, (_, l)| b >= end || b.saturating_add(*l) <= addr);
+        let gone: Vec<u64> = allocations_over(&allocs, addr..addr + len).map(|(b, _)| b).collect();
+        for b in gone {
+            allocs.remove(&b);
+        }
         Ok(n)
     }
 
@@ -379,11 +381,8 @@ impl Bridge {
         let stale: Vec<AllocationKey> = {
             let mut allocs = self.inner.allocs.lock().unwrap_or_else(|e| e.into_inner());
             let end = info.base.saturating_add(info.len);
-            let over: Vec<u64> = allocs
-                .range(..end)
-                .filter(|(&b, (k, l))| b.saturating_add(*l) > info.base && *k != info.key)
-                .map(|(&b, _)| b)
-                .collect();
+            let over: Vec<u64> =
+                allocations_over(&allocs, info.base..end).filter(|&(_, k)| k != info.key).map(|(b, _)| b).collect();
             let stale = over.iter().filter_map(|b| allocs.remove(b)).map(|(k, _)| k).collect();
             allocs.insert(info.base, (info.key, info.len));
             stale
@@ -538,6 +537,14 @@ impl Bridge {
             backend.notices().subscribe(key, 0..len, move |notice| Inner::on_notice(&core, weak.upgrade(), notice));
         subs.insert(key, sub);
     }
+}
+
+/// The recorded allocations (base, key) that overlap `range`.
+fn allocations_over(
+    allocs: &BTreeMap<u64, (AllocationKey, u64)>,
+    range: Range<u64>,
+) -> impl Iterator<Item = (u64, AllocationKey)> + '_ {
+    allocs.range(..range.end).filter(move |(&b, (_, l))| b.saturating_add(*l) > range.start).map(|(&b, (k, _))| (b, *k))
 }
 
 /// `addr + len`, or why not: a registration needs 1 byte at least and may not wrap.
