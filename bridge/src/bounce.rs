@@ -15,10 +15,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use p2pbridge_gpu::MemoryBackend;
-use p2pbridge_verbs::{AccessFlags, Connection, HostBuffer, MemoryRegion, ProtectionDomain, SendFlags};
+use p2pbridge_verbs::{AccessFlags, CompletionQueue, Connection, HostBuffer, MemoryRegion, ProtectionDomain, SendFlags};
 
 use crate::error::{Error, Result};
 use crate::key::RemoteKey;
+use crate::transfer::{next_wr_id, FLUSH_WAIT};
 
 /// Chunking of the engine.
 #[derive(Debug, Clone, Copy)]
@@ -38,17 +39,29 @@ impl Default for BounceConfig {
 }
 
 /// A ring of registered staging buffers serving one backend's memory on one PD.
+///
+/// Transfers take `&mut self`: the slots belong to one transfer at a time, so two callers can
+/// never stage into the same slot. A transfer that fails part-way returns only after every
+/// chunk it posted has completed or been flushed (its queue pair moved to the error state), so
+/// the next transfer never reuses a slot the NIC still reads or writes. If even the flush does
+/// not come, the slots are leaked — never reused or freed — and the engine refuses further
+/// work with [`Error::DeviceStuck`].
 pub struct BounceEngine {
     slots: Vec<MemoryRegion<HostBuffer>>,
     backend: Arc<dyn MemoryBackend>,
     cfg: BounceConfig,
+    /// Set when a device did not flush: the slots were given up.
+    stuck: bool,
 }
 
 impl std::fmt::Debug for BounceEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BounceEngine").field("cfg", &self.cfg).finish()
+        f.debug_struct("BounceEngine").field("cfg", &self.cfg).field("stuck", &self.stuck).finish()
     }
 }
+
+/// The work requests one transfer has posted and not yet reaped, oldest first.
+type InFlight = VecDeque<(u64, usize)>;
 
 impl BounceEngine {
     /// Registers `cfg.ring` staging buffers of `cfg.chunk` bytes on `pd` for `backend`.
@@ -62,7 +75,7 @@ impl BounceEngine {
         let slots = (0..cfg.ring)
             .map(|_| pd.register(HostBuffer::new(cfg.chunk)?, AccessFlags::LOCAL_WRITE))
             .collect::<p2pbridge_verbs::Result<Vec<_>>>()?;
-        Ok(BounceEngine { slots, backend, cfg })
+        Ok(BounceEngine { slots, backend, cfg, stuck: false })
     }
 
     /// Its configuration.
@@ -70,9 +83,42 @@ impl BounceEngine {
         self.cfg
     }
 
-    fn chunks(&self, len: u64) -> impl Iterator<Item = (u64, usize)> + '_ {
+    fn chunks(&self, len: u64) -> impl Iterator<Item = (u64, usize)> + 'static {
         let c = self.cfg.chunk as u64;
         (0..len.div_ceil(c)).map(move |i| (i * c, (len - i * c).min(c) as usize))
+    }
+
+    fn usable(&self) -> Result<()> {
+        if self.stuck {
+            return Err(Error::DeviceStuck { what: "an earlier bounce transfer (its staging slots were given up)" });
+        }
+        Ok(())
+    }
+
+    /// Ends a transfer: on success nothing is in flight; on failure the QP is moved to the
+    /// error state and every request still in flight is reaped (completed or flushed) before
+    /// the error is returned. A device that does not flush costs the slots (leaked).
+    fn settle(&mut self, conn: &Connection, inflight: &mut InFlight, r: Result<()>) -> Result<()> {
+        if inflight.is_empty() {
+            return r;
+        }
+        let err = r.err().unwrap_or(Error::InvalidArgument("bounce transfer ended with work in flight".into()));
+        let cq = conn.send_cq();
+        let mut flushed = conn.qp().set_error().is_ok();
+        for (id, _) in inflight.drain(..) {
+            if !flushed {
+                cq.unexpect(id);
+            } else if let Err(p2pbridge_verbs::Error::Timeout(..)) = cq.wait_wr(id, FLUSH_WAIT) {
+                flushed = false;
+            }
+        }
+        if !flushed {
+            // The NIC may still read or write the slots: give them up for ever.
+            self.stuck = true;
+            std::mem::take(&mut self.slots).into_iter().for_each(std::mem::forget);
+            return Err(Error::DeviceStuck { what: "a bounce transfer" });
+        }
+        Err(err)
     }
 
     /// Copies `len` bytes of backend memory at `addr` to `remote` at `remote_offset` by RDMA
@@ -82,35 +128,57 @@ impl BounceEngine {
     /// `addr..addr+len` must be memory of the engine's backend that is not freed during the
     /// call (hold its `DeviceBuffer`, or a [`Registered`](crate::Registered) of it).
     pub unsafe fn write(
-        &self,
+        &mut self,
         conn: &Connection,
         addr: u64,
         len: u64,
         remote: &RemoteKey,
         remote_offset: u64,
     ) -> Result<()> {
+        self.usable()?;
         remote.slice(remote_offset, len)?;
-        let mut inflight: VecDeque<usize> = VecDeque::new();
+        let mut inflight = InFlight::new();
+        // SAFETY: forwarded from the caller.
+        let r = unsafe { self.write_chunks(conn, addr, len, remote, remote_offset, &mut inflight) };
+        self.settle(conn, &mut inflight, r)
+    }
+
+    /// # Safety
+    /// As [`write`](Self::write).
+    unsafe fn write_chunks(
+        &self,
+        conn: &Connection,
+        addr: u64,
+        len: u64,
+        remote: &RemoteKey,
+        remote_offset: u64,
+        inflight: &mut InFlight,
+    ) -> Result<()> {
+        let cq = conn.send_cq();
         for (i, (off, n)) in self.chunks(len).enumerate() {
             let slot = i % self.slots.len();
             if inflight.len() == self.slots.len() {
-                conn.send_cq().wait_one(self.cfg.timeout)?;
-                inflight.pop_front();
+                reap_front(cq, inflight, self.cfg.timeout)?;
             }
             let mr = &self.slots[slot];
-            // SAFETY: the slot's WRITE has completed (or it was never used), so the NIC does
-            // not read it now; `n <= chunk`, the slot's size. The source is the caller's
-            // contract.
+            // SAFETY: the slot's WRITE has completed (or it was never used), and `&mut self`
+            // keeps every other transfer off it, so neither the NIC nor another thread reads
+            // it now; `n <= chunk`, the slot's size. The source is the caller's contract.
             unsafe {
                 let dst = std::slice::from_raw_parts_mut(mr.raw_ptr(), n);
                 self.backend.copy_from_addr(addr + off, dst)?;
             }
             let rs = remote.slice(remote_offset + off, n as u64)?;
-            conn.qp().post_write(i as u64, &mr.slice(..n as u64)?, &rs, SendFlags::SIGNALED)?;
-            inflight.push_back(slot);
+            let id = next_wr_id();
+            cq.expect(id);
+            if let Err(e) = conn.qp().post_write(id, &mr.slice(..n as u64)?, &rs, SendFlags::SIGNALED) {
+                cq.unexpect(id);
+                return Err(e.into());
+            }
+            inflight.push_back((id, slot));
         }
-        while inflight.pop_front().is_some() {
-            conn.send_cq().wait_one(self.cfg.timeout)?;
+        while !inflight.is_empty() {
+            reap_front(cq, inflight, self.cfg.timeout)?;
         }
         Ok(())
     }
@@ -121,40 +189,79 @@ impl BounceEngine {
     /// # Safety
     /// As [`write`](Self::write); the memory is written.
     pub unsafe fn read(
-        &self,
+        &mut self,
         conn: &Connection,
         addr: u64,
         len: u64,
         remote: &RemoteKey,
         remote_offset: u64,
     ) -> Result<()> {
+        self.usable()?;
         remote.slice(remote_offset, len)?;
+        let mut inflight = InFlight::new();
+        // SAFETY: forwarded from the caller.
+        let r = unsafe { self.read_chunks(conn, addr, len, remote, remote_offset, &mut inflight) };
+        self.settle(conn, &mut inflight, r)
+    }
+
+    /// # Safety
+    /// As [`read`](Self::read).
+    unsafe fn read_chunks(
+        &self,
+        conn: &Connection,
+        addr: u64,
+        len: u64,
+        remote: &RemoteKey,
+        remote_offset: u64,
+        inflight: &mut InFlight,
+    ) -> Result<()> {
+        let cq = conn.send_cq();
         let chunks: Vec<(u64, usize)> = self.chunks(len).collect();
         let ring = self.slots.len();
-        let post = |i: usize| -> Result<()> {
+        let post = |i: usize, inflight: &mut InFlight| -> Result<()> {
             let (off, n) = chunks[i];
             let rs = remote.slice(remote_offset + off, n as u64)?;
-            conn.qp().post_read(i as u64, &self.slots[i % ring].slice(..n as u64)?, &rs, SendFlags::SIGNALED)?;
+            let id = next_wr_id();
+            cq.expect(id);
+            if let Err(e) = conn.qp().post_read(id, &self.slots[i % ring].slice(..n as u64)?, &rs, SendFlags::SIGNALED) {
+                cq.unexpect(id);
+                return Err(e.into());
+            }
+            inflight.push_back((id, i % ring));
             Ok(())
         };
         for i in 0..chunks.len().min(ring) {
-            post(i)?;
+            post(i, inflight)?;
         }
-        for i in 0..chunks.len() {
-            let wc = conn.send_cq().wait_one(self.cfg.timeout)?;
-            debug_assert_eq!(wc.wr_id, i as u64, "RC completions come in order");
-            let (off, n) = chunks[i];
-            let mr = &self.slots[i % ring];
-            // SAFETY: chunk i's READ has completed, so the NIC no longer writes the slot; the
-            // destination is the caller's contract.
+        for (i, &(off, n)) in chunks.iter().enumerate() {
+            let slot = reap_front(cq, inflight, self.cfg.timeout)?;
+            let mr = &self.slots[slot];
+            // SAFETY: chunk i's READ has completed, so the NIC no longer writes the slot (it
+            // has only local rights: no peer can), and `&mut self` keeps other transfers off
+            // it; the destination is the caller's contract.
             unsafe {
                 let src = std::slice::from_raw_parts(mr.raw_ptr(), n);
                 self.backend.copy_to_addr(addr + off, src)?;
             }
             if i + ring < chunks.len() {
-                post(i + ring)?;
+                post(i + ring, inflight)?;
             }
         }
         Ok(())
+    }
+}
+
+/// Reaps the oldest request in flight and returns its slot. A completion with an error status
+/// is reaped (out of `inflight`) and returned as the error; on a timeout the request stays in
+/// `inflight`, still the NIC's, for [`BounceEngine::settle`] to flush.
+fn reap_front(cq: &CompletionQueue, inflight: &mut InFlight, timeout: Duration) -> Result<usize> {
+    let &(id, slot) = inflight.front().ok_or(Error::InvalidArgument("no bounce chunk in flight".into()))?;
+    match cq.wait_wr(id, timeout) {
+        Err(e @ p2pbridge_verbs::Error::Timeout(..)) => Err(e.into()),
+        r => {
+            inflight.pop_front();
+            r?;
+            Ok(slot)
+        }
     }
 }

@@ -205,8 +205,10 @@ impl crate::Bridge {
     /// must be posted before the SEND arrives, or the SEND is retried on RNR as
     /// `ConnectionOptions::rnr_retry_count` allows (7: for ever).
     pub fn send_key(&self, conn: &Connection, key: &RemoteKey) -> Result<()> {
-        let mut mr = self.inner.core.pd.register(HostBuffer::new(RemoteKey::WIRE_LEN)?, AccessFlags::LOCAL_WRITE)?;
-        mr.as_mut_slice()[..RemoteKey::WIRE_LEN].copy_from_slice(&key.to_bytes());
+        // Filled while it is still ours alone, before the NIC is given it.
+        let mut buf = HostBuffer::new(RemoteKey::WIRE_LEN)?;
+        buf.as_mut_slice().copy_from_slice(&key.to_bytes());
+        let mr = self.inner.core.pd.register(buf, AccessFlags::LOCAL_WRITE)?;
         let slice = mr.slice(..RemoteKey::WIRE_LEN as u64)?;
         let id = next_wr_id();
         conn.send_cq().expect(id);
@@ -227,6 +229,7 @@ impl crate::Bridge {
         conn.qp().post_recv(id, &slice).inspect_err(|_| conn.recv_cq().unexpect(id))?;
         let wc = reap_on(conn, conn.recv_cq(), id, timeout, "RECV of a key")?;
         // The receive is complete and no peer has rights on this region: its bytes are settled.
-        RemoteKey::from_bytes(&mr.as_slice()[..(wc.byte_len as usize).min(RemoteKey::WIRE_LEN)])
+        let bytes = mr.to_vec();
+        RemoteKey::from_bytes(&bytes[..(wc.byte_len as usize).min(RemoteKey::WIRE_LEN)])
     }
 }

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use p2pbridge_gpu::{DmaBufExport, MemoryBackend};
-use p2pbridge_verbs::{AccessFlags, Connection, Foreign, HostBuffer, LocalSlice, MemoryRegion, MemoryWindow};
+use p2pbridge_verbs::{AccessFlags, Connection, Foreign, HostBuffer, LocalSlice, MemoryRegion, MemoryWindow, VolatileSlice};
 
 use crate::cache::Handle;
 use crate::error::{Error, Result};
@@ -107,10 +107,11 @@ impl Mr {
         Ok(unsafe { pd.register_raw((self.addr() + offset) as *mut u8, len, access) }?)
     }
 
-    /// The staging buffer's memory, for bounce copies (None for direct regions).
-    pub(crate) fn staging(&self) -> Option<(*mut u8, u64)> {
+    /// The staging buffer's memory, for bounce copies (None for direct regions). Peers with
+    /// a key may write it at any time, so it is a volatile view, never a slice.
+    pub(crate) fn staging(&self) -> Option<VolatileSlice<'_>> {
         match self {
-            Mr::Bounce(m) => Some((m.raw_ptr(), m.len())),
+            Mr::Bounce(m) => Some(m.bytes()),
             Mr::Direct(_) => None,
         }
     }

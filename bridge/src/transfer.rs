@@ -13,7 +13,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use p2pbridge_gpu::FlushOutcome;
+use p2pbridge_gpu::{FlushOutcome, MemoryBackend};
+use p2pbridge_verbs::VolatileSlice;
 use p2pbridge_verbs::{CompletionQueue, Connection, SendFlags, WorkCompletion};
 
 use crate::bridge::Bridge;
@@ -30,7 +31,7 @@ pub(crate) fn next_wr_id() -> u64 {
 }
 
 /// How long a flushed request's completion may take once its QP is in the error state.
-const FLUSH_WAIT: Duration = Duration::from_secs(5);
+pub(crate) const FLUSH_WAIT: Duration = Duration::from_secs(5);
 
 /// Waits for the completion of `wr_id` on `cq` (of `conn`). If it does not come within
 /// `timeout`, moves the QP to the error state and reaps the flush before returning
@@ -220,22 +221,30 @@ impl Bridge {
 /// Bounce copies go through a bounded temporary buffer, this many bytes at a time.
 const STAGE_CHUNK: usize = 1 << 20;
 
+/// The staging view and the backend of a bounce registration; `None` for direct ones.
+fn bounce_parts<'a>(reg: &'a Registration, live: &'a Live) -> Result<Option<(VolatileSlice<'a>, &'a dyn MemoryBackend)>> {
+    match (live.mr.staging(), &reg.backend) {
+        (None, _) => Ok(None),
+        (Some(staging), Some(b)) => Ok(Some((staging, b.as_ref()))),
+        // Refused when registering (plain host memory has no backend to copy with): never a no-op.
+        (Some(_), None) => Err(Error::InvalidArgument("a bounce registration without a backend to copy with".into())),
+    }
+}
+
 /// For a bounce registration: copies `len` bytes of the memory at `addr` into its staging
 /// buffer at `at` (no-op for direct registrations). `at..at+len` is within the registration
 /// (checked by the caller, and again here against the staging buffer).
 fn stage_in(reg: &Registration, live: &Live, addr: u64, at: u64, len: u64) -> Result<()> {
-    let (Some((staging, size)), Some(b)) = (live.mr.staging(), &reg.backend) else { return Ok(()) };
-    let n = checked_len(at, len, size)?;
+    let Some((staging, b)) = bounce_parts(reg, live)? else { return Ok(()) };
+    let n = checked_len(at, len, staging.len() as u64)?;
     let mut tmp = vec![0u8; n.min(STAGE_CHUNK)];
     for done in (0..n).step_by(STAGE_CHUNK) {
         let k = (n - done).min(STAGE_CHUNK);
         // SAFETY: the caller holds the registration live, and the allocation's free revokes it
         // first (waiting for that hold), so the memory is valid for the copy.
         unsafe { b.copy_from_addr(addr + done as u64, &mut tmp[..k]) }?;
-        // SAFETY: `at+done..+k` lies within the staging mapping (checked); the bounce lock held
-        // by the caller makes this the only CPU access to the staging bytes, and no work request
-        // of ours on them is in flight (operations post after staging and reap before returning).
-        unsafe { std::ptr::copy_nonoverlapping(tmp.as_ptr(), staging.add(at as usize + done), k) };
+        // Through the volatile view: a peer holding a key may be writing these bytes.
+        staging.subslice(at as usize + done, k).map_err(|_| oob(at, len, staging.len()))?.copy_from(&tmp[..k]);
     }
     Ok(())
 }
@@ -244,18 +253,22 @@ fn stage_in(reg: &Registration, live: &Live, addr: u64, at: u64, len: u64) -> Re
 /// `addr` (no-op for direct registrations). Reads the staging bytes by copy, never through a
 /// reference: a peer may be writing them.
 fn stage_out(reg: &Registration, live: &Live, addr: u64, at: u64, len: u64) -> Result<()> {
-    let (Some((staging, size)), Some(b)) = (live.mr.staging(), &reg.backend) else { return Ok(()) };
-    let n = checked_len(at, len, size)?;
+    let Some((staging, b)) = bounce_parts(reg, live)? else { return Ok(()) };
+    let n = checked_len(at, len, staging.len() as u64)?;
     let mut tmp = vec![0u8; n.min(STAGE_CHUNK)];
     for done in (0..n).step_by(STAGE_CHUNK) {
         let k = (n - done).min(STAGE_CHUNK);
-        // SAFETY: within the staging mapping (checked); copied out, not referenced, since a
-        // peer with a key may write it at any time (the bytes are then whatever they were).
-        unsafe { std::ptr::copy_nonoverlapping(staging.add(at as usize + done), tmp.as_mut_ptr(), k) };
+        // A peer with a key may write the staging bytes at any time: they are whatever they
+        // were when copied.
+        staging.subslice(at as usize + done, k).map_err(|_| oob(at, len, staging.len()))?.copy_to(&mut tmp[..k]);
         // SAFETY: as in `stage_in`: the registration is held live, so the memory is.
         unsafe { b.copy_to_addr(addr + done as u64, &tmp[..k]) }?;
     }
     Ok(())
+}
+
+fn oob(offset: u64, len: u64, size: usize) -> Error {
+    Error::OutOfBounds { offset, len, size: size as u64 }
 }
 
 fn checked_len(at: u64, len: u64, size: u64) -> Result<usize> {

@@ -169,7 +169,7 @@ fn assert_read_refused(c: &Host, conn: &p2pbridge::verbs::Connection, key: &Remo
     let r = c.bridge.read(conn, c.reg.as_ref().unwrap(), 0, n, key, 0);
     assert!(r.is_err(), "{what}: a READ with the key should fail, got {r:?}");
     assert!(
-        c.mem.as_slice(buf).unwrap()[..n as usize] == pattern(n as usize, 0x5c)[..],
+        c.mem.to_vec(buf).unwrap()[..n as usize] == pattern(n as usize, 0x5c)[..],
         "{what}: the failed READ brought bytes into the peer's buffer"
     );
 }
@@ -245,7 +245,7 @@ fn revocation_case(strategy: Strategy, gone: Gone, hold: bool) {
             srv.mem.copy_to_device(&new, 0, &vec![0x99; len]).unwrap();
             assert_write_refused(&c.state, &c.conn, &kw, 0, n, &what);
             assert_read_refused(&c.state, &c2, &kr, n, &what);
-            assert!(srv.mem.as_slice(&new).unwrap().iter().all(|&b| b == 0x99), "{what}: the new memory was changed");
+            assert!(srv.mem.to_vec(&new).unwrap().iter().all(|&b| b == 0x99), "{what}: the new memory was changed");
             if let Some(h) = held {
                 assert!(!h.is_live(), "{what}: the held handle is still live");
                 let r = c.state.bridge.write(&c.conn, &h, 0, 1, &kw, 0);
@@ -312,7 +312,7 @@ fn rdma_untouched_registered_memory_is_reachable_by_the_peer_with_the_monitor_on
             .read(&c.conn, c.state.reg.as_ref().unwrap(), 8192, 8192, &key, 16384)
             .unwrap_or_else(|e| panic!("{strategy}: the peer's first READ of untouched memory failed: {e}"));
         assert!(host_bytes(srv.p, 8192) == pattern(len, 0x21)[..8192], "{strategy}: the WRITE did not land");
-        let got = c.state.mem.as_slice(c.state.buf.as_ref().unwrap()).unwrap();
+        let got = c.state.mem.to_vec(c.state.buf.as_ref().unwrap()).unwrap();
         assert!(got[8192..16384].iter().all(|&b| b == 0), "{strategy}: untouched memory read back non-zero");
     }
 }
@@ -326,7 +326,7 @@ fn rdma_a_key_leaked_to_another_connection_is_refused() {
     let (c2, _s2) = connect(&c.pd, &s.pd);
     // The key was bound to the first connection's QP; over the second the NIC refuses it.
     assert_write_refused(&c.state, &c2, &key, 0, 4096, "a key used over another connection");
-    assert!(s.state.mem.as_slice(s.state.buf.as_ref().unwrap()).unwrap().iter().all(|&b| b == 0));
+    assert!(s.state.mem.to_vec(s.state.buf.as_ref().unwrap()).unwrap().iter().all(|&b| b == 0));
     // Over its own connection it works.
     c.state.bridge.write(&c.conn, c.state.reg.as_ref().unwrap(), 0, 4096, &key, 0).unwrap();
     // The connections go before the bridges: the windows bound to their QPs go with them.
@@ -352,7 +352,7 @@ fn rdma_a_key_for_part_of_a_registration_reaches_that_part_only() {
     let part2 = sbridge.hand_out(&s2, sreg, 4096..8192).unwrap();
     let forged2 = RemoteKey { addr: part2.addr - 4096, len: len as u64, ..part2 };
     assert_write_refused(&c.state, &c2, &forged2, 0, 4096, "before the handed-out start");
-    let server = s.state.mem.as_slice(s.state.buf.as_ref().unwrap()).unwrap();
+    let server = s.state.mem.to_vec(s.state.buf.as_ref().unwrap()).unwrap();
     assert!(server[4096..8192] == pattern(len, 0x42)[..4096], "the handed-out part got the write");
     assert!(
         server[..4096].iter().chain(&server[8192..]).all(|&b| b == 0),
@@ -373,7 +373,7 @@ fn rdma_a_key_grants_only_the_rights_asked_for() {
     let key = s.state.bridge.hand_out(&s.conn, &ro, 0..len as u64).unwrap();
     c.state.bridge.read(&c.conn, c.state.reg.as_ref().unwrap(), 0, 4096, &key, 0).unwrap();
     assert_write_refused(&c.state, &c.conn, &key, 0, 4096, "a read-only key");
-    assert!(s.state.mem.as_slice(s.state.buf.as_ref().unwrap()).unwrap().iter().all(|&b| b == 0));
+    assert!(s.state.mem.to_vec(s.state.buf.as_ref().unwrap()).unwrap().iter().all(|&b| b == 0));
 }
 
 #[test]
@@ -480,7 +480,7 @@ fn rdma_each_strategy_rxe_supports_moves_data_between_hosts() {
             // Write the client's pattern into the server's buffer.
             c.state.bridge.write(&c.conn, creg, 0, len as u64, &key, 0).unwrap();
             s.state.bridge.flush(sreg).unwrap();
-            let server_bytes = s.state.mem.as_slice(s.state.buf.as_ref().unwrap()).unwrap();
+            let server_bytes = s.state.mem.to_vec(s.state.buf.as_ref().unwrap()).unwrap();
             assert!(
                 server_bytes == pattern(len, 0x42).as_slice(),
                 "{strategy}: server memory differs after WRITE of {len} B"
@@ -489,7 +489,7 @@ fn rdma_each_strategy_rxe_supports_moves_data_between_hosts() {
             s.state.mem.copy_to_device(s.state.buf.as_ref().unwrap(), 0, &pattern(len, 0x17)).unwrap();
             s.state.bridge.publish(sreg).unwrap();
             c.state.bridge.read(&c.conn, creg, 0, len as u64, &key, 0).unwrap();
-            let client_bytes = c.state.mem.as_slice(c.state.buf.as_ref().unwrap()).unwrap();
+            let client_bytes = c.state.mem.to_vec(c.state.buf.as_ref().unwrap()).unwrap();
             assert!(client_bytes == pattern(len, 0x17).as_slice(), "{strategy}: READ of {len} B brought other bytes");
             // SEND/RECV: the client sends its buffer (now the 0x17 pattern, changed here) back.
             c.state.mem.copy_to_device(c.state.buf.as_ref().unwrap(), 0, &pattern(len, 0x23)).unwrap();
@@ -499,7 +499,7 @@ fn rdma_each_strategy_rxe_supports_moves_data_between_hosts() {
                 cb.send(&c.conn, creg, 0, len as u64, Some(7)).unwrap();
                 assert_eq!(rx.join().unwrap().unwrap(), (len as u32, Some(7)));
             });
-            let server_bytes = s.state.mem.as_slice(s.state.buf.as_ref().unwrap()).unwrap();
+            let server_bytes = s.state.mem.to_vec(s.state.buf.as_ref().unwrap()).unwrap();
             assert!(server_bytes == pattern(len, 0x23).as_slice(), "{strategy}: SEND of {len} B arrived changed");
         }
     }
@@ -625,23 +625,58 @@ fn rdma_pipelined_bounce_engine_moves_odd_sizes_through_a_small_ring() {
     let len = (16 << 20) + 4097;
     let (c, s, key) = pair(Policy::default().require(Strategy::PinnedHost), len);
     let cfg = p2pbridge::BounceConfig { chunk: 256 << 10, ring: 3, ..Default::default() };
-    let engine = p2pbridge::BounceEngine::new(&c.pd, Arc::new(c.state.mem.clone()), cfg).unwrap();
+    let mut engine = p2pbridge::BounceEngine::new(&c.pd, Arc::new(c.state.mem.clone()), cfg).unwrap();
     let cbuf = c.state.buf.as_ref().unwrap();
     for (n, seed) in [(1u64, 1u8), (4095, 2), ((1 << 20) + 7, 3), (len as u64, 4)] {
         c.state.mem.copy_to_device(cbuf, 0, &pattern(n as usize, seed)).unwrap();
         // SAFETY: `cbuf` is the client backend's live buffer, held for the whole call.
         unsafe { engine.write(&c.conn, cbuf.addr(), n, &key, 0) }.unwrap();
-        let server = s.state.mem.as_slice(s.state.buf.as_ref().unwrap()).unwrap();
+        let server = s.state.mem.to_vec(s.state.buf.as_ref().unwrap()).unwrap();
         assert!(&server[..n as usize] == pattern(n as usize, seed).as_slice(), "bounce WRITE of {n} B");
         // Read it back into the other half of nothing: zero the client buffer first.
         c.state.mem.copy_to_device(cbuf, 0, &vec![0u8; n as usize]).unwrap();
         // SAFETY: as above.
         unsafe { engine.read(&c.conn, cbuf.addr(), n, &key, 0) }.unwrap();
-        let back = c.state.mem.as_slice(cbuf).unwrap();
+        let back = c.state.mem.to_vec(cbuf).unwrap();
         assert!(&back[..n as usize] == pattern(n as usize, seed).as_slice(), "bounce READ of {n} B");
     }
-    // Out of the remote key's range: refused before anything is posted.
+    // Out of the remote key's range: refused before anything is posted, and the connection
+    // still carries the next transfer.
     // SAFETY: as above.
     let e = unsafe { engine.write(&c.conn, cbuf.addr(), 16, &key, len as u64) };
-    assert!(matches!(e, Err(Error::Verbs(_)) | Err(Error::OutOfBounds { .. })), "{e:?}");
+    assert!(
+        matches!(e, Err(Error::Verbs(VerbsError::OutOfBounds { offset, length: 16, .. })) if offset == len as u64),
+        "{e:?}"
+    );
+    c.state.mem.copy_to_device(cbuf, 0, &pattern(4096, 9)).unwrap();
+    // SAFETY: as above.
+    unsafe { engine.write(&c.conn, cbuf.addr(), 4096, &key, 0) }.unwrap();
+    assert!(s.state.mem.to_vec(s.state.buf.as_ref().unwrap()).unwrap()[..4096] == pattern(4096, 9)[..]);
+}
+
+#[test]
+#[ignore = "needs an RDMA device: scripts/test runs it on Soft-RoCE"]
+fn rdma_bounce_engine_failing_mid_transfer_reaps_every_chunk_before_it_returns() {
+    let len = 1 << 20;
+    let (c, s, key) = pair(Policy::default().require(Strategy::PinnedHost), len);
+    let cfg = p2pbridge::BounceConfig { chunk: 64 << 10, ring: 4, ..Default::default() };
+    let mut engine = p2pbridge::BounceEngine::new(&c.pd, Arc::new(c.state.mem.clone()), cfg).unwrap();
+    let cbuf = c.state.buf.as_ref().unwrap();
+    // A key that claims more than the peer granted: the chunks past the window fail at the
+    // peer's NIC while the ring has others in flight behind them.
+    let forged = RemoteKey { len: 4 * len as u64, ..key };
+    // SAFETY: `cbuf` is the client backend's live buffer, held for the whole call.
+    let e = unsafe { engine.write(&c.conn, cbuf.addr(), len as u64, &forged, len as u64 / 2) };
+    assert!(matches!(e, Err(Error::Verbs(p2pbridge::verbs::Error::WorkCompletion { .. }))), "{e:?}");
+    // Nothing of the transfer is left for anyone to find: every chunk was reaped or flushed.
+    let mut left = [p2pbridge::verbs::WorkCompletion::default(); 16];
+    assert_eq!(c.conn.send_cq().poll(&mut left).unwrap(), 0, "completions left behind: {:?}", &left[..]);
+    assert_eq!(c.conn.qp().state().unwrap(), p2pbridge::verbs::QpState::Error);
+    // The engine's slots are free again: the next transfer, on a new connection, moves data.
+    let (cc, sc) = connect(&c.pd, &s.pd);
+    let key2 = s.state.bridge.hand_out(&sc, s.state.reg.as_ref().unwrap(), 0..len as u64).unwrap();
+    c.state.mem.copy_to_device(cbuf, 0, &pattern(len, 0x3c)).unwrap();
+    // SAFETY: as above.
+    unsafe { engine.write(&cc, cbuf.addr(), len as u64, &key2, 0) }.unwrap();
+    assert!(s.state.mem.to_vec(s.state.buf.as_ref().unwrap()).unwrap()[..len] == pattern(len, 0x3c)[..]);
 }

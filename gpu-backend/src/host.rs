@@ -12,6 +12,7 @@ use std::sync::{Arc, RwLock};
 
 use rustix::fs::{MemfdFlags, SealFlags};
 use rustix::mm::{MapFlags, ProtFlags};
+use vm_memory::VolatileSlice;
 
 use crate::alloc::{AllocationInfo, AllocationKey, BackendKind};
 use crate::backend::{DeviceBuffer, DmaBufExport, FlushOutcome, MemoryBackend, Release};
@@ -90,14 +91,26 @@ impl HostBackend {
         open_udmabuf().map(drop).map_err(|e| e.to_string())
     }
 
-    /// The bytes of a host buffer (host memory is CPU-addressable). A NIC may write them
-    /// while this view lives: read after the completion that says it is done.
-    pub fn as_slice<'b>(&self, buf: &'b DeviceBuffer) -> Result<&'b [u8]> {
+    /// The bytes of a host buffer (host memory is CPU-addressable), as memory that others write
+    /// concurrently: a NIC or a peer may change them at any moment while the buffer is
+    /// registered, so they are never handed out as `&[u8]` (see `docs/decisions.md`,
+    /// "Peer-writable memory"). Copy them out with `copy_to`, or read single values with
+    /// volatile or atomic loads.
+    pub fn bytes<'b>(&self, buf: &'b DeviceBuffer) -> Result<VolatileSlice<'b>> {
         if self.read().get(&buf.addr()).is_none_or(|a| a.info.key != buf.key()) {
             return Err(Error::UnknownAddress(buf.addr()));
         }
-        // SAFETY: the mapping is `len` bytes at `addr` and stays mapped while `buf` lives.
-        Ok(unsafe { std::slice::from_raw_parts(buf.addr() as *const u8, buf.len() as usize) })
+        // SAFETY: the mapping is `len` bytes at `addr` and stays mapped while `buf` (borrowed
+        // for 'b) lives; the view touches it by volatile or byte copies only, never through
+        // Rust references, so concurrent writers break no reference's promise.
+        Ok(unsafe { VolatileSlice::new(buf.addr() as *mut u8, buf.len() as usize) })
+    }
+
+    /// Copies a host buffer's bytes out (see [`bytes`](Self::bytes)).
+    pub fn to_vec(&self, buf: &DeviceBuffer) -> Result<Vec<u8>> {
+        let mut v = vec![0u8; buf.len() as usize];
+        self.bytes(buf)?.copy_to(&mut v[..]);
+        Ok(v)
     }
 }
 
@@ -216,15 +229,16 @@ impl MemoryBackend for HostBackend {
     unsafe fn copy_to_addr(&self, addr: u64, src: &[u8]) -> Result<()> {
         let at = self.live_range(addr, src.len() as u64)?;
         // SAFETY: `at..at+len` lies in a live mapping of ours (checked), which the caller keeps
-        // alive; `src` is a distinct Rust slice, so the ranges cannot overlap.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), at as *mut u8, src.len()) };
+        // alive for the call; the mapping is shared with the NIC and with other views, so it is
+        // written through a volatile view, never a `&mut [u8]`.
+        unsafe { VolatileSlice::new(at as *mut u8, src.len()) }.copy_from(src);
         Ok(())
     }
 
     unsafe fn copy_from_addr(&self, addr: u64, dst: &mut [u8]) -> Result<()> {
         let at = self.live_range(addr, dst.len() as u64)?;
         // SAFETY: as above, reading.
-        unsafe { std::ptr::copy_nonoverlapping(at as *const u8, dst.as_mut_ptr(), dst.len()) };
+        unsafe { VolatileSlice::new(at as *mut u8, dst.len()) }.copy_to(dst);
         Ok(())
     }
 

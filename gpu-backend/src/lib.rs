@@ -30,4 +30,6 @@ pub use backend::{DeviceBuffer, DmaBufExport, FlushOutcome, MemoryBackend};
 pub use cuda::{CudaBackend, PinnedHostBuffer, GPU_PAGE};
 pub use error::{Error, Result};
 pub use host::HostBackend;
+/// Views of memory that a NIC or a peer may write concurrently (from rust-vmm's `vm-memory`).
+pub use vm_memory::VolatileSlice;
 pub use notice::{InvalidationReason, Notice, NoticeHub, Subscription};

@@ -15,7 +15,7 @@ fn alloc_rounds_to_pages_and_free_forgets_the_allocation() {
     assert_eq!(buf.addr() % page, 0);
     assert_eq!(buf.key().backend, BackendKind::Host);
     let addr = buf.addr();
-    assert!(host.as_slice(&buf).unwrap().iter().all(|&b| b == 0));
+    assert!(host.to_vec(&buf).unwrap().iter().all(|&b| b == 0));
     buf.free().unwrap();
     assert_eq!(host.identify(addr).unwrap(), None);
     assert!(matches!(host.alloc(0), Err(Error::InvalidArgument(_))));

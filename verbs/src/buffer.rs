@@ -26,7 +26,7 @@ pub unsafe trait RegisterableBuffer {
 }
 
 // SAFETY: a Vec's heap buffer does not move when the Vec is moved, and a MemoryRegion owning
-// it hands out slices only, never the Vec, so it cannot grow (reallocate) while registered.
+// it hands out volatile views only, never the Vec, so it cannot grow (reallocate) while registered.
 unsafe impl RegisterableBuffer for Vec<u8> {
     fn as_ptr(&self) -> *const u8 {
         self.as_slice().as_ptr()

@@ -8,6 +8,7 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 
 use bitflags::bitflags;
+use vm_memory::VolatileSlice;
 
 use crate::buffer::RegisterableBuffer;
 use crate::caps::DmaBufSupport;
@@ -285,9 +286,8 @@ pub struct Foreign(());
 /// and frees the memory after. Work requests still in flight when a region is dropped fail
 /// with a protection error: deregistration revokes the NIC's access before the memory goes.
 ///
-/// The bytes of a region that a NIC may write change underneath any view taken with
-/// [`as_slice`](MemoryRegion::as_slice): read them after the completion that says the
-/// write (or RECV, or READ) is done.
+/// Its bytes are reached through [`bytes`](MemoryRegion::bytes), a [`VolatileSlice`]: the NIC
+/// may write them at any time while the region is registered, so they are never a `&[u8]`.
 pub struct MemoryRegion<B> {
     mr: NonNull<sys::ibv_mr>,
     pd: ProtectionDomain,
@@ -300,7 +300,7 @@ pub struct MemoryRegion<B> {
 // SAFETY: the MR handle may be used and deregistered from any thread; the buffer moves with it.
 unsafe impl<B: Send> Send for MemoryRegion<B> {}
 // SAFETY: shared access only reads the handle's immutable fields (keys, address, length) and
-// hands out shared slices of the buffer.
+// hands out volatile views of the buffer, which tolerate concurrent writers.
 unsafe impl<B: Sync> Sync for MemoryRegion<B> {}
 
 impl<B> std::fmt::Debug for MemoryRegion<B> {
@@ -422,16 +422,35 @@ impl<B> MemoryRegion<B> {
 }
 
 impl<B: RegisterableBuffer> MemoryRegion<B> {
-    /// The registered memory. See the type's notes on memory a NIC may write.
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: the buffer is `len()` valid bytes at `as_ptr()` while owned by the region.
-        unsafe { std::slice::from_raw_parts(self.buf.as_ptr(), self.buf.len()) }
+    /// The registered memory, as memory that others write concurrently.
+    ///
+    /// While the region is registered, the NIC may write its bytes at any moment — a READ or
+    /// RECV posted earlier, or a peer holding its rkey — so the region never hands out
+    /// `&[u8]`: a Rust reference promises bytes that do not change, and the compiler relies on
+    /// it (a loop that waits for a peer's flag byte through a slice never sees it change). A
+    /// [`VolatileSlice`] copies in and out (`copy_to`, `copy_from`) and reads single values
+    /// with volatile or atomic loads, which is honest about the NIC. To own the bytes again,
+    /// [`deregister`](Self::deregister) the region and take the buffer back.
+    ///
+    /// ```no_run
+    /// # fn f(mr: &p2pbridge_verbs::MemoryRegion<Vec<u8>>) {
+    /// let mut head = [0u8; 8];
+    /// mr.bytes().copy_to(&mut head[..]); // whatever the bytes are at this moment
+    /// # }
+    /// ```
+    pub fn bytes(&self) -> VolatileSlice<'_> {
+        // SAFETY: the buffer is `len()` bytes at `as_ptr()`, valid while the region owns it,
+        // which outlives the returned borrow of `self`; the slice accesses it only by volatile
+        // or byte copies, never through references, so concurrent writers (the NIC, other
+        // `bytes()` views) do not invalidate any Rust reference.
+        unsafe { VolatileSlice::new(self.buf.as_ptr() as *mut u8, self.buf.len()) }
     }
 
-    /// The registered memory, for writing.
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as above, exclusive through `&mut self`.
-        unsafe { std::slice::from_raw_parts_mut(self.buf.as_mut_ptr(), self.buf.len()) }
+    /// Copies the region's bytes out (see [`bytes`](Self::bytes) on why there is no slice).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = vec![0u8; self.buf.len()];
+        self.bytes().copy_to(&mut v[..]);
+        v
     }
 }
 

@@ -23,8 +23,8 @@ fn write_then_read(size: usize, server_odp: bool, prefetch: bool) {
     let (client, server) = connect_pair(
         ConnectionOptions::default(),
         move |pd| {
-            let mut src = host_mr(pd, size, AccessFlags::LOCAL_WRITE)?;
-            src.as_mut_slice().copy_from_slice(&pattern(size, 0x5a));
+            let src = host_mr(pd, size, AccessFlags::LOCAL_WRITE)?;
+            src.bytes().copy_from(&pattern(size, 0x5a)[..]);
             let back = host_mr(pd, size, AccessFlags::LOCAL_WRITE)?;
             Ok(((src, back), Vec::new()))
         },
@@ -50,12 +50,12 @@ fn write_then_read(size: usize, server_odp: bool, prefetch: bool) {
     qp.post_write(1, &src.slice(..).unwrap(), &remote.slice(..).unwrap(), SendFlags::SIGNALED).unwrap();
     let wc = client.conn.send_cq().wait_one(TIMEOUT).unwrap();
     assert_eq!((wc.wr_id, wc.opcode), (1, WcOpcode::RdmaWrite));
-    assert!(server.state.as_slice() == src.as_slice(), "server buffer differs after RDMA WRITE of {size} B");
+    assert!(server.state.to_vec() == src.to_vec(), "server buffer differs after RDMA WRITE of {size} B");
 
     qp.post_read(2, &back.slice(..).unwrap(), &remote.slice(..).unwrap(), SendFlags::SIGNALED).unwrap();
     let wc = client.conn.send_cq().wait_one(TIMEOUT).unwrap();
     assert_eq!((wc.wr_id, wc.opcode), (2, WcOpcode::RdmaRead));
-    assert!(back.as_slice() == src.as_slice(), "RDMA READ of {size} B brought back other bytes");
+    assert!(back.to_vec() == src.to_vec(), "RDMA READ of {size} B brought back other bytes");
 }
 
 #[test]
@@ -72,8 +72,8 @@ fn rdma_write_into_a_sub_range_leaves_the_rest_untouched() {
     let (client, server) = connect_pair(
         ConnectionOptions::default(),
         |pd| {
-            let mut src = host_mr(pd, 100, AccessFlags::LOCAL_WRITE)?;
-            src.as_mut_slice().fill(0xee);
+            let src = host_mr(pd, 100, AccessFlags::LOCAL_WRITE)?;
+            src.bytes().copy_from(&[0xee_u8; 100][..]);
             Ok((src, Vec::new()))
         },
         |pd| {
@@ -87,7 +87,7 @@ fn rdma_write_into_a_sub_range_leaves_the_rest_untouched() {
     qp.post_write(9, &client.state.slice(10..50).unwrap(), &remote.slice(1000..1040).unwrap(), SendFlags::SIGNALED)
         .unwrap();
     client.conn.send_cq().wait_one(TIMEOUT).unwrap();
-    let s = server.state.as_slice();
+    let s = server.state.to_vec();
     assert!(s[..1000].iter().all(|&b| b == 0));
     assert!(s[1000..1040].iter().all(|&b| b == 0xee));
     assert!(s[1040..].iter().all(|&b| b == 0));
@@ -100,14 +100,14 @@ fn send_recv_with_and_without_immediate_1b_to_64mib() {
         let (client, server) = connect_pair(
             ConnectionOptions::default(),
             move |pd| {
-                let mut src = host_mr(pd, size, AccessFlags::LOCAL_WRITE)?;
-                src.as_mut_slice().copy_from_slice(&pattern(size, 0x33));
+                let src = host_mr(pd, size, AccessFlags::LOCAL_WRITE)?;
+                src.bytes().copy_from(&pattern(size, 0x33)[..]);
                 Ok((src, Vec::new()))
             },
             move |pd| Ok((host_mr(pd, size, AccessFlags::LOCAL_WRITE)?, Vec::new())),
         );
         for (i, imm) in [None, Some(0xC0FFEE_u32)].into_iter().enumerate() {
-            server.state.as_slice(); // (the buffer is checked after each receive below)
+            server.state.to_vec(); // (the buffer is checked after each receive below)
             server.conn.qp().post_recv(100 + i as u64, &server.state.slice(..).unwrap()).unwrap();
             client.conn.qp().post_send(i as u64, &client.state.slice(..).unwrap(), imm, SendFlags::SIGNALED).unwrap();
             client.conn.send_cq().wait_one(TIMEOUT).unwrap();
@@ -116,7 +116,7 @@ fn send_recv_with_and_without_immediate_1b_to_64mib() {
             assert_eq!(wc.opcode, WcOpcode::Recv);
             assert_eq!(wc.byte_len as usize, size);
             assert_eq!(wc.imm, imm);
-            assert!(server.state.as_slice() == client.state.as_slice(), "SEND of {size} B arrived changed");
+            assert!(server.state.to_vec() == client.state.to_vec(), "SEND of {size} B arrived changed");
         }
     }
 }
@@ -127,8 +127,8 @@ fn rdma_write_with_immediate_completes_a_receive_at_the_peer() {
     let (client, server) = connect_pair(
         ConnectionOptions::default(),
         |pd| {
-            let mut src = host_mr(pd, 8192, AccessFlags::LOCAL_WRITE)?;
-            src.as_mut_slice().copy_from_slice(&pattern(8192, 1));
+            let src = host_mr(pd, 8192, AccessFlags::LOCAL_WRITE)?;
+            src.bytes().copy_from(&pattern(8192, 1)[..]);
             Ok((src, Vec::new()))
         },
         |pd| {
@@ -148,7 +148,7 @@ fn rdma_write_with_immediate_completes_a_receive_at_the_peer() {
     client.conn.send_cq().wait_one(TIMEOUT).unwrap();
     let wc = server.conn.recv_cq().wait_one(TIMEOUT).unwrap();
     assert_eq!((wc.wr_id, wc.opcode, wc.imm), (7, WcOpcode::RecvRdmaWithImm, Some(42)));
-    assert!(server.state.as_slice() == client.state.as_slice());
+    assert!(server.state.to_vec() == client.state.to_vec());
 }
 
 #[test]
@@ -186,8 +186,8 @@ fn implicit_odp_mr_receives_rdma_write() {
     let (client, server) = connect_pair(
         ConnectionOptions::default(),
         |pd| {
-            let mut src = host_mr(pd, 65_536, AccessFlags::LOCAL_WRITE)?;
-            src.as_mut_slice().copy_from_slice(&pattern(65_536, 9));
+            let src = host_mr(pd, 65_536, AccessFlags::LOCAL_WRITE)?;
+            src.bytes().copy_from(&pattern(65_536, 9)[..]);
             Ok((src, Vec::new()))
         },
         |pd| {
@@ -210,5 +210,5 @@ fn implicit_odp_mr_receives_rdma_write() {
         .post_write(1, &client.state.slice(..).unwrap(), &remote.slice(..).unwrap(), SendFlags::SIGNALED)
         .unwrap();
     client.conn.send_cq().wait_one(TIMEOUT).unwrap();
-    assert!(server.state.1.as_slice() == client.state.as_slice());
+    assert!(server.state.1.as_slice() == client.state.to_vec());
 }

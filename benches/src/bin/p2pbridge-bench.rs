@@ -173,7 +173,7 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 /// What moves the client's bytes: a direct registration, or the bounce engine.
 enum Mover<'a> {
     Direct(&'a Registered),
-    Bounce(&'a BounceEngine, u64),
+    Bounce(&'a std::cell::RefCell<BounceEngine>, u64),
 }
 
 fn one_op(conn: &Connection, m: &Mover<'_>, read: bool, size: usize, key: &RemoteKey) -> p2pbridge::Result<()> {
@@ -192,9 +192,9 @@ fn one_op(conn: &Connection, m: &Mover<'_>, read: bool, size: usize, key: &Remot
         // SAFETY: the harness holds the client buffer for the whole run.
         Mover::Bounce(e, addr) => unsafe {
             if read {
-                e.read(conn, *addr, size as u64, key, 0)
+                e.borrow_mut().read(conn, *addr, size as u64, key, 0)
             } else {
-                e.write(conn, *addr, size as u64, key, 0)
+                e.borrow_mut().write(conn, *addr, size as u64, key, 0)
             }
         },
     }
@@ -400,11 +400,11 @@ fn sweep(
         }
     }
     movers.push(("bounce".into(), None));
-    let engine = BounceEngine::new(
+    let engine = std::cell::RefCell::new(BounceEngine::new(
         pd,
         Arc::new(mem.clone()),
         BounceConfig { chunk: a.chunk, ring: a.ring, ..Default::default() },
-    )?;
+    )?);
 
     let mut prog = Progress { total: movers.len() * sizes.len() * 2, done: 0, tty: std::io::stderr().is_terminal() };
     let mut rows = Vec::new();

@@ -104,8 +104,8 @@ fn client_buffers(
     pd: &ProtectionDomain,
     size: usize,
 ) -> Result<(MemoryRegion<HostBuffer>, MemoryRegion<HostBuffer>), Error> {
-    let mut src = pd.register(HostBuffer::new(size)?, AccessFlags::LOCAL_WRITE)?;
-    src.as_mut_slice().copy_from_slice(&pattern(size));
+    let src = pd.register(HostBuffer::new(size)?, AccessFlags::LOCAL_WRITE)?;
+    src.bytes().copy_from(&pattern(size)[..]);
     let back = pd.register(HostBuffer::new(size)?, AccessFlags::LOCAL_WRITE)?;
     Ok((src, back))
 }
@@ -129,8 +129,8 @@ fn on_fabric(fabric: SoftRoce, size: usize) -> Result<(), Error> {
     println!("server buffer: addr {:#x}, {} B, rkey {:#x}", remote.addr, remote.len, remote.rkey);
     let (src, back) = &client.state;
     let (w, r) = write_then_read(&client.conn, src, back, remote)?;
-    let server_ok = server.state.as_slice() == src.as_slice();
-    let back_ok = back.as_slice() == src.as_slice();
+    let server_ok = server.state.to_vec() == src.to_vec();
+    let back_ok = back.to_vec() == src.to_vec();
     report(size, w, r);
     println!("server buffer matches: {server_ok}; read-back matches: {back_ok}");
     if server_ok && back_ok {
@@ -152,7 +152,7 @@ fn serve(addr: SocketAddr, size: usize) -> Result<(), Error> {
     let conn = req.accept(&pd, &opts)?;
     println!("client connected on {dev}; waiting for it to finish");
     conn.wait_disconnect(Duration::from_secs(3600))?;
-    let ok = mr.as_slice() == pattern(size).as_slice();
+    let ok = mr.to_vec() == pattern(size).as_slice();
     println!("buffer holds the client's pattern: {ok}");
     if ok {
         Ok(())
@@ -171,7 +171,7 @@ fn connect(addr: SocketAddr, device: &str, size: usize) -> Result<(), Error> {
     }
     let (w, r) = write_then_read(&conn, &src, &back, remote)?;
     report(size, w, r);
-    let ok = back.as_slice() == src.as_slice();
+    let ok = back.to_vec() == src.to_vec();
     println!("read-back matches: {ok}");
     if ok {
         Ok(())
