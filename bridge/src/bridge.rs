@@ -288,9 +288,6 @@ impl Bridge {
             if let Some(handle) = self.inner.core.cache.lookup(Domain::HostVa, addr..addr + len, access.bits()) {
                 return Ok(Registered { handle, addr, len, access });
             }
-            if self.inner.watch.is_ok() {
-                crate::uffd::watch(addr..addr + len)?;
-            }
             if let Some(r) = self.register_in(epoch, Domain::HostVa, MemoryKind::Host, None, addr, len, access)? {
                 return Ok(r);
             }
@@ -413,8 +410,14 @@ impl Bridge {
             return Ok(Some(Registered { handle, addr, len, access }));
         }
         let reg_range = self.inner.core.cache.merged_range(domain, range, access.bits());
+        // Host memory is watched from before it is registered until the registration is
+        // dropped (the monitor then stops watching it, unless other registrations need it).
+        let watched = match (domain, &self.inner.watch) {
+            (Domain::HostVa, Ok(_)) => Some(crate::uffd::watch(reg_range.clone())?),
+            _ => None,
+        };
         let device = backend.as_ref().map(|b| b.device()).unwrap_or(0);
-        let reg = self.try_strategies(kind, backend, reg_range.clone(), access)?;
+        let reg = self.try_strategies(kind, backend, reg_range.clone(), access)?.watched_by(watched);
         let cost = match reg.strategy() {
             Strategy::DmaBuf | Strategy::PeerMem => Cost::Exported { device },
             Strategy::PinnedHost | Strategy::Bounce => Cost::Pinned,

@@ -173,6 +173,9 @@ pub struct Registration {
     /// A window over the region could not be deallocated: never deregister the region (the
     /// window may still reach it), leak it instead.
     pinned_forever: AtomicBool,
+    /// Host memory: the monitor watches it while this lives (dropped after the region, since
+    /// fields drop after `Drop::drop` revokes).
+    watched: Option<crate::uffd::Watched>,
 }
 
 impl Registration {
@@ -195,7 +198,14 @@ impl Registration {
             backend,
             state: RwLock::new(Some(Live { mr, windows: Mutex::new(Vec::new()), export, bounce: Mutex::new(()) })),
             pinned_forever: AtomicBool::new(false),
+            watched: None,
         }
+    }
+
+    /// Keeps `watched` (the monitor's watch over its host memory) as long as it lives.
+    pub(crate) fn watched_by(mut self, watched: Option<crate::uffd::Watched>) -> Self {
+        self.watched = watched;
+        self
     }
 
     /// The strategy used.

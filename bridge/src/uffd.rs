@@ -32,7 +32,7 @@
 //! `recv`'s own timeout) and for `LocalGuard`s held on it (as long as their holders keep
 //! them). It survives a panicking subscriber.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::os::fd::OwnedFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -74,13 +74,199 @@ pub(crate) enum Mode {
     Missing,
 }
 
+/// A watched interval: page-aligned, its mode, and how many [`Watched`] tokens were counted
+/// in it (never fewer than live tokens resolve to it: see [`Watchlist`]).
+#[derive(Debug, Clone, Copy)]
+struct Interval {
+    end: u64,
+    mode: Mode,
+    refs: u64,
+    id: u64,
+}
+
+/// The watched intervals and the bookkeeping that lets a token find the interval it was
+/// counted in.
+///
+/// A token records the id of the interval that counted it. Merging intervals into a new one
+/// carries their counts into it and forwards their ids to it. Carving an interval (its memory
+/// went) gives the pieces new ids that nothing forwards to: tokens of the old interval then
+/// decrement nothing, so a piece's count can only be too high (it stays watched until
+/// unmapped: a cost in VMAs, never a range unwatched under a live registration).
+#[derive(Default)]
+struct Watchlist {
+    intervals: BTreeMap<u64, Interval>,
+    /// Interval id -> its start.
+    by_id: HashMap<u64, u64>,
+    /// Merged interval id -> the id it was merged into.
+    forward: HashMap<u64, u64>,
+    /// Live interval id -> ids forwarded to it (pruned with it).
+    merged: HashMap<u64, Vec<u64>>,
+    next_id: u64,
+}
+
+impl Watchlist {
+    fn fresh(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn put(&mut self, start: u64, iv: Interval) {
+        self.by_id.insert(iv.id, start);
+        self.intervals.insert(start, iv);
+    }
+
+    fn take(&mut self, start: u64) -> Option<Interval> {
+        let iv = self.intervals.remove(&start)?;
+        self.by_id.remove(&iv.id);
+        Some(iv)
+    }
+
+    /// Watched intervals overlapping `r`.
+    fn overlapping(&self, r: &Range<u64>) -> Vec<(Range<u64>, Interval)> {
+        let first = self.intervals.range(..=r.start).next_back().map(|(&s, _)| s).unwrap_or(r.start);
+        self.intervals
+            .range(first..r.end)
+            .map(|(&s, &iv)| (s..iv.end, iv))
+            .filter(|(x, _)| x.end > r.start && x.start < r.end)
+            .collect()
+    }
+
+    /// The live interval that counted a token of `id` (following merges), if any.
+    fn resolve(&self, mut id: u64) -> Option<(u64, Interval)> {
+        while let Some(&n) = self.forward.get(&id) {
+            id = n;
+        }
+        let start = *self.by_id.get(&id)?;
+        self.intervals.get(&start).map(|&iv| (start, iv))
+    }
+
+    /// Forgets a removed interval's forwarding records.
+    fn prune(&mut self, id: u64) {
+        let mut stack = vec![id];
+        while let Some(i) = stack.pop() {
+            for o in self.merged.remove(&i).unwrap_or_default() {
+                self.forward.remove(&o);
+                stack.push(o);
+            }
+        }
+    }
+
+    /// Takes `r` out of the watched intervals, keeping what lies outside it as pieces with
+    /// fresh ids and the old counts (see the type's notes).
+    fn carve(&mut self, r: &Range<u64>) {
+        for (x, iv) in self.overlapping(r) {
+            self.take(x.start);
+            self.prune(iv.id);
+            if x.start < r.start {
+                let id = self.fresh();
+                self.put(x.start, Interval { end: r.start, id, ..iv });
+            }
+            if x.end > r.end {
+                let id = self.fresh();
+                self.put(r.end, Interval { id, ..iv });
+            }
+        }
+    }
+
+    /// Records `r` (just registered in `mode`) as one interval counting one new token plus
+    /// the tokens of the intervals it replaces: it keeps the id of the largest of them (a range
+    /// growing by strides stays one id) and the others' ids are forwarded to it; the parts of
+    /// intervals reaching outside `r` stay as pieces with fresh ids (as in `carve`). Returns
+    /// the interval's id.
+    fn insert(&mut self, r: Range<u64>, mode: Mode) -> u64 {
+        let old = self.overlapping(&r);
+        let refs = old.iter().map(|(_, iv)| iv.refs).sum::<u64>() + 1;
+        let id = match old.iter().max_by_key(|(x, _)| x.end - x.start) {
+            Some((_, iv)) => iv.id,
+            None => self.fresh(),
+        };
+        for (x, iv) in &old {
+            self.take(x.start);
+            if iv.id != id {
+                self.forward.insert(iv.id, id);
+                self.merged.entry(id).or_default().push(iv.id);
+            }
+            if x.start < r.start {
+                let pid = self.fresh();
+                self.put(x.start, Interval { end: r.start, id: pid, ..*iv });
+            }
+            if x.end > r.end {
+                let pid = self.fresh();
+                self.put(r.end, Interval { id: pid, ..*iv });
+            }
+        }
+        self.put(r.start, Interval { end: r.end, mode, refs, id });
+        id
+    }
+}
+
+/// What the reader hands the worker: an event to act on (`kind` is the uffd event), with the
+/// sequence number of the last event it stands for.
+#[derive(Debug, Clone, Copy, Default)]
+struct Event {
+    kind: u32,
+    range: (u64, u64),
+    seq: u64,
+}
+
+/// Events read and not yet acted on: a ring of fixed capacity, so that the reader never
+/// allocates or frees (see the module documentation).
+struct Queue {
+    ring: Box<[Event]>,
+    head: usize,
+    len: usize,
+    /// Events read so far (the sequence number of the last one).
+    read: u64,
+    /// Events acted on so far.
+    done: u64,
+    /// The latest sync request the reader has drained for, and the event count it drained to.
+    drained_for: (u64, u64),
+}
+
+const QUEUE: usize = 4096;
+
+impl Queue {
+    /// Queues an event; when the ring is full, the event is folded into the newest one (their
+    /// hull, as an unmap: the worker then revokes at least what both cover — more is safe).
+    fn push(&mut self, kind: u32, range: (u64, u64)) {
+        self.read += 1;
+        if self.len == self.ring.len() {
+            let last = (self.head + self.len - 1) % self.ring.len();
+            let e = &mut self.ring[last];
+            *e = Event {
+                kind: uapi::UFFD_EVENT_UNMAP,
+                range: (e.range.0.min(range.0), e.range.1.max(range.1)),
+                seq: self.read,
+            };
+            return;
+        }
+        let at = (self.head + self.len) % self.ring.len();
+        self.ring[at] = Event { kind, range, seq: self.read };
+        self.len += 1;
+    }
+
+    fn pop(&mut self) -> Option<Event> {
+        if self.len == 0 {
+            return None;
+        }
+        let e = self.ring[self.head];
+        self.head = (self.head + 1) % self.ring.len();
+        self.len -= 1;
+        Some(e)
+    }
+}
+
 struct Monitor {
     fd: OwnedFd,
-    /// Wakes the event thread for [`sync`].
+    /// Wakes the reader for [`sync`].
     wake: OwnedFd,
     subscribers: Mutex<Vec<(Weak<()>, Arc<OnGone>)>>,
-    /// Watched ranges (page-aligned, disjoint), start -> (end, mode).
-    watched: Mutex<BTreeMap<u64, (u64, Mode)>>,
+    /// Watched intervals (page-aligned, disjoint).
+    watched: Mutex<Watchlist>,
+    /// From the reader to the worker.
+    queue: Mutex<Queue>,
+    /// Signalled when the queue gains events.
+    queued: Condvar,
     /// (sync requests made, sync requests served).
     sync: Mutex<(u64, u64)>,
     synced: Condvar,
@@ -133,15 +319,28 @@ fn start() -> std::result::Result<Arc<Monitor>, String> {
         fd,
         wake,
         subscribers: Mutex::new(Vec::new()),
-        watched: Mutex::new(BTreeMap::new()),
+        watched: Mutex::new(Watchlist::default()),
+        queue: Mutex::new(Queue {
+            ring: vec![Event::default(); QUEUE].into_boxed_slice(),
+            head: 0,
+            len: 0,
+            read: 0,
+            done: 0,
+            drained_for: (0, 0),
+        }),
+        queued: Condvar::new(),
         sync: Mutex::new((0, 0)),
         synced: Condvar::new(),
     });
-    let weak = Arc::downgrade(&m);
+    let (r, w) = (Arc::downgrade(&m), Arc::downgrade(&m));
     std::thread::Builder::new()
         .name("p2pbridge-uffd".into())
-        .spawn(move || event_loop(weak))
-        .map_err(|e| format!("cannot start the monitor thread: {e}"))?;
+        .spawn(move || reader(r))
+        .map_err(|e| format!("cannot start the monitor's reader thread: {e}"))?;
+    std::thread::Builder::new()
+        .name("p2pbridge-uffd-work".into())
+        .spawn(move || worker(w))
+        .map_err(|e| format!("cannot start the monitor's worker thread: {e}"))?;
     Ok(m)
 }
 
@@ -154,7 +353,11 @@ pub fn monitor_available() -> std::result::Result<(), String> {
     monitor().map(drop).map_err(|e| e.to_string())
 }
 
-fn event_loop(m: Weak<Monitor>) {
+/// The reader: reads every event as soon as it comes — a thread that unmaps watched memory
+/// waits until its event is *read* — resolves page faults itself, and queues the rest for the
+/// worker. It never allocates, frees, takes the `watched` lock or runs a subscriber, so
+/// nothing it does can unmap watched memory and wait on itself.
+fn reader(m: Weak<Monitor>) {
     let mut buf = [0u8; MSG * 16];
     loop {
         let Some(m) = m.upgrade() else { return };
@@ -163,7 +366,7 @@ fn event_loop(m: Weak<Monitor>) {
             // A timeout lets the thread notice when the monitor is gone.
             let _ = rustix::event::poll(&mut fds, Some(&rustix::event::Timespec { tv_sec: 1, tv_nsec: 0 }));
         }
-        // Sync requests made before this drain are served by it.
+        // Sync requests made before this drain are served once what it reads is acted on.
         let asked = m.sync.lock().unwrap_or_else(|e| e.into_inner()).0;
         let mut eventfd_count = [0u8; 8];
         let _ = rustix::io::read(&m.wake, &mut eventfd_count);
@@ -176,13 +379,57 @@ fn event_loop(m: Weak<Monitor>) {
             if n == 0 {
                 break;
             }
+            let mut q = m.queue.lock().unwrap_or_else(|e| e.into_inner());
             for msg in buf[..n].chunks_exact(MSG) {
-                handle(&m, msg);
+                match u32::from(msg[0]) {
+                    uapi::UFFD_EVENT_PAGEFAULT => resolve_fault(&m, arg(msg, 1)),
+                    k @ (uapi::UFFD_EVENT_UNMAP | uapi::UFFD_EVENT_REMOVE) => q.push(k, (arg(msg, 0), arg(msg, 1))),
+                    k @ uapi::UFFD_EVENT_REMAP => {
+                        let (from, len) = (arg(msg, 0), arg(msg, 2));
+                        q.push(k, (from, from.saturating_add(len)));
+                    }
+                    _ => {}
+                }
             }
         }
-        let mut s = m.sync.lock().unwrap_or_else(|e| e.into_inner());
-        s.1 = s.1.max(asked);
-        m.synced.notify_all();
+        let mut q = m.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.drained_for = (asked.max(q.drained_for.0), q.read);
+        drop(q);
+        m.queued.notify_one();
+    }
+}
+
+/// The worker: acts on the events the reader queued — forgets the ranges, tells the
+/// subscribers (which revoke registrations, and may unmap watched memory themselves: the
+/// reader reads that event meanwhile) — and serves [`sync`].
+fn worker(m: Weak<Monitor>) {
+    loop {
+        let Some(m) = m.upgrade() else { return };
+        let next = {
+            let mut q = m.queue.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if let Some(e) = q.pop() {
+                    break Some(e);
+                }
+                let (asked, upto) = q.drained_for;
+                if q.done >= upto {
+                    let mut s = m.sync.lock().unwrap_or_else(|e| e.into_inner());
+                    if s.1 < asked {
+                        s.1 = asked;
+                        m.synced.notify_all();
+                    }
+                }
+                let (g, t) = m.queued.wait_timeout(q, std::time::Duration::from_secs(1)).unwrap_or_else(|e| e.into_inner());
+                q = g;
+                if t.timed_out() {
+                    break None; // lets the thread notice when the monitor is gone
+                }
+            }
+        };
+        if let Some(e) = next {
+            handle(&m, e);
+            m.queue.lock().unwrap_or_else(|e| e.into_inner()).done = e.seq;
+        }
     }
 }
 
@@ -192,38 +439,27 @@ fn arg(msg: &[u8], i: usize) -> u64 {
     u64::from_ne_bytes(b)
 }
 
-fn handle(m: &Monitor, msg: &[u8]) {
-    match u32::from(msg[0]) {
-        uapi::UFFD_EVENT_PAGEFAULT => resolve_fault(m, arg(msg, 1)),
-        uapi::UFFD_EVENT_UNMAP => {
-            let r = arg(msg, 0)..arg(msg, 1);
-            forget(m, &r);
-            notify(m, r);
-        }
+fn handle(m: &Monitor, e: Event) {
+    let r = e.range.0..e.range.1;
+    match e.kind {
         uapi::UFFD_EVENT_REMOVE => {
-            let r = arg(msg, 0)..arg(msg, 1);
             // The range stays mapped and watched (WP traps nothing); in MISSING mode its pages
             // are missing again, so stop watching it there rather than trap the NIC.
             let missing: Vec<Range<u64>> = {
                 let w = m.watched.lock().unwrap_or_else(|e| e.into_inner());
-                overlapping(&w, &r).filter(|(_, mode)| *mode == Mode::Missing).map(|(x, _)| x).collect()
+                w.overlapping(&r).into_iter().filter(|(_, iv)| iv.mode == Mode::Missing).map(|(x, _)| x).collect()
             };
             for x in missing {
                 let x = x.start.max(r.start)..x.end.min(r.end);
-                let mut ur = uapi::uffdio_range { start: x.start, len: x.end - x.start };
-                // SAFETY: UFFDIO_UNREGISTER takes a struct uffdio_range.
-                let _ = unsafe { rustix::ioctl::ioctl(&m.fd, Updater::<UFFDIO_UNREGISTER, _>::new(&mut ur)) };
+                unregister(m, &x);
                 forget(m, &x);
             }
             notify(m, r);
         }
-        uapi::UFFD_EVENT_REMAP => {
-            let (from, len) = (arg(msg, 0), arg(msg, 2));
-            let r = from..from.saturating_add(len);
+        _ => {
             forget(m, &r);
             notify(m, r);
         }
-        _ => {}
     }
 }
 
@@ -258,30 +494,9 @@ fn notify(m: &Monitor, range: Range<u64>) {
     }
 }
 
-/// Watched intervals of `w` overlapping `r`.
-fn overlapping<'a>(w: &'a BTreeMap<u64, (u64, Mode)>, r: &Range<u64>) -> impl Iterator<Item = (Range<u64>, Mode)> + 'a {
-    let first = w.range(..=r.start).next_back().map(|(&s, _)| s).unwrap_or(r.start);
-    let (start, end) = (r.start, r.end);
-    w.range(first..end).map(|(&s, &(e, mode))| (s..e, mode)).filter(move |(x, _)| x.end > start && x.start < end)
-}
-
 /// Removes `r` from the watched set (the memory is gone from there).
 fn forget(m: &Monitor, r: &Range<u64>) {
-    carve(&mut m.watched.lock().unwrap_or_else(|e| e.into_inner()), r);
-}
-
-/// Takes `r` out of the watched intervals of `w`, keeping what lies outside it.
-fn carve(w: &mut BTreeMap<u64, (u64, Mode)>, r: &Range<u64>) {
-    let hit: Vec<(Range<u64>, Mode)> = overlapping(w, r).collect();
-    for (x, mode) in hit {
-        w.remove(&x.start);
-        if x.start < r.start {
-            w.insert(x.start, (r.start, mode));
-        }
-        if x.end > r.end {
-            w.insert(r.end, (x.end, mode));
-        }
-    }
+    m.watched.lock().unwrap_or_else(|e| e.into_inner()).carve(r);
 }
 
 /// A bridge's subscription to the monitor; dropping it (the bridge) unsubscribes.
@@ -328,14 +543,60 @@ fn register(m: &Monitor, r: &Range<u64>, mode: Mode) -> std::result::Result<(), 
     unsafe { rustix::ioctl::ioctl(&m.fd, Updater::<UFFDIO_REGISTER, _>::new(&mut reg)) }
 }
 
+/// Stops watching `r` (errors ignored: the memory may be gone already, which unregisters it).
+fn unregister(m: &Monitor, r: &Range<u64>) {
+    let mut ur = uapi::uffdio_range { start: r.start, len: r.end - r.start };
+    // SAFETY: UFFDIO_UNREGISTER takes a struct uffdio_range.
+    let _ = unsafe { rustix::ioctl::ioctl(&m.fd, Updater::<UFFDIO_UNREGISTER, _>::new(&mut ur)) };
+}
+
+/// Watched ranges closer than this to each other are watched as one, gap included, so that
+/// page-strided registrations in one mapping do not split it into a VMA each (the map count,
+/// `vm.max_map_count`, would bound how many ranges can be registered).
+const MERGE_GAP: u64 = 64 << 20;
+
+/// The pages a registration keeps watched; dropping it stops watching them once no other
+/// token lies in the same watched interval.
+#[derive(Debug)]
+pub(crate) struct Watched {
+    #[cfg_attr(not(test), allow(dead_code))] // what the tests check
+    mode: Mode,
+    /// The interval that counted this token.
+    id: u64,
+}
+
+impl Watched {
+    /// How the pages are watched.
+    #[cfg(test)]
+    pub(crate) fn mode(&self) -> Mode {
+        self.mode
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        let Ok(m) = monitor() else { return };
+        let mut w = m.watched.lock().unwrap_or_else(|e| e.into_inner());
+        // Carved away (the memory went) or never counted: nothing to give back.
+        let Some((start, iv)) = w.resolve(self.id) else { return };
+        if iv.refs > 1 {
+            w.put(start, Interval { refs: iv.refs - 1, ..iv });
+        } else {
+            w.take(start);
+            w.prune(iv.id);
+            unregister(&m, &(start..iv.end));
+        }
+    }
+}
+
 /// Starts watching the pages that cover `range` (a no-op for ranges already watched), and
-/// says how.
-pub(crate) fn watch(range: Range<u64>) -> Result<Mode> {
+/// says how; they stay watched while the token lives.
+pub(crate) fn watch(range: Range<u64>) -> Result<Watched> {
     watch_with(range, false)
 }
 
 /// [`watch`]; `force_missing` takes the path of kernels without WP mode (for tests).
-pub(crate) fn watch_with(range: Range<u64>, force_missing: bool) -> Result<Mode> {
+pub(crate) fn watch_with(range: Range<u64>, force_missing: bool) -> Result<Watched> {
     let m = monitor()?;
     let start = range.start / page() * page();
     let end = range
@@ -344,19 +605,33 @@ pub(crate) fn watch_with(range: Range<u64>, force_missing: bool) -> Result<Mode>
         .ok_or_else(|| Error::InvalidArgument(format!("range {range:x?} wraps around the address space")))?;
     let pages = start..end;
     let mut w = m.watched.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((x, mode)) = overlapping(&w, &pages).next() {
+    if let Some((x, iv)) = w.overlapping(&pages).first().cloned().filter(|_| !force_missing) {
         if x.start <= pages.start && x.end >= pages.end {
-            return Ok(mode);
+            w.put(x.start, Interval { refs: iv.refs + 1, ..iv });
+            return Ok(Watched { mode: iv.mode, id: iv.id });
         }
     }
     let mut tried = Vec::new();
     if !force_missing {
-        match register(&m, &pages, Mode::Wp) {
-            Ok(()) => {
-                insert(&mut w, pages, Mode::Wp);
-                return Ok(Mode::Wp);
+        // One interval with the watched neighbours within MERGE_GAP, gap included, where the
+        // memory between allows it (one mapping, or compatible ones); else exactly the pages.
+        let near = pages.start.saturating_sub(MERGE_GAP)..pages.end.saturating_add(MERGE_GAP);
+        let neighbours = w.overlapping(&near);
+        let hull = neighbours
+            .iter()
+            .filter(|(_, iv)| iv.mode == Mode::Wp)
+            .fold(pages.clone(), |h, (x, _)| h.start.min(x.start)..h.end.max(x.end));
+        for candidate in [hull, pages.clone()] {
+            match register(&m, &candidate, Mode::Wp) {
+                Ok(()) => {
+                    let id = w.insert(candidate, Mode::Wp);
+                    return Ok(Watched { mode: Mode::Wp, id });
+                }
+                Err(e) => tried.push(format!("WP {candidate:x?}: {}", std::io::Error::from(e))),
             }
-            Err(e) => tried.push(format!("WP: {}", std::io::Error::from(e))),
+            if candidate == pages {
+                break;
+            }
         }
     }
     // No WP mode for this memory: populate it, so that neither the CPU nor the NIC meets a
@@ -374,14 +649,8 @@ pub(crate) fn watch_with(range: Range<u64>, force_missing: bool) -> Result<Mode>
     }
     register(&m, &pages, Mode::Missing)
         .map_err(|e| err("UFFDIO_REGISTER (is the range anonymous or shared memory?)", e))?;
-    insert(&mut w, pages, Mode::Missing);
-    Ok(Mode::Missing)
-}
-
-fn insert(w: &mut BTreeMap<u64, (u64, Mode)>, r: Range<u64>, mode: Mode) {
-    // Replace whatever part of `r` was watched before (registering again re-registers it).
-    carve(w, &r);
-    w.insert(r.start, (r.end, mode));
+    let id = w.insert(pages.clone(), Mode::Missing);
+    Ok(Watched { mode: Mode::Missing, id })
 }
 
 #[cfg(test)]
@@ -443,7 +712,8 @@ mod tests {
         let len = 4 * p as usize;
 
         let a = map(len);
-        assert_eq!(watch(a..a + len as u64).unwrap(), Mode::Wp, "this kernel has WP mode for anonymous memory");
+        let wa = watch(a..a + len as u64).unwrap();
+        assert_eq!(wa.mode(), Mode::Wp, "this kernel has WP mode for anonymous memory");
         // SAFETY: our mapping; untouched pages must not trap (WP mode protects nothing).
         unsafe {
             std::ptr::write_volatile((a + p) as *mut u8, 7);
@@ -459,7 +729,7 @@ mod tests {
 
         let b = map(len);
         let target = map(len);
-        watch(b..b + len as u64).unwrap();
+        let _wb = watch(b..b + len as u64).unwrap();
         // SAFETY: our mappings; `b` is moved over `target` and then unmapped by us.
         unsafe {
             std::ptr::write_volatile(b as *mut u8, 1);
@@ -491,7 +761,7 @@ mod tests {
         .unwrap();
         let len = 2 * page() as usize;
         let a = map(len);
-        watch(a..a + len as u64).unwrap();
+        let _wa = watch(a..a + len as u64).unwrap();
         // SAFETY: our mapping.
         unsafe { rustix::mm::munmap(a as *mut _, len) }.unwrap();
         sync().unwrap();
@@ -511,7 +781,7 @@ mod tests {
         for _ in 0..2 {
             let len = page() as usize;
             let a = map(len);
-            watch(a..a + len as u64).unwrap();
+            let _wa = watch(a..a + len as u64).unwrap();
             // SAFETY: our mapping.
             unsafe { rustix::mm::munmap(a as *mut _, len) }.unwrap();
             seen(&rx, a..a + len as u64);
@@ -525,12 +795,15 @@ mod tests {
         }
         let len = 4 * page() as usize;
         let a = map(len);
-        watch(a..a + len as u64).unwrap();
+        let _wa = watch(a..a + len as u64).unwrap();
         let m = monitor().unwrap();
-        let n = m.watched.lock().unwrap().len();
-        // A part of it: covered, so nothing new is registered or recorded.
-        watch(a + page()..a + 2 * page()).unwrap();
-        assert_eq!(m.watched.lock().unwrap().len(), n);
+        let before = m.watched.lock().unwrap().overlapping(&(a..a + len as u64));
+        // A part of it: covered, so nothing new is registered or recorded but its count.
+        let _wp = watch(a + page()..a + 2 * page()).unwrap();
+        let after = m.watched.lock().unwrap().overlapping(&(a..a + len as u64));
+        assert_eq!(after.len(), 1);
+        assert_eq!((after[0].0.clone(), after[0].1.id), (before[0].0.clone(), before[0].1.id));
+        assert_eq!(after[0].1.refs, before[0].1.refs + 1);
         // SAFETY: our mapping.
         unsafe { rustix::mm::munmap(a as *mut _, len) }.unwrap();
     }
@@ -550,7 +823,7 @@ mod tests {
         };
         let len = 4 * page() as usize;
         let a = map(len);
-        watch(a..a + len as u64).unwrap();
+        let _wa = watch(a..a + len as u64).unwrap();
         let before = fds();
         for _ in 0..4 {
             // SAFETY: the child only touches and unmaps its copy of `a`, then _exits.
@@ -596,7 +869,8 @@ mod tests {
         let (rx, _w) = events();
         let len = 8 * page() as usize;
         let a = map(len);
-        assert_eq!(watch_with(a..a + len as u64, true).unwrap(), Mode::Missing);
+        let wa = watch_with(a..a + len as u64, true).unwrap();
+        assert_eq!(wa.mode(), Mode::Missing);
         // SAFETY: our mapping: reads and writes of every page complete.
         unsafe {
             for i in 0..8 {
@@ -614,5 +888,109 @@ mod tests {
         unsafe { assert_eq!(std::ptr::read_volatile(a as *const u8), 0) };
         // SAFETY: our mapping.
         unsafe { rustix::mm::munmap(a as *mut _, len) }.unwrap();
+    }
+
+    /// VMAs of this process overlapping `a..a+len`.
+    fn vmas(a: u64, len: u64) -> usize {
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .filter_map(|l| {
+                let (r, _) = l.split_once(' ')?;
+                let (s, e) = r.split_once('-')?;
+                Some((u64::from_str_radix(s, 16).ok()?, u64::from_str_radix(e, 16).ok()?))
+            })
+            .filter(|&(s, e)| e > a && s < a + len)
+            .count()
+    }
+
+    #[test]
+    fn page_strided_ranges_share_one_watched_interval_and_split_no_vmas() {
+        if !need_monitor("page_strided_ranges_share_one_watched_interval_and_split_no_vmas") {
+            return;
+        }
+        // More non-adjacent ranges than vm.max_map_count (65530) allows VMAs for, if each
+        // split its mapping in three.
+        let n = 40_000u64;
+        let p = page();
+        let len = 2 * n * p;
+        let a = map(len as usize);
+        let tokens: Vec<Watched> = (0..n).map(|i| watch(a + 2 * i * p..a + (2 * i + 1) * p).unwrap()).collect();
+        assert!(tokens.iter().all(|t| t.mode() == Mode::Wp));
+        assert!(vmas(a, len) <= 2, "watching split the mapping into {} VMAs", vmas(a, len));
+        let m = monitor().unwrap();
+        let ivs = m.watched.lock().unwrap().overlapping(&(a..a + len));
+        assert_eq!(ivs.len(), 1, "one interval for the whole stride");
+        assert_eq!(ivs[0].1.refs, n);
+        drop(tokens);
+        assert!(m.watched.lock().unwrap().overlapping(&(a..a + len)).is_empty(), "still watched after the last token");
+        // Unwatched now: an unmap is no event.
+        let (rx, _w) = events();
+        // SAFETY: our mapping.
+        unsafe { rustix::mm::munmap(a as *mut _, len as usize) }.unwrap();
+        sync().unwrap();
+        assert!(
+            rx.try_iter().all(|r| r.end <= a || r.start >= a + len),
+            "memory no registration watches any more was still reported"
+        );
+    }
+
+    #[test]
+    fn a_token_of_memory_that_went_never_unwatches_the_memory_mapped_there_next() {
+        if !need_monitor("a_token_of_memory_that_went_never_unwatches_the_memory_mapped_there_next") {
+            return;
+        }
+        let (rx, _w) = events();
+        let len = 2 * page() as usize;
+        let a = map(len);
+        let old = watch(a..a + len as u64).unwrap();
+        // New memory at the same address (MAP_FIXED over the old: no moment in which another
+        // thread could map something there), watched by a new registration.
+        // SAFETY: our own mapping is replaced.
+        let b = unsafe {
+            rustix::mm::mmap_anonymous(
+                a as *mut _,
+                len,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::FIXED,
+            )
+        }
+        .unwrap() as u64;
+        assert_eq!(b, a);
+        seen(&rx, a..a + len as u64); // the old memory's unmap
+        sync().unwrap();
+        let new = watch(a..a + len as u64).unwrap();
+        // The stale token goes: the new memory must stay watched.
+        drop(old);
+        // SAFETY: our mapping.
+        unsafe { rustix::mm::munmap(a as *mut _, len) }.unwrap();
+        seen(&rx, a..a + len as u64);
+        drop(new);
+    }
+
+    #[test]
+    fn a_subscriber_that_unmaps_watched_memory_does_not_hang_the_monitor() {
+        if !need_monitor("a_subscriber_that_unmaps_watched_memory_does_not_hang_the_monitor") {
+            return;
+        }
+        let (rx, _w) = events();
+        let len = page() as usize;
+        let (trigger, other) = (map(len), map(len));
+        let _wt = watch(trigger..trigger + len as u64).unwrap();
+        let _wo = watch(other..other + len as u64).unwrap();
+        // A subscriber that frees watched memory when told of the trigger's unmap (as a
+        // revocation that drops the last owner of a buffer does).
+        let _s = subscribe(Box::new(move |r| {
+            if r.start <= trigger && r.end >= trigger + len as u64 {
+                // SAFETY: the test's own mapping, unmapped once, here.
+                unsafe { rustix::mm::munmap(other as *mut _, len) }.unwrap();
+            }
+        }))
+        .unwrap();
+        // SAFETY: our mapping.
+        unsafe { rustix::mm::munmap(trigger as *mut _, len) }.unwrap();
+        seen(&rx, trigger..trigger + len as u64);
+        // The subscriber's own munmap was read and acted on: the monitor did not wait on itself.
+        seen(&rx, other..other + len as u64);
     }
 }
