@@ -9,25 +9,38 @@
 //! is ever write-protected: the registration only subscribes the memory to the non-cooperative
 //! UNMAP, REMOVE and REMAP events. Page faults — the CPU's and the NIC's ODP faults alike — are
 //! the kernel's as if the monitor were not there. (`MODE_MISSING`, which every such kernel
-//! has, would hand every fault on an untouched page to this thread, and an ODP NIC's fault is
+//! has, would hand every fault on an untouched page to the monitor, and an ODP NIC's fault is
 //! refused instead: the peer's first WRITE fails with `IBV_WC_REM_ACCESS_ERR`.) Where the
 //! kernel has no WP mode for the memory (anonymous memory needs Linux 5.7, shmem 5.19), the
 //! range is populated first (`MADV_POPULATE_WRITE`, so neither the CPU nor the NIC meets a
 //! missing page) and registered in MISSING mode; a fault that still comes is resolved with a
 //! zero page, or woken to retry, never spun on.
 //!
-//! **Exactly the registered pages are watched**, and a range already watched costs no system
-//! call. Watching whole mappings instead (to avoid splitting VMAs) was tried and deadlocked:
-//! allocator memory merged into a watched mapping, and the monitor thread's own `free` then
-//! unmapped or `mremap`ped watched memory, whose event only the monitor thread could read.
-//! Each non-adjacent watched range still costs up to two VMAs of `vm.max_map_count`.
+//! **Two threads.** A *reader* reads every event the moment it comes (a thread that unmaps
+//! watched memory waits until its event has been read), resolves page faults itself, and
+//! queues the rest in a ring of fixed size; it never allocates, frees, takes another lock
+//! than the ring's, or runs a subscriber, so nothing it does can unmap watched memory and
+//! wait on itself. A *worker* acts on the queued events: it runs the subscribers, which revoke
+//! registrations and may free or unmap watched memory themselves (the reader reads those
+//! events meanwhile). A full ring folds new events into its newest one (their hull, acted on
+//! as an unmap: more is revoked, never less).
+//!
+//! **Watched intervals, counted.** Each registration of host memory holds a [`Watched`] token
+//! for its pages. Ranges within 64 MiB of watched ones are registered as one interval with
+//! them, gap included, where the memory allows (else exactly the pages), so page-strided
+//! registrations in one mapping do not split it into a VMA each (`vm.max_map_count` would
+//! bound them). Memory in a gap is watched too; its unmaps are events that revoke nothing.
+//! When the last token of an interval goes (the registration was evicted, invalidated, or
+//! failed), the interval is unregistered. Tokens find their interval by id through merges;
+//! an interval carved by an unmap keeps its count for the pieces left (see `Watchlist`), so a
+//! count can be too high (an interval stays watched longer) but never too low.
 //!
 //! **Fork.** `UFFD_FEATURE_EVENT_FORK` is not asked for: a child's memory is not watched, and
 //! the child never waits on this process's monitor.
 //!
-//! **Latency.** `munmap` returns once this thread has *read* its event, and the revocation
+//! **Latency.** `munmap` returns once the reader has *read* its event, and the revocation
 //! follows within microseconds; [`sync`] waits until every event already read is acted on.
-//! The event thread waits for nothing but the revocations themselves, which wait for
+//! The worker waits for nothing but the revocations themselves, which wait for
 //! operations in flight on the memory (ended by the NIC, or by `completion_timeout` or a
 //! `recv`'s own timeout) and for `LocalGuard`s held on it (as long as their holders keep
 //! them). It survives a panicking subscriber.
