@@ -282,6 +282,11 @@ impl Bridge {
     pub unsafe fn register_host(&self, addr: u64, len: u64, access: AccessFlags) -> Result<Registered> {
         check_range(addr, len)?;
         let access = access | AccessFlags::LOCAL_WRITE;
+        // An munmap that has returned but is not acted on yet must not leave its registration
+        // to be found by the memory mapped there next: catch up first (rare; two loads else).
+        if self.inner.watch.is_ok() && !crate::uffd::settled() {
+            crate::uffd::sync()?;
+        }
         for _ in 0..RACE_RETRIES {
             let epoch = self.inner.core.cache.epoch(Domain::HostVa);
             // The hit path first: a cached range is already watched.
