@@ -37,6 +37,9 @@ use crate::transfer::{next_wr_id, reap, reap_on};
 #[derive(Default)]
 pub(crate) struct KeyLedger {
     handed: Mutex<HashMap<(u64, u32), Handle<Registration>>>,
+    /// Window keys by the QP number of the connection they are bound on: revoked when it
+    /// closes, through one close hook per connection (not one per key).
+    by_conn: Mutex<HashMap<u32, Vec<RemoteKey>>>,
 }
 
 impl KeyLedger {
@@ -120,12 +123,31 @@ impl KeyLedger {
         if r.windowed() {
             // A window is bound to the connection's QP, which cannot be destroyed while it is:
             // the key goes with the connection.
-            let core = owner.clone();
-            conn.on_close(move || {
-                let _ = core.keys.revoke(&key);
-            });
+            let qpn = conn.qp().qp_num();
+            let mut by_conn = self.by_conn.lock().unwrap_or_else(|e| e.into_inner());
+            let first = !by_conn.contains_key(&qpn);
+            let keys = by_conn.entry(qpn).or_default();
+            // Keys revoked meanwhile are forgotten as the list grows (amortized O(1)).
+            if keys.len() >= 64 && keys.len().is_power_of_two() {
+                let handed = self.lock();
+                keys.retain(|k| handed.contains_key(&(k.generation, k.rkey)));
+            }
+            keys.push(key);
+            drop(by_conn);
+            if first {
+                let core = owner.clone();
+                conn.on_close(move || core.keys.close_connection(qpn));
+            }
         }
         Ok(key)
+    }
+
+    /// The connection with QP number `qpn` is closing: revokes every key bound on it.
+    fn close_connection(&self, qpn: u32) {
+        let keys = self.by_conn.lock().unwrap_or_else(|e| e.into_inner()).remove(&qpn).unwrap_or_default();
+        for k in keys {
+            let _ = self.revoke(&k);
+        }
     }
 
     /// `Ok` while `key` (handed out by this ledger) still reaches its memory.
@@ -196,6 +218,7 @@ impl KeyLedger {
     /// Forgets every key (the bridge is going; its registrations are revoked).
     pub(crate) fn clear(&self) {
         self.lock().clear();
+        self.by_conn.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }
 

@@ -392,6 +392,35 @@ fn rdma_a_revoked_key_is_refused_and_its_siblings_still_work() {
 
 #[test]
 #[ignore = "needs an RDMA device: scripts/test runs it on Soft-RoCE"]
+fn rdma_keys_on_one_connection_share_one_close_hook_and_die_with_the_connection() {
+    let len = 65_536usize;
+    let (c, s, _k) = pair(Policy::default().require(Strategy::Odp), len);
+    let (c2, s2) = connect(&c.pd, &s.pd);
+    let reg = s.state.reg.as_ref().unwrap();
+    let before = s2.close_hooks();
+    let keys: Vec<RemoteKey> = (0..16u64)
+        .map(|i| {
+            let k = s.state.bridge.hand_out(&s2, reg, i * 4096..i * 4096 + 4096).unwrap();
+            if i % 2 == 0 {
+                s.state.bridge.revoke_key(&k).unwrap();
+            }
+            k
+        })
+        .collect();
+    assert_eq!(s2.close_hooks(), before + 1, "one close hook per connection, not one per key");
+    c.state.mem.copy_to_device(c.state.buf.as_ref().unwrap(), 0, &pattern(4096, 0x6d)).unwrap();
+    c.state.bridge.write(&c2, c.state.reg.as_ref().unwrap(), 0, 4096, &keys[1], 0).unwrap();
+    assert!(s.state.mem.to_vec(s.state.buf.as_ref().unwrap()).unwrap()[4096..8192] == pattern(4096, 0x6d)[..]);
+    // Closing the connection revokes every key still bound on it (its windows go before its QP).
+    drop(s2);
+    for k in &keys {
+        assert!(matches!(s.state.bridge.check_key(k), Err(Error::StaleKey { .. })), "{k:?} outlived its connection");
+    }
+    drop(c2);
+}
+
+#[test]
+#[ignore = "needs an RDMA device: scripts/test runs it on Soft-RoCE"]
 fn rdma_without_windows_a_free_deregisters_at_once_and_the_old_key_is_refused() {
     let len = 65_536usize;
     let (c, s) = fabric()

@@ -426,6 +426,12 @@ impl Connection {
     pub fn on_close(&self, f: impl FnOnce() + Send + 'static) {
         self.on_close.lock().unwrap_or_else(|e| e.into_inner()).push(Box::new(f));
     }
+
+    /// How many [`on_close`](Self::on_close) callbacks are waiting (diagnostics: a library
+    /// that adds one per operation instead of one per connection shows here).
+    pub fn close_hooks(&self) -> usize {
+        self.on_close.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
 }
 
 impl Drop for Connection {
