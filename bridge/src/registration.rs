@@ -390,10 +390,12 @@ impl Registered {
     /// posted with its slices are reaped, and no longer. `Err(Revoked)` if the memory is
     /// already gone.
     ///
-    /// While holding it, do not free or unmap this memory, and do not call the bridge on this
-    /// registration (another read lock behind a waiting revocation): either waits for the
-    /// guard itself, for ever. The host-memory monitor's thread also waits for it when the
-    /// memory is unmapped, and with it every other `munmap` of watched memory in the process.
+    /// While holding it, do not free this memory through its backend, and do not call the
+    /// bridge on this registration (another read lock behind a waiting revocation): either
+    /// waits for the guard itself, for ever. Unmapping host memory under a held guard does not
+    /// hang the caller (`munmap` returns once the monitor has read the event), but the
+    /// monitor's worker then waits for the guard before it acts on any later unmap in the
+    /// process.
     pub fn lock(&self) -> Result<LocalGuard<'_>> {
         Ok(LocalGuard { reg: self, guard: self.handle.value().live()? })
     }
