@@ -125,7 +125,7 @@ fn model_snapshot(m: &Model) -> Vec<(Domain, u32, Range<u64>, u64)> {
 }
 
 #[test]
-fn cache_matches_the_reference_model_over_20000_random_steps() {
+fn cache_matches_the_reference_model_over_a_long_random_sequence() {
     let seed: u64 = std::env::var("P2PB_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_cafe);
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).max(1));
     let policy = CachePolicy { max_entries: 12, max_bytes: 3 << 20, ..CachePolicy::default() };
@@ -139,7 +139,9 @@ fn cache_matches_the_reference_model_over_20000_random_steps() {
     let accesses = [1u32, 3, 5, 7];
     let mut held: Vec<Handle<u64>> = Vec::new();
     let (mut hits, mut misses, mut full, mut frees) = (0, 0, 0, 0);
-    for step in 0..20_000u32 {
+    // Under Miri (scripts/miri), which interprets every step, a shorter run of the same sequence.
+    let steps: u32 = if cfg!(miri) { 400 } else { 20_000 };
+    for step in 0..steps {
         let d = domains[rng.below(3) as usize];
         let start = rng.below(256) * 4096;
         let r = start..start + (1 + rng.below(64)) * 4096;
@@ -208,5 +210,10 @@ fn cache_matches_the_reference_model_over_20000_random_steps() {
     }
     eprintln!("seed {seed:#x}: {hits} hits, {misses} misses, {full} full, {frees} entries freed");
     // (A cache full of held entries is rare here; cache.rs's unit tests cover it directly.)
-    assert!(hits > 500 && misses > 1000 && frees > 100, "the sequence did not exercise the cache");
+    // The thresholds scale with the run (20,000 steps natively, 400 under Miri).
+    let k = steps as usize;
+    assert!(
+        hits > k / 40 && misses > k / 20 && frees > k / 200,
+        "the sequence did not exercise the cache ({steps} steps)"
+    );
 }
