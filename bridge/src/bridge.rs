@@ -63,6 +63,8 @@ pub(crate) struct Inner {
     windows: bool,
     /// The userfaultfd monitor's subscription, or why there is none.
     watch: std::result::Result<crate::uffd::Watch, String>,
+    /// Where the pinned-bytes limit comes from, for errors and the probe.
+    pinned_budget: crate::budget::Budget,
 }
 
 impl Inner {
@@ -147,6 +149,16 @@ impl Bridge {
         let caps = HostCaps::probe(pd)?;
         let monitor_host = opts.monitor_host;
         let windows = opts.windows && caps.mem_windows;
+        let system = crate::budget::pinned();
+        let pinned_budget = if opts.cache.max_pinned_bytes == system.bytes {
+            system
+        } else {
+            crate::budget::Budget {
+                bytes: opts.cache.max_pinned_bytes,
+                source: "BridgeOptions::cache.max_pinned_bytes".into(),
+                fix: format!("raise it (the process's own budget is {} bytes: {})", system.bytes, system.source),
+            }
+        };
         let core = Arc::new(Core {
             pd: pd.clone(),
             completion_timeout: opts.completion_timeout,
@@ -174,8 +186,15 @@ impl Bridge {
                 allocs: Mutex::new(BTreeMap::new()),
                 windows,
                 watch,
+                pinned_budget,
             }),
         })
+    }
+
+    /// The pinned-bytes budget the cache keeps registrations within, and where it comes from
+    /// (see [`crate::budget`]).
+    pub fn pinned_budget(&self) -> &crate::budget::Budget {
+        &self.inner.pinned_budget
     }
 
     /// Whether host memory registered with [`Bridge::register_host`] is watched by the
@@ -423,11 +442,7 @@ impl Bridge {
         };
         let device = backend.as_ref().map(|b| b.device()).unwrap_or(0);
         let reg = self.try_strategies(kind, backend, reg_range.clone(), access)?.watched_by(watched);
-        let cost = match reg.strategy() {
-            Strategy::DmaBuf | Strategy::PeerMem => Cost::Exported { device },
-            Strategy::PinnedHost | Strategy::Bounce => Cost::Pinned,
-            Strategy::Odp => Cost::Unpinned,
-        };
+        let cost = cost_of(reg.strategy(), device);
         match self.inner.core.cache.insert_since(Some(epoch), domain, reg_range, access.bits(), cost, reg)? {
             Ok(ins) => {
                 drop(ins.removed);
@@ -462,7 +477,34 @@ impl Bridge {
         } else {
             access
         };
+        let device = backend.as_ref().map(|b| b.device()).unwrap_or(0);
+        let mut over_budget = None;
         for s in p.candidates {
+            // Within the budgets, after evicting what is unused; else the next strategy, with
+            // the reason. (Dropping the evicted handles releases their registrations.)
+            // Unused registrations in the way go before this one pins: the kernel counts pages
+            // as they are pinned.
+            let full = match self.inner.core.cache.evict_for(cost_of(s, device), range.end - range.start) {
+                Ok(evicted) => {
+                    drop(evicted); // deregistered (unpinned) here, before this one pins
+                    None
+                }
+                Err(full) => Some(full),
+            };
+            if let Some(full) = full {
+                let fix = match full.limit {
+                    "pinned bytes" => self.inner.pinned_budget.fix.clone(),
+                    "exported bytes of the device" => "raise CachePolicy::max_exported_bytes_per_device (up to the GPU's BAR1 size), or release registrations".into(),
+                    _ => "raise CachePolicy::max_entries / max_bytes, or release registrations".into(),
+                };
+                let source = match full.limit {
+                    "pinned bytes" => self.inner.pinned_budget.source.clone(),
+                    _ => "CachePolicy".into(),
+                };
+                skipped.push((s, SkipReason::OverBudget { limit: full.to_string(), fix: fix.clone() }));
+                over_budget.get_or_insert((full.to_string(), source, fix));
+                continue;
+            }
             let attempt: Result<(Mr, Option<p2pbridge_gpu::DmaBufExport>)> = match s {
                 Strategy::DmaBuf => {
                     let b = backend.as_ref().ok_or_else(|| Error::InvalidArgument("dma-buf needs a backend".into()))?;
@@ -516,7 +558,10 @@ impl Bridge {
                 Err(e) => skipped.push((s, SkipReason::Failed { error: e.to_string() })),
             }
         }
-        Err(Error::NoStrategy(skipped))
+        match over_budget {
+            Some((limit, source_of_limit, fix)) => Err(Error::OverBudget { limit, source_of_limit, fix, skipped }),
+            None => Err(Error::NoStrategy(skipped)),
+        }
     }
 
     /// Faults an ODP registration's pages into the NIC now (`ibv_advise_mr`, for writing where
@@ -577,4 +622,13 @@ fn ops_for(access: AccessFlags) -> OdpTransportCaps {
         ops |= OdpTransportCaps::ATOMIC;
     }
     ops
+}
+
+/// What a registration by `strategy` costs the cache's budgets.
+fn cost_of(strategy: Strategy, device: u32) -> Cost {
+    match strategy {
+        Strategy::DmaBuf | Strategy::PeerMem => Cost::Exported { device },
+        Strategy::PinnedHost | Strategy::Bounce => Cost::Pinned,
+        Strategy::Odp => Cost::Unpinned,
+    }
 }

@@ -99,7 +99,9 @@ pub struct CachePolicy {
     pub max_entries: usize,
     /// Most bytes kept registered, over all domains.
     pub max_bytes: u64,
-    /// Most bytes of pinned host memory.
+    /// Most bytes of pinned host memory. The default is the process's budget
+    /// ([`crate::budget::pinned`]: `RLIMIT_MEMLOCK`, or half of physical memory where that does
+    /// not apply).
     pub max_pinned_bytes: u64,
     /// Most bytes exported to the NIC per device.
     pub max_exported_bytes_per_device: u64,
@@ -112,7 +114,7 @@ impl Default for CachePolicy {
         CachePolicy {
             max_entries: 4096,
             max_bytes: 16 << 30,
-            max_pinned_bytes: 8 << 30,
+            max_pinned_bytes: crate::budget::pinned().bytes,
             max_exported_bytes_per_device: 8 << 30,
             merge: true,
         }
@@ -182,7 +184,7 @@ impl<V> Index<V> {
 
 /// Why an insert could not be kept within the limits.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("registration cache full: {entries} entries / {bytes} bytes held, and what is over its limit ({limit}) is all in use by in-flight work (limits: {max_entries} entries, {max_bytes} bytes)")]
+#[error("registration cache full on {limit}: {asked} more bytes asked, {used} of {max} in use by registrations still held ({entries} entries / {bytes} bytes held; limits: {max_entries} entries, {max_bytes} bytes)")]
 pub struct CacheFull {
     /// Which limit could not be kept: "entries or bytes", "pinned bytes", "exported bytes of the device".
     pub limit: &'static str,
@@ -194,6 +196,99 @@ pub struct CacheFull {
     pub max_entries: usize,
     /// The byte limit.
     pub max_bytes: u64,
+    /// Bytes counted against the broken limit that no eviction could free (held entries).
+    pub used: u64,
+    /// The broken limit, in bytes.
+    pub max: u64,
+    /// The bytes asked for.
+    pub asked: u64,
+}
+
+/// The unused entries (least recently used first) whose eviction makes room for an entry of
+/// `len` bytes costing `cost` that replaces `merged`; each victim relieves a limit the insert
+/// would break. `Err` with the limit when even evicting every unused entry would not do.
+fn make_room<V>(
+    idx: &Index<V>,
+    p: &CachePolicy,
+    merged: &[Arc<Entry<V>>],
+    cost: Cost,
+    len: u64,
+) -> Result<Vec<(Slot, u64)>, CacheFull> {
+    let counts = |c: Cost, n: u64| -> (u64, u64) {
+        match c {
+            Cost::Pinned => (n, 0),
+            Cost::Exported { .. } if c == cost => (0, n),
+            _ => (0, 0),
+        }
+    };
+    let size = |e: &Entry<V>| e.range.end - e.range.start;
+    let mut u = Usage {
+        entries: idx.entries,
+        bytes: idx.bytes,
+        pinned: idx.by_cost.get(&Cost::Pinned).copied().unwrap_or(0),
+        exported: if matches!(cost, Cost::Exported { .. }) { idx.by_cost.get(&cost).copied().unwrap_or(0) } else { 0 },
+    };
+    let take = |u: &mut Usage, e: &Entry<V>| {
+        let (pin, exp) = counts(e.cost, size(e));
+        u.entries -= 1;
+        u.bytes -= size(e);
+        u.pinned -= pin;
+        u.exported -= exp;
+    };
+    for e in merged {
+        take(&mut u, e);
+    }
+    let (new_pin, new_exp) = counts(cost, len);
+    // Which limits the insert would break (each victim must relieve one of them).
+    let broken = |u: &Usage| {
+        (
+            u.entries + 1 > p.max_entries || u.bytes.saturating_add(len) > p.max_bytes,
+            new_pin > 0 && u.pinned.saturating_add(new_pin) > p.max_pinned_bytes,
+            new_exp > 0 && u.exported.saturating_add(new_exp) > p.max_exported_bytes_per_device,
+        )
+    };
+    let mut evict: Vec<(Slot, u64)> = Vec::new();
+    if broken(&u) == (false, false, false) {
+        return Ok(evict);
+    }
+    let mut victims: Vec<&Arc<Entry<V>>> = idx
+        .all()
+        .filter(|e| Arc::strong_count(e) == 1)
+        .filter(|e| !merged.iter().any(|m| Arc::ptr_eq(m, e)))
+        .collect();
+    victims.sort_unstable_by_key(|e| e.last_use.load(Ordering::Relaxed));
+    for v in victims {
+        let (any, pinned, exported) = broken(&u);
+        if !(any || pinned || exported) {
+            break;
+        }
+        let (vp, ve) = counts(v.cost, size(v));
+        if any || (pinned && vp > 0) || (exported && ve > 0) {
+            evict.push(((v.domain, v.access), v.range.start));
+            take(&mut u, v);
+        }
+    }
+    let (any, pinned, exported) = broken(&u);
+    if !(any || pinned || exported) {
+        return Ok(evict);
+    }
+    let (limit, used, max) = if any {
+        ("entries or bytes", u.bytes, p.max_bytes)
+    } else if pinned {
+        ("pinned bytes", u.pinned, p.max_pinned_bytes)
+    } else {
+        ("exported bytes of the device", u.exported, p.max_exported_bytes_per_device)
+    };
+    Err(CacheFull {
+        limit,
+        entries: idx.entries,
+        bytes: idx.bytes,
+        max_entries: p.max_entries,
+        max_bytes: p.max_bytes,
+        used,
+        max,
+        asked: len,
+    })
 }
 
 /// What an insert did.
@@ -352,83 +447,7 @@ impl<V> RegCache<V> {
             Some(m) => neighbours(m, &range).cloned().collect(),
             None => Vec::new(),
         };
-        let p = &self.policy;
-        let counts = |e: &Entry<V>| -> (u64, u64) {
-            let n = e.range.end - e.range.start;
-            match e.cost {
-                Cost::Pinned => (n, 0),
-                Cost::Exported { .. } if e.cost == cost => (0, n),
-                _ => (0, 0),
-            }
-        };
-        let mut u = Usage {
-            entries: idx.entries,
-            bytes: idx.bytes,
-            pinned: idx.by_cost.get(&Cost::Pinned).copied().unwrap_or(0),
-            exported: if matches!(cost, Cost::Exported { .. }) {
-                idx.by_cost.get(&cost).copied().unwrap_or(0)
-            } else {
-                0
-            },
-        };
-        let take = |u: &mut Usage, e: &Entry<V>| {
-            let (pin, exp) = counts(e);
-            u.entries -= 1;
-            u.bytes -= e.range.end - e.range.start;
-            u.pinned -= pin;
-            u.exported -= exp;
-        };
-        for e in &merged {
-            take(&mut u, e);
-        }
-        let (new_pin, new_exp) = counts(&entry);
-        // Which limits the insert would break (each victim must relieve one of them).
-        let broken = |u: &Usage| {
-            (
-                u.entries + 1 > p.max_entries || u.bytes + len > p.max_bytes,
-                new_pin > 0 && u.pinned + new_pin > p.max_pinned_bytes,
-                new_exp > 0 && u.exported + new_exp > p.max_exported_bytes_per_device,
-            )
-        };
-        // Room for it: unused entries, least recently used first, that relieve a broken
-        // limit. Nothing changes unless the insert can succeed.
-        let mut evict: Vec<(Slot, u64)> = Vec::new();
-        if broken(&u) != (false, false, false) {
-            let mut victims: Vec<&Arc<Entry<V>>> = idx
-                .all()
-                .filter(|e| Arc::strong_count(e) == 1)
-                .filter(|e| !merged.iter().any(|m| Arc::ptr_eq(m, e)))
-                .collect();
-            victims.sort_unstable_by_key(|e| e.last_use.load(Ordering::Relaxed));
-            for v in victims {
-                let (any, pinned, exported) = broken(&u);
-                if !(any || pinned || exported) {
-                    break;
-                }
-                let (vp, ve) = counts(v);
-                if any || (pinned && vp > 0) || (exported && ve > 0) {
-                    evict.push(((v.domain, v.access), v.range.start));
-                    take(&mut u, v);
-                }
-            }
-            let (any, pinned, _) = broken(&u);
-            if broken(&u) != (false, false, false) {
-                let limit = if any {
-                    "entries or bytes"
-                } else if pinned {
-                    "pinned bytes"
-                } else {
-                    "exported bytes of the device"
-                };
-                return Err(CacheFull {
-                    limit,
-                    entries: idx.entries,
-                    bytes: idx.bytes,
-                    max_entries: p.max_entries,
-                    max_bytes: p.max_bytes,
-                });
-            }
-        }
+        let evict = make_room(&idx, &self.policy, &merged, cost, len)?;
         let merged: Vec<u64> = merged.iter().map(|e| e.range.start).collect();
         let replaced: Vec<Handle<V>> = merged.into_iter().filter_map(|s| idx.remove(slot, s)).collect();
         // Unheld retired entries are done with; the replaced ones are retired (the caller drops
@@ -439,6 +458,24 @@ impl<V> RegCache<V> {
         removed.extend(evict.into_iter().filter_map(|(vslot, s)| idx.remove(vslot, s)));
         idx.insert(entry.clone());
         Ok(Ok(Inserted { handle: entry, removed }))
+    }
+
+    /// Whether an entry of `len` bytes costing `cost` would fit — after evicting unused entries,
+    /// which an insert would do — and if not, which limit it would break. Changes nothing: a
+    /// registration checks this before it pins or exports memory, and takes another strategy
+    /// (or fails with the limit) instead of pinning past the budget.
+    pub fn room_for(&self, cost: Cost, len: u64) -> Result<(), CacheFull> {
+        make_room(&self.read(), &self.policy, &[], cost, len).map(drop)
+    }
+
+    /// Makes room for an entry of `len` bytes costing `cost` now: evicts the unused entries
+    /// [`room_for`](Self::room_for) would, and returns them (dropping them releases their
+    /// registrations). A registration calls this before it pins: the kernel counts pinned
+    /// pages as they are pinned, so the old ones must go first. Nothing changes on `Err`.
+    pub fn evict_for(&self, cost: Cost, len: u64) -> Result<Vec<Handle<V>>, CacheFull> {
+        let mut idx = self.write();
+        let evict = make_room(&idx, &self.policy, &[], cost, len)?;
+        Ok(evict.into_iter().filter_map(|(slot, s)| idx.remove(slot, s)).collect())
     }
 
     /// Removes every entry of `domain` overlapping `range` — indexed ones, and retired ones

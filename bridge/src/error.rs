@@ -14,6 +14,19 @@ pub enum Error {
     /// No strategy could register the memory; each one's reason.
     #[error("no registration strategy works for this memory: {}", describe(.0))]
     NoStrategy(Vec<(Strategy, SkipReason)>),
+    /// Registering would pass a memory budget even after evicting every unused registration,
+    /// and the policy allows no strategy that stays within it.
+    #[error("{limit} (budget: {source_of_limit}); {fix}")]
+    OverBudget {
+        /// The limit broken, and how full it is.
+        limit: String,
+        /// Where the budget comes from.
+        source_of_limit: String,
+        /// How to raise it.
+        fix: String,
+        /// Every strategy's reason.
+        skipped: Vec<(Strategy, SkipReason)>,
+    },
     /// The address is not memory of any of the bridge's backends.
     #[error("address {0:#x} belongs to none of the bridge's backends (for plain host memory use register_host)")]
     NotBackendMemory(u64),

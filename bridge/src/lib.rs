@@ -30,6 +30,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod bounce;
+pub mod budget;
 mod bridge;
 pub mod cache;
 mod error;

@@ -117,6 +117,8 @@ pub struct Report {
     pub udmabuf: Verdict,
     /// The userfaultfd monitor for registered host memory.
     pub host_monitor: Verdict,
+    /// How many bytes registrations may pin, and where that comes from.
+    pub pinned_budget: crate::budget::Budget,
     /// What the bridge would do with host memory.
     pub host_memory: Option<StrategyReport>,
     /// What the bridge would do with device (CUDA) memory.
@@ -301,6 +303,7 @@ impl Report {
             gpus,
             udmabuf,
             host_monitor,
+            pinned_budget: crate::budget::pinned(),
             host_memory,
             device_memory,
             ok,
@@ -349,6 +352,8 @@ impl Report {
         let _ = writeln!(o, "Host memory");
         v(&mut o, "udmabuf export", &self.udmabuf);
         v(&mut o, "userfaultfd monitor", &self.host_monitor);
+        let b = &self.pinned_budget;
+        let _ = writeln!(o, "  pinned-bytes budget: {} MiB, from {}; {}", b.bytes >> 20, b.source, b.fix);
         for (what, r) in [("host memory", &self.host_memory), ("device memory", &self.device_memory)] {
             let _ = writeln!(
                 o,

@@ -169,6 +169,13 @@ pub enum SkipReason {
         /// The error.
         error: String,
     },
+    /// It would pass a memory budget, even after evicting unused registrations.
+    OverBudget {
+        /// Which limit, and how full it is.
+        limit: String,
+        /// How to raise it.
+        fix: String,
+    },
     /// An earlier strategy was chosen: this one was not considered.
     NotReached,
 }
@@ -197,6 +204,7 @@ impl fmt::Display for SkipReason {
             }
             SkipReason::ExportUnsupported { reason } => write!(f, "export failed: {reason}"),
             SkipReason::Failed { error } => write!(f, "registration failed: {error}"),
+            SkipReason::OverBudget { limit, fix } => write!(f, "over budget: {limit}; {fix}"),
             SkipReason::NotReached => write!(f, "not tried: an earlier strategy was chosen"),
         }
     }
