@@ -33,9 +33,15 @@ pub(crate) fn next_wr_id() -> u64 {
 /// How long a flushed request's completion may take once its QP is in the error state.
 pub(crate) const FLUSH_WAIT: Duration = Duration::from_secs(5);
 
+/// How often a wait for a completion looks at the connection's events (peer gone, device
+/// removed, port down): a lost connection fails its operations within this, plus the flush.
+const FAULT_POLL: Duration = Duration::from_millis(100);
+
 /// Waits for the completion of `wr_id` on `cq` (of `conn`). If it does not come within
-/// `timeout`, moves the QP to the error state and reaps the flush before returning
-/// [`Error::CompletionTimeout`]; [`Error::DeviceStuck`] if even the flush does not come.
+/// `timeout`, or the connection is lost meanwhile ([`Connection::fault`]), moves the QP to the
+/// error state and reaps the flush before returning [`Error::CompletionTimeout`] or the
+/// connection's loss (`Verbs(ConnectionLost { cause })`); [`Error::DeviceStuck`] if even the
+/// flush does not come. Nothing the request names is let go while the NIC may still use it.
 pub(crate) fn reap_on(
     conn: &Connection,
     cq: &CompletionQueue,
@@ -43,18 +49,68 @@ pub(crate) fn reap_on(
     timeout: Duration,
     what: &'static str,
 ) -> Result<WorkCompletion> {
-    match cq.wait_wr(wr_id, timeout) {
-        Ok(wc) => Ok(wc),
-        Err(p2pbridge_verbs::Error::Timeout(..)) => {
-            if conn.qp().set_error().is_err() {
-                return Err(Error::DeviceStuck { what });
+    let start = std::time::Instant::now();
+    let lost = loop {
+        let left = timeout.saturating_sub(start.elapsed());
+        match cq.wait_wr(wr_id, left.min(FAULT_POLL)) {
+            Err(p2pbridge_verbs::Error::Timeout(..)) => {
+                if let Some(cause) = conn.fault() {
+                    break Some(cause);
+                }
+                if start.elapsed() >= timeout {
+                    break None;
+                }
             }
-            match cq.wait_wr(wr_id, FLUSH_WAIT) {
-                Err(p2pbridge_verbs::Error::Timeout(..)) => Err(Error::DeviceStuck { what }),
-                _ => Err(Error::CompletionTimeout { what, timeout }),
+            Err(e @ p2pbridge_verbs::Error::WorkCompletion { .. }) => {
+                // The request is done (failed), and an RC queue pair is in the error state now.
+                // If the connection went, its event follows the failure closely (a dead peer's
+                // memory goes before its rdma_cm id): say that, not just the status.
+                return Err(match lost_within(conn, ATTRIBUTE_WAIT) {
+                    Some(cause) => p2pbridge_verbs::Error::ConnectionLost { cause }.into(),
+                    None => e.into(),
+                });
             }
+            r => return r.map_err(Error::from),
         }
-        Err(e) => Err(e.into()),
+    };
+    if conn.qp().set_error().is_err() {
+        return Err(Error::DeviceStuck { what });
+    }
+    match cq.wait_wr(wr_id, FLUSH_WAIT) {
+        Err(p2pbridge_verbs::Error::Timeout(..)) => Err(Error::DeviceStuck { what }),
+        _ => match lost {
+            Some(cause) => Err(p2pbridge_verbs::Error::ConnectionLost { cause }.into()),
+            None => Err(Error::CompletionTimeout { what, timeout }),
+        },
+    }
+}
+
+/// How long a failed completion waits for the connection's loss to show, to name it as the
+/// cause. Only the error's wording depends on it: the request is already complete.
+const ATTRIBUTE_WAIT: Duration = Duration::from_millis(250);
+
+/// The connection's loss, if it shows within `wait`.
+fn lost_within(conn: &Connection, wait: Duration) -> Option<p2pbridge_verbs::Fault> {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(cause) = conn.fault() {
+            return Some(cause);
+        }
+        if start.elapsed() >= wait {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Refuses to post on a connection known to be lost (its QP is moved to the error state).
+pub(crate) fn check_connection(conn: &Connection) -> Result<()> {
+    match conn.fault() {
+        Some(cause) => {
+            let _ = conn.qp().set_error();
+            Err(p2pbridge_verbs::Error::ConnectionLost { cause }.into())
+        }
+        None => Ok(()),
     }
 }
 
@@ -100,6 +156,7 @@ impl Bridge {
         after: impl FnOnce(&Registration, &Live, u64, WorkCompletion) -> Result<R>,
     ) -> Result<R> {
         let at = local.entry_range(offset, len)?;
+        check_connection(conn)?;
         let reg = local.handle.value();
         let guard = reg.live()?;
         let live = guard.as_ref().ok_or(Error::Revoked)?;

@@ -193,15 +193,16 @@ fn event_name(e: u32) -> String {
     unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
 }
 
-fn wait_event(ch: &Channel, expected: u32, timeout: Duration) -> Result<Event> {
-    let expected_name: &'static str = match expected {
-        sys::rdma_cm_event_type::RDMA_CM_EVENT_ADDR_RESOLVED => "RDMA_CM_EVENT_ADDR_RESOLVED",
-        sys::rdma_cm_event_type::RDMA_CM_EVENT_ROUTE_RESOLVED => "RDMA_CM_EVENT_ROUTE_RESOLVED",
-        sys::rdma_cm_event_type::RDMA_CM_EVENT_CONNECT_REQUEST => "RDMA_CM_EVENT_CONNECT_REQUEST",
-        sys::rdma_cm_event_type::RDMA_CM_EVENT_ESTABLISHED => "RDMA_CM_EVENT_ESTABLISHED",
-        sys::rdma_cm_event_type::RDMA_CM_EVENT_DISCONNECTED => "RDMA_CM_EVENT_DISCONNECTED",
-        _ => "an rdma_cm event",
-    };
+/// One event of `ch`, as copied out before it was acked.
+struct RawEvent {
+    kind: u32,
+    status: i32,
+    id: *mut sys::rdma_cm_id,
+    private_data: Vec<u8>,
+}
+
+/// The next event of `ch` if one comes within `timeout` (zero: only one already there).
+fn next_event(ch: &Channel, timeout: Duration) -> Result<Option<RawEvent>> {
     // SAFETY: the channel is live; its fd is valid while it is.
     let fd = unsafe { (*ch.0.as_ptr()).fd };
     let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
@@ -214,7 +215,7 @@ fn wait_event(ch: &Channel, expected: u32, timeout: Duration) -> Result<Event> {
         }
         result::neg_errno("poll(rdma_cm channel)", n)?;
         if n == 0 {
-            return Err(Error::Timeout(timeout, expected_name));
+            return Ok(None);
         }
         break;
     }
@@ -236,6 +237,21 @@ fn wait_event(ch: &Channel, expected: u32, timeout: Duration) -> Result<Event> {
     };
     // SAFETY: acked once; nothing refers to it afterwards.
     unsafe { sys::rdma_ack_cm_event(ev.as_ptr()) };
+    Ok(Some(RawEvent { kind, status, id, private_data }))
+}
+
+fn wait_event(ch: &Channel, expected: u32, timeout: Duration) -> Result<Event> {
+    let expected_name: &'static str = match expected {
+        sys::rdma_cm_event_type::RDMA_CM_EVENT_ADDR_RESOLVED => "RDMA_CM_EVENT_ADDR_RESOLVED",
+        sys::rdma_cm_event_type::RDMA_CM_EVENT_ROUTE_RESOLVED => "RDMA_CM_EVENT_ROUTE_RESOLVED",
+        sys::rdma_cm_event_type::RDMA_CM_EVENT_CONNECT_REQUEST => "RDMA_CM_EVENT_CONNECT_REQUEST",
+        sys::rdma_cm_event_type::RDMA_CM_EVENT_ESTABLISHED => "RDMA_CM_EVENT_ESTABLISHED",
+        sys::rdma_cm_event_type::RDMA_CM_EVENT_DISCONNECTED => "RDMA_CM_EVENT_DISCONNECTED",
+        _ => "an rdma_cm event",
+    };
+    let Some(RawEvent { kind, status, id, private_data }) = next_event(ch, timeout)? else {
+        return Err(Error::Timeout(timeout, expected_name));
+    };
     if kind != expected {
         use sys::rdma_cm_event_type as t;
         let hint = match kind {
@@ -322,6 +338,10 @@ pub struct Connection {
     remote_private_data: Vec<u8>,
     /// Run before the QP is destroyed (see [`Connection::on_close`]).
     on_close: std::sync::Mutex<Vec<Box<dyn FnOnce() + Send>>>,
+    /// The port the connection runs on.
+    port: u8,
+    /// Why the connection was lost, once known (see [`Connection::fault`]).
+    fault: std::sync::Mutex<Option<crate::Fault>>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -402,9 +422,47 @@ impl Connection {
         &self.remote_private_data
     }
 
-    /// Waits for the peer to disconnect (`RDMA_CM_EVENT_DISCONNECTED`).
+    /// Waits for the peer to disconnect (`RDMA_CM_EVENT_DISCONNECTED`); another loss
+    /// ([`fault`](Self::fault)) is returned as [`Error::ConnectionLost`].
     pub fn wait_disconnect(&self, timeout: Duration) -> Result<()> {
-        self.id.wait(sys::rdma_cm_event_type::RDMA_CM_EVENT_DISCONNECTED, timeout).map(|_| ())
+        let start = std::time::Instant::now();
+        loop {
+            match self.fault() {
+                Some(crate::Fault::Disconnected) => return Ok(()),
+                Some(cause) => return Err(Error::ConnectionLost { cause }),
+                None => {}
+            }
+            if start.elapsed() >= timeout {
+                return Err(Error::Timeout(timeout, "RDMA_CM_EVENT_DISCONNECTED"));
+            }
+            std::thread::sleep(Duration::from_millis(5).min(timeout));
+        }
+    }
+
+    /// Why the connection is lost, or `None` while it is not known to be: reads the rdma_cm
+    /// events of its id (DISCONNECTED, DEVICE_REMOVAL, ADDR_CHANGE) and the device's
+    /// asynchronous events (device fatal, its port down, its QP failed) without blocking.
+    /// Once lost, always lost: a new connection is needed.
+    pub fn fault(&self) -> Option<crate::Fault> {
+        use sys::rdma_cm_event_type as t;
+        let mut f = self.fault.lock().unwrap_or_else(|e| e.into_inner());
+        if f.is_none() {
+            while let Ok(Some(ev)) = next_event(&self.id.channel, Duration::ZERO) {
+                let cause = match ev.kind {
+                    t::RDMA_CM_EVENT_DISCONNECTED => Some(crate::Fault::Disconnected),
+                    t::RDMA_CM_EVENT_DEVICE_REMOVAL => Some(crate::Fault::DeviceRemoval),
+                    t::RDMA_CM_EVENT_ADDR_CHANGE => Some(crate::Fault::AddrChange),
+                    _ => None,
+                };
+                if f.is_none() {
+                    *f = cause;
+                }
+            }
+        }
+        if f.is_none() {
+            *f = self.pd.context().fault_for(self.qp.qp_num(), self.port);
+        }
+        *f
     }
 }
 
@@ -417,7 +475,19 @@ impl Connection {
         pd: &ProtectionDomain,
         remote_private_data: Vec<u8>,
     ) -> Self {
-        Connection { qp, id, send_cq, recv_cq, pd: pd.clone(), remote_private_data, on_close: Default::default() }
+        // SAFETY: the id is live; port_num is set once the route is resolved.
+        let port = unsafe { (*id.raw()).port_num };
+        Connection {
+            qp,
+            id,
+            send_cq,
+            recv_cq,
+            pd: pd.clone(),
+            remote_private_data,
+            on_close: Default::default(),
+            port,
+            fault: Default::default(),
+        }
     }
 
     /// Runs `f` when the connection is dropped, before its queue pair is destroyed: for
@@ -439,6 +509,7 @@ impl Drop for Connection {
         for f in std::mem::take(&mut *self.on_close.lock().unwrap_or_else(|e| e.into_inner())) {
             f();
         }
+        self.pd.context().inner.faults.forget_qp(self.qp.qp_num());
         // SAFETY: the id is live; disconnecting an already disconnected id only fails.
         unsafe { sys::rdma_disconnect(self.id.raw()) };
     }

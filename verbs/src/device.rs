@@ -56,6 +56,8 @@ pub(crate) struct ContextInner {
     ctx: NonNull<sys::ibv_context>,
     name: String,
     origin: Origin,
+    /// What the device's asynchronous events said.
+    pub(crate) faults: crate::fault::DeviceFaults,
 }
 
 // SAFETY: libibverbs contexts may be used from any thread (rdma-core documents its verbs as
@@ -126,7 +128,7 @@ impl Context {
         unsafe { sys::ibv_free_device_list(list.as_ptr()) };
         match found {
             Some(ctx) => Ok(Context {
-                inner: Arc::new(ContextInner { ctx: ctx?, name: name.to_string(), origin: Origin::Verbs }),
+                inner: Arc::new(ContextInner { ctx: ctx?, name: name.to_string(), origin: Origin::Verbs, faults: Default::default() }),
             }),
             None => Err(Error::NoSuchDevice { name: name.to_string(), present }),
         }
@@ -148,7 +150,7 @@ impl Context {
             if !ctx.is_null() && device_name(unsafe { (*ctx).device }) == name {
                 let ctx = NonNull::new(ctx)?;
                 return Some(Context {
-                    inner: Arc::new(ContextInner { ctx, name: name.to_string(), origin: Origin::Cm(list) }),
+                    inner: Arc::new(ContextInner { ctx, name: name.to_string(), origin: Origin::Cm(list), faults: Default::default() }),
                 });
             }
         }
@@ -173,6 +175,14 @@ impl Context {
     /// The device's name.
     pub fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    /// Reads the device's pending asynchronous events (without blocking) and returns the
+    /// fault, if any, that concerns a connection on `port` whose QP number is `qpn`.
+    pub(crate) fn fault_for(&self, qpn: u32, port: u8) -> Option<crate::Fault> {
+        // SAFETY: the context is live while `self` is; the faults are this context's.
+        unsafe { self.inner.faults.poll(self.inner.ctx.as_ptr()) };
+        self.inner.faults.for_qp(qpn, port)
     }
 
     /// The raw context, for the `sys` layer.

@@ -95,6 +95,13 @@ pub enum Error {
         hint: Option<&'static str>,
     },
 
+    /// The connection is lost; the cause names why. Its queue pair is in the error state.
+    #[error("the connection is lost: {cause}")]
+    ConnectionLost {
+        /// Why.
+        cause: crate::Fault,
+    },
+
     /// A wait ran past its deadline.
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(std::time::Duration, &'static str),

@@ -36,6 +36,7 @@ mod cq;
 mod device;
 mod error;
 pub mod fabric;
+mod fault;
 pub mod library;
 mod mr;
 mod mw;
@@ -50,6 +51,7 @@ pub use device::{device_names, Context, GidEntry, GidKind, LinkLayer, PortInfo, 
 pub use error::{Errno, Error, Result, WcStatus};
 pub use mr::{AccessFlags, Foreign, LocalSlice, MemoryRegion, ProtectionDomain, RemoteBuf, RemoteSlice};
 pub use mw::MemoryWindow;
+pub use fault::Fault;
 /// Views of memory that the NIC or a peer may write concurrently (from rust-vmm's `vm-memory`).
 pub use vm_memory::{VolatileMemory, VolatileSlice};
 pub use qp::{QpState, QueuePair, SendFlags};

@@ -1,0 +1,150 @@
+//! Connection faults on the Soft-RoCE fabric: a peer process killed in the middle of a stream
+//! of writes. The writer must get a typed error naming the cause within 2 s, with its queue
+//! pair in the error state and nothing of its work left on the completion queue; its buffers
+//! can then be freed and reused; and a new connection to a new peer moves data again.
+//!
+//! The peer is this same test binary, run again in a child process with `P2PB_FAULT_PEER`
+//! set (the `peer_process_*` entry below), so that it can be killed like any peer process.
+
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use p2pbridge::gpu::{HostBackend, MemoryBackend};
+use p2pbridge::verbs::fabric::SoftRoce;
+use p2pbridge::verbs::{
+    AccessFlags, Connection, ConnectionOptions, Context, Error as VerbsError, Fault, Listener, ProtectionDomain, QpState,
+    WorkCompletion,
+};
+use p2pbridge::{Bridge, BridgeOptions, Error};
+
+const PEER_ENV: &str = "P2PB_FAULT_PEER";
+const LEN: usize = 16 << 20;
+
+fn fabric() -> SoftRoce {
+    SoftRoce::from_env().expect("this test needs the Soft-RoCE fabric: run it through scripts/test or scripts/softroce")
+}
+
+fn opts() -> ConnectionOptions {
+    ConnectionOptions { timeout: Duration::from_secs(30), rnr_retry_count: 7, ..Default::default() }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u32).wrapping_mul(2_654_435_761).rotate_left(seed as u32 % 31) as u8 ^ seed).collect()
+}
+
+/// The peer: run only in the child process the tests start (scripts/test skips it by name).
+/// Accepts one connection on host B, registers 16 MiB, sends the client a key for it over
+/// the connection, then waits to be killed.
+#[test]
+#[ignore = "the peer process of rdma_faults' tests: they run it in a child process"]
+fn peer_process_serves_until_killed() {
+    let port_file = std::env::var(PEER_ENV).expect("run by rdma_faults' tests, with P2PB_FAULT_PEER set");
+    let fab = fabric();
+    fab.b.enter().unwrap();
+    let l = Listener::bind((fab.b.addr, 0).into()).unwrap();
+    std::fs::write(format!("{port_file}.tmp"), l.local_addr().port().to_string()).unwrap();
+    std::fs::rename(format!("{port_file}.tmp"), &port_file).unwrap();
+    let req = l.get_request(Duration::from_secs(60)).unwrap();
+    let pd = ProtectionDomain::new(&Context::open(&req.device_name().unwrap()).unwrap()).unwrap();
+    let conn = req.accept(&pd, &opts()).unwrap();
+    let mem = HostBackend::new();
+    let bridge = Bridge::new(&pd, vec![Arc::new(mem.clone())], BridgeOptions::default()).unwrap();
+    let buf = mem.alloc(LEN).unwrap();
+    let reg = bridge.register(buf.addr(), LEN as u64, AccessFlags::remote_rw()).unwrap();
+    let key = bridge.hand_out(&conn, &reg, 0..LEN as u64).unwrap();
+    bridge.send_key(&conn, &key).unwrap();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Starts a peer process and returns it with the address it listens on.
+fn start_peer(fab: &SoftRoce, tag: &str) -> (Child, std::net::SocketAddr) {
+    let port_file = std::env::temp_dir().join(format!("p2pb-fault-peer-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_file(&port_file);
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "peer_process_serves_until_killed", "--nocapture", "--test-threads=1"])
+        .env(PEER_ENV, &port_file)
+        .spawn()
+        .expect("start the peer process");
+    let t = Instant::now();
+    let port: u16 = loop {
+        if let Ok(s) = std::fs::read_to_string(&port_file) {
+            break s.trim().parse().unwrap();
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "the peer process did not start listening");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (child, (fab.b.addr, port).into())
+}
+
+fn kill(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+#[ignore = "needs an RDMA device: scripts/test runs it on Soft-RoCE"]
+fn rdma_a_peer_killed_mid_transfer_fails_the_writer_within_2_s_and_a_new_connection_works() {
+    let fab = fabric();
+    fab.a.enter().unwrap();
+    let pd = ProtectionDomain::new(&Context::open(&fab.a.device).unwrap()).unwrap();
+    let mem = HostBackend::new();
+    let bridge = Bridge::new(&pd, vec![Arc::new(mem.clone())], BridgeOptions::default()).unwrap();
+    let buf = mem.alloc(LEN).unwrap();
+    mem.copy_to_device(&buf, 0, &pattern(LEN, 0x21)).unwrap();
+    let reg = bridge.register(buf.addr(), LEN as u64, AccessFlags::remote_rw()).unwrap();
+
+    let (peer, addr) = start_peer(&fab, "1");
+    let conn = Connection::connect(&pd, addr, &opts()).unwrap();
+    let key = bridge.recv_key(&conn, Duration::from_secs(30)).unwrap();
+    bridge.write(&conn, &reg, 0, LEN as u64, &key, 0).unwrap();
+
+    // Kill the peer while 16 MiB writes stream to it.
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        let at = Instant::now();
+        kill(peer);
+        at
+    });
+    let (err, failed_at) = loop {
+        if let Err(e) = bridge.write(&conn, &reg, 0, LEN as u64, &key, 0) {
+            break (e, Instant::now());
+        }
+    };
+    let killed_at = killer.join().unwrap();
+    let after = failed_at.saturating_duration_since(killed_at);
+    assert!(
+        matches!(err, Error::Verbs(VerbsError::ConnectionLost { cause: Fault::Disconnected })),
+        "the writer's error does not name the peer's loss: {err}"
+    );
+    assert!(after < Duration::from_secs(2), "the writer learnt of the loss {after:?} after the kill");
+    assert_eq!(conn.fault(), Some(Fault::Disconnected));
+    // Drained: the QP is in the error state and none of its work is left to complete.
+    assert_eq!(conn.qp().state().unwrap(), QpState::Error);
+    let mut left = [WorkCompletion::default(); 16];
+    assert_eq!(conn.send_cq().poll(&mut left).unwrap(), 0, "work left on the lost connection's CQ");
+    // Later operations on it fail at once, with the cause.
+    let again = bridge.write(&conn, &reg, 0, 4096, &key, 0);
+    assert!(matches!(again, Err(Error::Verbs(VerbsError::ConnectionLost { .. }))), "{again:?}");
+
+    // The buffer can go, and its memory be used again.
+    drop(reg);
+    buf.free().unwrap();
+    let buf = mem.alloc(LEN).unwrap();
+    mem.copy_to_device(&buf, 0, &pattern(LEN, 0x5e)).unwrap();
+    let reg = bridge.register(buf.addr(), LEN as u64, AccessFlags::remote_rw()).unwrap();
+    drop(conn);
+
+    // A new peer, a new connection: data moves again (written, then read back).
+    let (peer, addr) = start_peer(&fab, "2");
+    let conn = Connection::connect(&pd, addr, &opts()).unwrap();
+    let key = bridge.recv_key(&conn, Duration::from_secs(30)).unwrap();
+    bridge.write(&conn, &reg, 0, LEN as u64, &key, 0).unwrap();
+    let back = mem.alloc(LEN).unwrap();
+    let back_reg = bridge.register(back.addr(), LEN as u64, AccessFlags::remote_rw()).unwrap();
+    bridge.read(&conn, &back_reg, 0, LEN as u64, &key, 0).unwrap();
+    assert!(mem.to_vec(&back).unwrap() == pattern(LEN, 0x5e), "data read back after reconnecting differs");
+    kill(peer);
+}
