@@ -86,7 +86,7 @@ fn kill(mut child: Child) {
 
 #[test]
 #[ignore = "needs an RDMA device: scripts/test runs it on Soft-RoCE"]
-fn rdma_a_peer_killed_mid_transfer_fails_the_writer_within_2_s_and_a_new_connection_works() {
+fn rdma_a_peer_killed_mid_transfer_fails_the_writer_within_2_s_others_carry_on_and_a_new_connection_works() {
     let fab = fabric();
     fab.a.enter().unwrap();
     let pd = ProtectionDomain::new(&Context::open(&fab.a.device).unwrap()).unwrap();
@@ -100,6 +100,10 @@ fn rdma_a_peer_killed_mid_transfer_fails_the_writer_within_2_s_and_a_new_connect
     let conn = Connection::connect(&pd, addr, &opts()).unwrap();
     let key = bridge.recv_key(&conn, Duration::from_secs(30)).unwrap();
     bridge.write(&conn, &reg, 0, LEN as u64, &key, 0).unwrap();
+    // Another peer, which stays.
+    let (other, other_addr) = start_peer(&fab, "other");
+    let other_conn = Connection::connect(&pd, other_addr, &opts()).unwrap();
+    let other_key = bridge.recv_key(&other_conn, Duration::from_secs(30)).unwrap();
 
     // Kill the peer while 16 MiB writes stream to it.
     let killer = std::thread::spawn(move || {
@@ -128,6 +132,17 @@ fn rdma_a_peer_killed_mid_transfer_fails_the_writer_within_2_s_and_a_new_connect
     // Later operations on it fail at once, with the cause.
     let again = bridge.write(&conn, &reg, 0, 4096, &key, 0);
     assert!(matches!(again, Err(Error::Verbs(VerbsError::ConnectionLost { .. }))), "{again:?}");
+
+    // The other peer carries on, through the same registration: written, then read back.
+    assert_eq!(other_conn.fault(), None);
+    bridge.write(&other_conn, &reg, 0, LEN as u64, &other_key, 0).unwrap();
+    let check = mem.alloc(LEN).unwrap();
+    let check_reg = bridge.register(check.addr(), LEN as u64, AccessFlags::remote_rw()).unwrap();
+    bridge.read(&other_conn, &check_reg, 0, LEN as u64, &other_key, 0).unwrap();
+    assert!(mem.to_vec(&check).unwrap() == pattern(LEN, 0x21), "the other peer's data differs after the loss");
+    drop((check_reg, other_conn));
+    check.free().unwrap();
+    kill(other);
 
     // The buffer can go, and its memory be used again.
     drop(reg);
