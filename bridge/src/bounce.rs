@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use p2pbridge_gpu::MemoryBackend;
-use p2pbridge_verbs::{AccessFlags, CompletionQueue, Connection, HostBuffer, MemoryRegion, ProtectionDomain, SendFlags};
+use p2pbridge_verbs::{
+    AccessFlags, CompletionQueue, Connection, HostBuffer, MemoryRegion, ProtectionDomain, SendFlags,
+};
 
 use crate::error::{Error, Result};
 use crate::key::RemoteKey;
@@ -223,7 +225,8 @@ impl BounceEngine {
             let rs = remote.slice(remote_offset + off, n as u64)?;
             let id = next_wr_id();
             cq.expect(id);
-            if let Err(e) = conn.qp().post_read(id, &self.slots[i % ring].slice(..n as u64)?, &rs, SendFlags::SIGNALED) {
+            if let Err(e) = conn.qp().post_read(id, &self.slots[i % ring].slice(..n as u64)?, &rs, SendFlags::SIGNALED)
+            {
                 cq.unexpect(id);
                 return Err(e.into());
             }

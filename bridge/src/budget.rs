@@ -56,7 +56,9 @@ pub fn pinned() -> Budget {
             source: "half of physical memory (RLIMIT_MEMLOCK is unlimited)".into(),
             fix: "set CachePolicy::max_pinned_bytes".into(),
         },
-        Some(n) => Budget { bytes: n, source: format!("RLIMIT_MEMLOCK soft limit ({} KiB)", n / 1024), fix: raise.into() },
+        Some(n) => {
+            Budget { bytes: n, source: format!("RLIMIT_MEMLOCK soft limit ({} KiB)", n / 1024), fix: raise.into() }
+        }
     }
 }
 

@@ -251,11 +251,8 @@ fn make_room<V>(
     if broken(&u) == (false, false, false) {
         return Ok(evict);
     }
-    let mut victims: Vec<&Arc<Entry<V>>> = idx
-        .all()
-        .filter(|e| Arc::strong_count(e) == 1)
-        .filter(|e| !merged.iter().any(|m| Arc::ptr_eq(m, e)))
-        .collect();
+    let mut victims: Vec<&Arc<Entry<V>>> =
+        idx.all().filter(|e| Arc::strong_count(e) == 1).filter(|e| !merged.iter().any(|m| Arc::ptr_eq(m, e))).collect();
     victims.sort_unstable_by_key(|e| e.last_use.load(Ordering::Relaxed));
     for v in victims {
         let (any, pinned, exported) = broken(&u);

@@ -30,8 +30,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod bounce;
-pub mod budget;
 mod bridge;
+pub mod budget;
 pub mod cache;
 mod error;
 mod key;

@@ -16,7 +16,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use p2pbridge_gpu::{DmaBufExport, MemoryBackend};
-use p2pbridge_verbs::{AccessFlags, Connection, Foreign, HostBuffer, LocalSlice, MemoryRegion, MemoryWindow, VolatileSlice};
+use p2pbridge_verbs::{
+    AccessFlags, Connection, Foreign, HostBuffer, LocalSlice, MemoryRegion, MemoryWindow, VolatileSlice,
+};
 
 use crate::cache::Handle;
 use crate::error::{Error, Result};

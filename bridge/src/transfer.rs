@@ -279,7 +279,10 @@ impl Bridge {
 const STAGE_CHUNK: usize = 1 << 20;
 
 /// The staging view and the backend of a bounce registration; `None` for direct ones.
-fn bounce_parts<'a>(reg: &'a Registration, live: &'a Live) -> Result<Option<(VolatileSlice<'a>, &'a dyn MemoryBackend)>> {
+fn bounce_parts<'a>(
+    reg: &'a Registration,
+    live: &'a Live,
+) -> Result<Option<(VolatileSlice<'a>, &'a dyn MemoryBackend)>> {
     match (live.mr.staging(), &reg.backend) {
         (None, _) => Ok(None),
         (Some(staging), Some(b)) => Ok(Some((staging, b.as_ref()))),

@@ -448,7 +448,8 @@ fn worker(m: Weak<Monitor>) {
                         m.synced.notify_all();
                     }
                 }
-                let (g, t) = m.queued.wait_timeout(q, std::time::Duration::from_secs(1)).unwrap_or_else(|e| e.into_inner());
+                let (g, t) =
+                    m.queued.wait_timeout(q, std::time::Duration::from_secs(1)).unwrap_or_else(|e| e.into_inner());
                 q = g;
                 if t.timed_out() {
                     break None; // lets the thread notice when the monitor is gone

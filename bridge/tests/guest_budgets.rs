@@ -64,7 +64,9 @@ fn guest_past_the_memlock_budget_registrations_evict_then_fall_back_then_fail_ty
             assert!(limit.contains("pinned bytes"), "{limit}");
             assert!(source_of_limit.contains("RLIMIT_MEMLOCK"), "{source_of_limit}");
             assert!(fix.contains("ulimit -l"), "{fix}");
-            assert!(skipped.iter().any(|(s, r)| *s == Strategy::PinnedHost && matches!(r, SkipReason::OverBudget { .. })));
+            assert!(skipped
+                .iter()
+                .any(|(s, r)| *s == Strategy::PinnedHost && matches!(r, SkipReason::OverBudget { .. })));
         }
         other => panic!("expected Error::OverBudget, got {:?}", other.map(|r| r.strategy())),
     }
@@ -91,4 +93,3 @@ fn guest_past_the_memlock_budget_registrations_evict_then_fall_back_then_fail_ty
     drop(fallback);
     buf.free().unwrap();
 }
-

@@ -3,85 +3,27 @@
 //! pair in the error state and nothing of its work left on the completion queue; its buffers
 //! can then be freed and reused; and a new connection to a new peer moves data again.
 //!
-//! The peer is this same test binary, run again in a child process with `P2PB_FAULT_PEER`
-//! set (the `peer_process_*` entry below), so that it can be killed like any peer process.
+//! The peer is this same test binary, run again in a child process (the `role_*` entry
+//! below, see `support/peers.rs`), so that it can be killed like any peer process.
 
-use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use p2pbridge::gpu::{HostBackend, MemoryBackend};
-use p2pbridge::verbs::fabric::SoftRoce;
 use p2pbridge::verbs::{
-    AccessFlags, Connection, ConnectionOptions, Context, Error as VerbsError, Fault, Listener, ProtectionDomain, QpState,
-    WorkCompletion,
+    AccessFlags, Connection, Context, Error as VerbsError, Fault, ProtectionDomain, QpState, WorkCompletion,
 };
 use p2pbridge::{Bridge, BridgeOptions, Error};
 
-const PEER_ENV: &str = "P2PB_FAULT_PEER";
-const LEN: usize = 16 << 20;
+#[path = "support/peers.rs"]
+mod peers;
+use peers::{fabric, kill, opts, pattern, start_peer, LEN};
 
-fn fabric() -> SoftRoce {
-    SoftRoce::from_env().expect("this test needs the Soft-RoCE fabric: run it through scripts/test or scripts/softroce")
-}
-
-fn opts() -> ConnectionOptions {
-    ConnectionOptions { timeout: Duration::from_secs(30), rnr_retry_count: 7, ..Default::default() }
-}
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u32).wrapping_mul(2_654_435_761).rotate_left(seed as u32 % 31) as u8 ^ seed).collect()
-}
-
-/// The peer: run only in the child process the tests start (scripts/test skips it by name).
-/// Accepts one connection on host B, registers 16 MiB, sends the client a key for it over
-/// the connection, then waits to be killed.
+/// The peer: run only in the child processes the tests start (scripts/test skips `role_*`).
 #[test]
 #[ignore = "the peer process of rdma_faults' tests: they run it in a child process"]
-fn peer_process_serves_until_killed() {
-    let port_file = std::env::var(PEER_ENV).expect("run by rdma_faults' tests, with P2PB_FAULT_PEER set");
-    let fab = fabric();
-    fab.b.enter().unwrap();
-    let l = Listener::bind((fab.b.addr, 0).into()).unwrap();
-    std::fs::write(format!("{port_file}.tmp"), l.local_addr().port().to_string()).unwrap();
-    std::fs::rename(format!("{port_file}.tmp"), &port_file).unwrap();
-    let req = l.get_request(Duration::from_secs(60)).unwrap();
-    let pd = ProtectionDomain::new(&Context::open(&req.device_name().unwrap()).unwrap()).unwrap();
-    let conn = req.accept(&pd, &opts()).unwrap();
-    let mem = HostBackend::new();
-    let bridge = Bridge::new(&pd, vec![Arc::new(mem.clone())], BridgeOptions::default()).unwrap();
-    let buf = mem.alloc(LEN).unwrap();
-    let reg = bridge.register(buf.addr(), LEN as u64, AccessFlags::remote_rw()).unwrap();
-    let key = bridge.hand_out(&conn, &reg, 0..LEN as u64).unwrap();
-    bridge.send_key(&conn, &key).unwrap();
-    loop {
-        std::thread::sleep(Duration::from_secs(1));
-    }
-}
-
-/// Starts a peer process and returns it with the address it listens on.
-fn start_peer(fab: &SoftRoce, tag: &str) -> (Child, std::net::SocketAddr) {
-    let port_file = std::env::temp_dir().join(format!("p2pb-fault-peer-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_file(&port_file);
-    let child = Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "peer_process_serves_until_killed", "--nocapture", "--test-threads=1"])
-        .env(PEER_ENV, &port_file)
-        .spawn()
-        .expect("start the peer process");
-    let t = Instant::now();
-    let port: u16 = loop {
-        if let Ok(s) = std::fs::read_to_string(&port_file) {
-            break s.trim().parse().unwrap();
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "the peer process did not start listening");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    (child, (fab.b.addr, port).into())
-}
-
-fn kill(mut child: Child) {
-    let _ = child.kill();
-    let _ = child.wait();
+fn role_peer_serves_until_killed() {
+    peers::serve_until_killed();
 }
 
 #[test]
