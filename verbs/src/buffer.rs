@@ -7,48 +7,22 @@ use crate::error::{Error, Result};
 /// Memory whose address stays put while the value lives, so a NIC may be given it.
 ///
 /// # Safety
-/// Implementors promise that `as_ptr()`/`as_mut_ptr()` and `len()` describe one allocation
-/// that stays valid, readable and writable, at the same address, for as long as the value
-/// lives — moving the value must not move the memory — and that nothing but the value
-/// itself frees it. A memory region keeps the value (and so the memory) until it has been
-/// deregistered.
+/// Implementors promise that `as_ptr()` and `len()` describe one allocation that stays valid
+/// for reads and writes *through that raw pointer*, at the same address, for as long as the
+/// value lives — moving the value must not move the memory — and that nothing but the value
+/// itself frees it. The memory must not be owned through Rust references or smart pointers
+/// that promise it does not change behind them (a `Vec<u8>` or `Box<[u8]>` does: its pointer
+/// from `&self` is read-only, and the NIC writes): registered memory is written by the NIC
+/// and read through volatile views ([`MemoryRegion::bytes`](crate::MemoryRegion::bytes)). A
+/// memory region keeps the value (and so the memory) until it has been deregistered.
 pub unsafe trait RegisterableBuffer {
-    /// Start of the memory.
-    fn as_ptr(&self) -> *const u8;
-    /// Start of the memory, for writing.
-    fn as_mut_ptr(&mut self) -> *mut u8;
+    /// Start of the memory, valid for reads and writes through raw pointers.
+    fn as_ptr(&self) -> *mut u8;
     /// Its length in bytes.
     fn len(&self) -> usize;
     /// Whether it is empty.
     fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-// SAFETY: a Vec's heap buffer does not move when the Vec is moved, and a MemoryRegion owning
-// it hands out volatile views only, never the Vec, so it cannot grow (reallocate) while registered.
-unsafe impl RegisterableBuffer for Vec<u8> {
-    fn as_ptr(&self) -> *const u8 {
-        self.as_slice().as_ptr()
-    }
-    fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.as_mut_slice().as_mut_ptr()
-    }
-    fn len(&self) -> usize {
-        Vec::len(self)
-    }
-}
-
-// SAFETY: a boxed slice's heap memory does not move with the box and cannot be resized.
-unsafe impl RegisterableBuffer for Box<[u8]> {
-    fn as_ptr(&self) -> *const u8 {
-        (**self).as_ptr()
-    }
-    fn as_mut_ptr(&mut self) -> *mut u8 {
-        (**self).as_mut_ptr()
-    }
-    fn len(&self) -> usize {
-        (**self).len()
     }
 }
 
@@ -119,12 +93,10 @@ impl Drop for HostBuffer {
     }
 }
 
-// SAFETY: the mapping stays at its address until the HostBuffer is dropped.
+// SAFETY: the mapping stays at its address until the HostBuffer is dropped, and the pointer is
+// the mmap's own (not derived from a reference), valid for reads and writes.
 unsafe impl RegisterableBuffer for HostBuffer {
-    fn as_ptr(&self) -> *const u8 {
-        self.ptr.as_ptr()
-    }
-    fn as_mut_ptr(&mut self) -> *mut u8 {
+    fn as_ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()
     }
     fn len(&self) -> usize {

@@ -19,7 +19,7 @@
 //!     println!("{name}: ODP {}, implicit ODP {}", caps.odp.supported, caps.odp.implicit);
 //!     let pd = ProtectionDomain::new(&ctx)?;
 //!     println!("  dma-buf MRs: {:?}", pd.dmabuf_support());
-//!     let mr = pd.register(vec![0u8; 1 << 20], AccessFlags::remote_rw())?;
+//!     let mr = pd.register(p2pbridge_verbs::HostBuffer::new(1 << 20)?, AccessFlags::remote_rw())?;
 //!     println!("  registered 1 MiB: {:?}", mr.remote());
 //! }
 //! # Ok::<(), p2pbridge_verbs::Error>(())

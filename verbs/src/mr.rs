@@ -101,16 +101,16 @@ impl ProtectionDomain {
     /// ```no_run
     /// use p2pbridge_verbs::{AccessFlags, Context, ProtectionDomain};
     /// let pd = ProtectionDomain::new(&Context::open("rxe0")?)?;
-    /// let mr = pd.register(vec![0u8; 4096], AccessFlags::remote_rw())?;
+    /// let mr = pd.register(p2pbridge_verbs::HostBuffer::new(4096)?, AccessFlags::remote_rw())?;
     /// println!("rkey {:#x}", mr.rkey());
     /// # Ok::<(), p2pbridge_verbs::Error>(())
     /// ```
-    pub fn register<B: RegisterableBuffer>(&self, mut buf: B, access: AccessFlags) -> Result<MemoryRegion<B>> {
+    pub fn register<B: RegisterableBuffer>(&self, buf: B, access: AccessFlags) -> Result<MemoryRegion<B>> {
         check_access(access)?;
         if buf.is_empty() {
             return Err(Error::InvalidArgument("cannot register an empty buffer".into()));
         }
-        let addr = buf.as_mut_ptr();
+        let addr = buf.as_ptr();
         // SAFETY: `buf` upholds RegisterableBuffer: `len` bytes at `addr`, fixed until the
         // region (which now owns `buf`) has deregistered them.
         let mr = unsafe { self.reg_raw(addr, buf.len(), access) }?;
@@ -433,17 +433,18 @@ impl<B: RegisterableBuffer> MemoryRegion<B> {
     /// [`deregister`](Self::deregister) the region and take the buffer back.
     ///
     /// ```no_run
-    /// # fn f(mr: &p2pbridge_verbs::MemoryRegion<Vec<u8>>) {
+    /// # fn f(mr: &p2pbridge_verbs::MemoryRegion<p2pbridge_verbs::HostBuffer>) {
     /// let mut head = [0u8; 8];
     /// mr.bytes().copy_to(&mut head[..]); // whatever the bytes are at this moment
     /// # }
     /// ```
     pub fn bytes(&self) -> VolatileSlice<'_> {
-        // SAFETY: the buffer is `len()` bytes at `as_ptr()`, valid while the region owns it,
-        // which outlives the returned borrow of `self`; the slice accesses it only by volatile
-        // or byte copies, never through references, so concurrent writers (the NIC, other
-        // `bytes()` views) do not invalidate any Rust reference.
-        unsafe { VolatileSlice::new(self.buf.as_ptr() as *mut u8, self.buf.len()) }
+        // SAFETY: the buffer is `len()` bytes at `as_ptr()`, valid for reads and writes through
+        // that raw pointer (RegisterableBuffer's contract: not memory owned through Rust
+        // references) while the region owns it, which outlives the returned borrow of `self`;
+        // the view accesses it only by volatile or byte copies through that pointer, so
+        // concurrent writers (the NIC, other `bytes()` views) break no reference's promise.
+        unsafe { VolatileSlice::new(self.buf.as_ptr(), self.buf.len()) }
     }
 
     /// Copies the region's bytes out (see [`bytes`](Self::bytes) on why there is no slice).
@@ -460,7 +461,7 @@ impl MemoryRegion<crate::HostBuffer> {
     /// NIC itself does. Writing through it is `unsafe`, with the usual rules for raw pointers:
     /// stay within `len()` bytes, and do not race with other writers of the same bytes.
     pub fn raw_ptr(&self) -> *mut u8 {
-        crate::RegisterableBuffer::as_ptr(&*self.buf) as *mut u8
+        crate::RegisterableBuffer::as_ptr(&*self.buf)
     }
 }
 
