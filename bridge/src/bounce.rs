@@ -110,7 +110,8 @@ impl BounceEngine {
         for (id, _) in inflight.drain(..) {
             if !flushed {
                 cq.unexpect(id);
-            } else if let Err(p2pbridge_verbs::Error::Timeout(..)) = cq.wait_wr(id, FLUSH_WAIT) {
+            } else if !matches!(cq.wait_wr(id, FLUSH_WAIT), Ok(_) | Err(p2pbridge_verbs::Error::WorkCompletion { .. })) {
+                // Not reaped (no flush, or polling failed): the NIC may still use the slot.
                 flushed = false;
             }
         }
@@ -171,9 +172,10 @@ impl BounceEngine {
                 self.backend.copy_from_addr(addr + off, dst)?;
             }
             let rs = remote.slice(remote_offset + off, n as u64)?;
+            let local = mr.slice(..n as u64)?;
             let id = next_wr_id();
             cq.expect(id);
-            if let Err(e) = conn.qp().post_write(id, &mr.slice(..n as u64)?, &rs, SendFlags::SIGNALED) {
+            if let Err(e) = conn.qp().post_write(id, &local, &rs, SendFlags::SIGNALED) {
                 cq.unexpect(id);
                 return Err(e.into());
             }
@@ -223,10 +225,10 @@ impl BounceEngine {
         let post = |i: usize, inflight: &mut InFlight| -> Result<()> {
             let (off, n) = chunks[i];
             let rs = remote.slice(remote_offset + off, n as u64)?;
+            let local = self.slots[i % ring].slice(..n as u64)?;
             let id = next_wr_id();
             cq.expect(id);
-            if let Err(e) = conn.qp().post_read(id, &self.slots[i % ring].slice(..n as u64)?, &rs, SendFlags::SIGNALED)
-            {
+            if let Err(e) = conn.qp().post_read(id, &local, &rs, SendFlags::SIGNALED) {
                 cq.unexpect(id);
                 return Err(e.into());
             }
@@ -255,16 +257,18 @@ impl BounceEngine {
 }
 
 /// Reaps the oldest request in flight and returns its slot. A completion with an error status
-/// is reaped (out of `inflight`) and returned as the error; on a timeout the request stays in
-/// `inflight`, still the NIC's, for [`BounceEngine::settle`] to flush.
+/// is reaped (out of `inflight`) and returned as the error; on a timeout (or a failed poll) the
+/// request stays in `inflight`, still the NIC's, for [`BounceEngine::settle`] to flush.
 fn reap_front(cq: &CompletionQueue, inflight: &mut InFlight, timeout: Duration) -> Result<usize> {
     let &(id, slot) = inflight.front().ok_or(Error::InvalidArgument("no bounce chunk in flight".into()))?;
     match cq.wait_wr(id, timeout) {
-        Err(e @ p2pbridge_verbs::Error::Timeout(..)) => Err(e.into()),
-        r => {
+        // Reaped: completed, or failed with a status.
+        r @ (Ok(_) | Err(p2pbridge_verbs::Error::WorkCompletion { .. })) => {
             inflight.pop_front();
             r?;
             Ok(slot)
         }
+        // A timeout, or polling failed: still the NIC's, left for `settle` to flush.
+        Err(e) => Err(e.into()),
     }
 }

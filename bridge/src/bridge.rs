@@ -298,6 +298,12 @@ impl Bridge {
     /// must be called for it before any `munmap`, `mremap` or `madvise(MADV_DONTNEED)` of it.
     /// Memory a peer may write must not be read through Rust references that assume it does
     /// not change.
+    ///
+    /// A registration made after an `munmap` of the range has returned never finds the old
+    /// memory's registration (the bridge catches up with the monitor first). One made while
+    /// another thread's `munmap` of the same range is still in progress may: it is then
+    /// revoked a moment later, and its operations fail with [`Error::Revoked`] (pinned memory
+    /// stays the old pages' until then; no other memory is reached).
     pub unsafe fn register_host(&self, addr: u64, len: u64, access: AccessFlags) -> Result<Registered> {
         check_range(addr, len)?;
         let access = access | AccessFlags::LOCAL_WRITE;

@@ -188,6 +188,11 @@ impl KeyLedger {
             ));
         }
         self.lock().remove(&id);
+        // Out of its connection's list too: a window's rkey can be reused by a later key of the
+        // same registration, which closing this key's connection must not revoke.
+        for keys in self.by_conn.lock().unwrap_or_else(|e| e.into_inner()).values_mut() {
+            keys.retain(|k| (k.generation, k.rkey) != id);
+        }
         let Ok(guard) = r.live() else { return Ok(()) };
         let Some(live) = guard.as_ref() else { return Ok(()) };
         let mut windows = live.windows();

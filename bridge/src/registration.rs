@@ -312,6 +312,9 @@ impl Drop for Registration {
     fn drop(&mut self) {
         if let Err(e) = self.revoke() {
             eprintln!("p2pbridge: revoking a registration failed ({e}); its memory region is leaked, not freed");
+            // The leaked region may be ODP: keep its memory watched, so that an unmap is still
+            // seen (and the bridge told) rather than leave the region reaching what comes next.
+            std::mem::forget(self.watched.take());
         }
     }
 }
@@ -397,7 +400,8 @@ impl Registered {
     /// waits for the guard itself, for ever. Unmapping host memory under a held guard does not
     /// hang the caller (`munmap` returns once the monitor has read the event), but the
     /// monitor's worker then waits for the guard before it acts on any later unmap in the
-    /// process.
+    /// process — and a `register_host` or `sync_monitor` by the guard's holder meanwhile waits
+    /// for that worker, for ever.
     pub fn lock(&self) -> Result<LocalGuard<'_>> {
         Ok(LocalGuard { reg: self, guard: self.handle.value().live()? })
     }

@@ -70,18 +70,22 @@ pub(crate) fn reap_on(
                     None => e.into(),
                 });
             }
-            r => return r.map_err(Error::from),
+            Ok(wc) => return Ok(wc),
+            // Polling itself failed: the request may still be outstanding. Drain it as on a
+            // timeout (below) before anything it names is let go.
+            Err(_) => break conn.fault(),
         }
     };
     if conn.qp().set_error().is_err() {
         return Err(Error::DeviceStuck { what });
     }
     match cq.wait_wr(wr_id, FLUSH_WAIT) {
-        Err(p2pbridge_verbs::Error::Timeout(..)) => Err(Error::DeviceStuck { what }),
-        _ => match lost {
+        Ok(_) | Err(p2pbridge_verbs::Error::WorkCompletion { .. }) => match lost {
             Some(cause) => Err(p2pbridge_verbs::Error::ConnectionLost { cause }.into()),
             None => Err(Error::CompletionTimeout { what, timeout }),
         },
+        // Not reaped (no flush within FLUSH_WAIT, or polling failed): the NIC may still use it.
+        Err(_) => Err(Error::DeviceStuck { what }),
     }
 }
 

@@ -19,7 +19,7 @@
 //! **Two threads.** A *reader* reads every event the moment it comes (a thread that unmaps
 //! watched memory waits until its event has been read), resolves page faults itself, and
 //! queues the rest in a ring of fixed size; it never allocates, frees, takes another lock
-//! than the ring's, or runs a subscriber, so nothing it does can unmap watched memory and
+//! than the ring's and the sync counter's (held by no one who waits for it), or runs a subscriber, so nothing it does can unmap watched memory and
 //! wait on itself. A *worker* acts on the queued events: it runs the subscribers, which revoke
 //! registrations and may free or unmap watched memory themselves (the reader reads those
 //! events meanwhile). A full ring folds new events into its newest one (their hull, acted on
@@ -381,7 +381,8 @@ pub fn monitor_available() -> std::result::Result<(), String> {
 
 /// The reader: reads every event as soon as it comes — a thread that unmaps watched memory
 /// waits until its event is *read* — resolves page faults itself, and queues the rest for the
-/// worker. It never allocates, frees, takes the `watched` lock or runs a subscriber, so
+/// worker. It never allocates, frees, takes the `watched` lock or runs a subscriber (it takes
+/// only the ring's and the sync counter's locks, whose holders never wait for it), so
 /// nothing it does can unmap watched memory and wait on itself.
 fn reader(m: Weak<Monitor>) {
     let mut buf = [0u8; MSG * 16];
@@ -392,10 +393,19 @@ fn reader(m: Weak<Monitor>) {
             // A timeout lets the thread notice when the monitor is gone.
             let _ = rustix::event::poll(&mut fds, Some(&rustix::event::Timespec { tv_sec: 1, tv_nsec: 0 }));
         }
-        // Sync requests made before this drain are served once what it reads is acted on.
-        let asked = m.sync.lock().unwrap_or_else(|e| e.into_inner()).0;
+        // Sync requests made before this drain are served once what it reads is acted on. The
+        // wake-up is consumed first, then the requests read: a request made after the read
+        // finds its wake-up still pending (the next poll returns at once), never lost.
         let mut eventfd_count = [0u8; 8];
         let _ = rustix::io::read(&m.wake, &mut eventfd_count);
+        let asked = m.sync.lock().unwrap_or_else(|e| e.into_inner()).0;
+        {
+            // Every munmap that returned before those requests had its event read — and, as
+            // this thread pushes a batch before it comes back here, queued: the requests are
+            // served once the events queued so far are acted on (not the rest of this drain).
+            let mut q = m.queue.lock().unwrap_or_else(|e| e.into_inner());
+            q.drained_for = (asked.max(q.drained_for.0), q.read);
+        }
         m.reading.store(true, Ordering::SeqCst);
         loop {
             let n = match rustix::io::read(&m.fd, &mut buf) {
@@ -419,8 +429,7 @@ fn reader(m: Weak<Monitor>) {
                 }
             }
         }
-        let mut q = m.queue.lock().unwrap_or_else(|e| e.into_inner());
-        q.drained_for = (asked.max(q.drained_for.0), q.read);
+        let q = m.queue.lock().unwrap_or_else(|e| e.into_inner());
         m.read.store(q.read, Ordering::SeqCst);
         drop(q);
         m.reading.store(false, Ordering::SeqCst);
@@ -437,16 +446,11 @@ fn worker(m: Weak<Monitor>) {
         let next = {
             let mut q = m.queue.lock().unwrap_or_else(|e| e.into_inner());
             loop {
+                // Served as soon as what it waits for is acted on, not when the queue is empty
+                // (a steady stream of unmaps would starve it).
+                serve_sync(&m, &q);
                 if let Some(e) = q.pop() {
                     break Some(e);
-                }
-                let (asked, upto) = q.drained_for;
-                if q.done >= upto {
-                    let mut s = m.sync.lock().unwrap_or_else(|e| e.into_inner());
-                    if s.1 < asked {
-                        s.1 = asked;
-                        m.synced.notify_all();
-                    }
                 }
                 let (g, t) =
                     m.queued.wait_timeout(q, std::time::Duration::from_secs(1)).unwrap_or_else(|e| e.into_inner());
@@ -458,8 +462,22 @@ fn worker(m: Weak<Monitor>) {
         };
         if let Some(e) = next {
             handle(&m, e);
-            m.queue.lock().unwrap_or_else(|e| e.into_inner()).done = e.seq;
+            let mut q = m.queue.lock().unwrap_or_else(|e| e.into_inner());
+            q.done = e.seq;
             m.done.store(e.seq, Ordering::SeqCst);
+            serve_sync(&m, &q);
+        }
+    }
+}
+
+/// Serves the sync requests whose events are all acted on.
+fn serve_sync(m: &Monitor, q: &Queue) {
+    let (asked, upto) = q.drained_for;
+    if q.done >= upto {
+        let mut s = m.sync.lock().unwrap_or_else(|e| e.into_inner());
+        if s.1 < asked {
+            s.1 = asked;
+            m.synced.notify_all();
         }
     }
 }
@@ -658,7 +676,13 @@ pub(crate) fn watch_with(range: Range<u64>, force_missing: bool) -> Result<Watch
             .iter()
             .filter(|(_, iv)| iv.mode == Mode::Wp)
             .fold(pages.clone(), |h, (x, _)| h.start.min(x.start)..h.end.max(x.end));
-        for candidate in [hull, pages.clone()] {
+        // Failing that, the pages with the intervals they overlap (registering exactly the
+        // pages inside an interval would carve it into pieces whose counts strand).
+        let local = w
+            .overlapping(&pages)
+            .iter()
+            .fold(pages.clone(), |h, (x, _)| h.start.min(x.start)..h.end.max(x.end));
+        for candidate in [hull, local, pages.clone()] {
             match register(&m, &candidate, Mode::Wp) {
                 Ok(()) => {
                     let id = w.insert(candidate, Mode::Wp);
