@@ -2,24 +2,11 @@
 //! of register / lookup / hold / release / free / remap operations, checked step by step.
 //! Set P2PB_SEED to replay another sequence.
 
+use p2pbridge_test_support::Rng;
 use std::ops::Range;
 
 use p2pbridge::cache::{CachePolicy, Cost, Domain, Handle, RegCache};
 use p2pbridge_gpu::{AllocationKey, BackendKind};
-
-/// xorshift64*: small, seeded, reproducible.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct M {

@@ -13,6 +13,7 @@
 //! registration made after an unmap never finds the old memory's); a forked child's unmaps revoke nothing in the parent, and
 //! every child finishes; and when the bridge is gone no memory region is left in the kernel.
 
+use p2pbridge_test_support::Rng;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,21 +21,6 @@ use std::time::{Duration, Instant};
 use p2pbridge::verbs::fabric::{kernel_count, SoftRoce};
 use p2pbridge::verbs::{AccessFlags, Context, ProtectionDomain};
 use p2pbridge::{Bridge, BridgeOptions, Error, Registered};
-
-/// xorshift64*: a fixed sequence per seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn page() -> u64 {
     rustix::param::page_size() as u64

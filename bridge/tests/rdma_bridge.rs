@@ -14,9 +14,7 @@ fn fabric() -> SoftRoce {
     SoftRoce::from_env().expect("this test needs the Soft-RoCE fabric: run it through scripts/test or scripts/softroce")
 }
 
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u32).wrapping_mul(2_654_435_761).rotate_left(seed as u32 % 31) as u8 ^ seed).collect()
-}
+use p2pbridge_test_support::pattern;
 
 /// One side: its bridge, backend, buffer and registration of the whole buffer.
 struct Host {

@@ -10,6 +10,7 @@
 //! soak --peer FILE                                           (a peer process; soak starts them)
 //! ```
 
+use p2pbridge_test_support::{pattern, Rng};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::{Child, Command};
@@ -26,20 +27,6 @@ type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 /// Bytes each peer hands out per connection.
 const PEER_LEN: usize = 4 << 20;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 fn opts() -> ConnectionOptions {
     ConnectionOptions { timeout: Duration::from_secs(10), rnr_retry_count: 7, ..Default::default() }
@@ -144,10 +131,6 @@ impl Tally {
     }
 }
 
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    (0..len).map(|i| (i as u64).wrapping_mul(0x9e37_79b9).wrapping_add(seed) as u8).collect()
-}
-
 /// One client thread's loop.
 fn client(bridge: &Bridge, pd: &ProtectionDomain, mem: &HostBackend, peers: &Peers, t: &Tally, seed: u64, stop: &AtomicBool) {
     let mut rng = Rng(seed);
@@ -177,7 +160,7 @@ fn client(bridge: &Bridge, pd: &ProtectionDomain, mem: &HostBackend, peers: &Pee
         let Some((conn, key)) = conns.get(&p) else { continue };
         let len = 4096 * (1 + rng.below(256)) as usize;
         let off = 4096 * rng.below(((PEER_LEN - len) / 4096) as u64 + 1);
-        let data = pattern(len, rng.next());
+        let data = pattern(len, rng.next_u64() as u8);
         let r = (|| -> p2pbridge::Result<bool> {
             let src = mem.alloc(len)?;
             mem.copy_to_device(&src, 0, &data)?;

@@ -25,9 +25,7 @@ pub fn opts() -> ConnectionOptions {
     ConnectionOptions { timeout: Duration::from_secs(30), rnr_retry_count: 7, ..Default::default() }
 }
 
-pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u32).wrapping_mul(2_654_435_761).rotate_left(seed as u32 % 31) as u8 ^ seed).collect()
-}
+pub use p2pbridge_test_support::pattern;
 
 /// Writes `text` to the role's output file, all at once (a rename).
 pub fn say(text: &str) {

@@ -30,7 +30,5 @@ where
     fabric().connect_pair(opts, client_setup, server_setup).unwrap_or_else(|e| panic!("connection set-up failed: {e}"))
 }
 
-/// A reproducible byte pattern that differs per seed and position.
-pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u32).wrapping_mul(2_654_435_761).rotate_left(seed as u32 % 31) as u8 ^ seed).collect()
-}
+#[allow(unused_imports)] // not every test binary checks data
+pub use p2pbridge_test_support::pattern;
