@@ -65,6 +65,8 @@ pub(crate) struct Inner {
     watch: std::result::Result<crate::uffd::Watch, String>,
     /// Where the pinned-bytes limit comes from, for errors and the probe.
     pinned_budget: crate::budget::Budget,
+    /// The exported-bytes limit per device and where it comes from (a GPU's BAR1).
+    exported_budget: (u64, String),
 }
 
 impl Inner {
@@ -159,10 +161,20 @@ impl Bridge {
                 fix: format!("raise it (the process's own budget is {} bytes: {})", system.bytes, system.source),
             }
         };
+        // The exported-bytes budget: the smallest BAR1 among the backends' GPUs, unless the
+        // caller set one.
+        let mut cache_policy = opts.cache;
+        let mut exported_budget = (cache_policy.max_exported_bytes_per_device, "CachePolicy::max_exported_bytes_per_device".to_string());
+        if cache_policy.max_exported_bytes_per_device == CachePolicy::default().max_exported_bytes_per_device {
+            if let Some(b) = backends.iter().filter_map(|b| b.export_budget()).min_by_key(|(n, _)| *n) {
+                cache_policy.max_exported_bytes_per_device = b.0;
+                exported_budget = b;
+            }
+        }
         let core = Arc::new(Core {
             pd: pd.clone(),
             completion_timeout: opts.completion_timeout,
-            cache: RegCache::new(opts.cache),
+            cache: RegCache::new(cache_policy),
             keys: KeyLedger::default(),
         });
         let watch = if monitor_host {
@@ -187,8 +199,15 @@ impl Bridge {
                 windows,
                 watch,
                 pinned_budget,
+                exported_budget,
             }),
         })
+    }
+
+    /// The exported-bytes budget per device (a GPU's BAR1 aperture where a backend reports
+    /// it), and where it comes from.
+    pub fn exported_budget(&self) -> (u64, &str) {
+        (self.inner.exported_budget.0, &self.inner.exported_budget.1)
     }
 
     /// The pinned-bytes budget the cache keeps registrations within, and where it comes from
@@ -505,6 +524,7 @@ impl Bridge {
                 };
                 let source = match full.limit {
                     "pinned bytes" => self.inner.pinned_budget.source.clone(),
+                    "exported bytes of the device" => self.inner.exported_budget.1.clone(),
                     _ => "CachePolicy".into(),
                 };
                 skipped.push((s, SkipReason::OverBudget { limit: full.to_string(), fix: fix.clone() }));

@@ -75,6 +75,8 @@ pub struct GpuReport {
     pub ordinal: usize,
     /// dma-buf export of its memory.
     pub dmabuf_export: Verdict,
+    /// Its BAR1 aperture in bytes (the exported-bytes budget), or why it could not be read.
+    pub bar1: std::result::Result<u64, String>,
 }
 
 /// What the bridge would do with one kind of memory.
@@ -265,6 +267,7 @@ impl Report {
                             }
                             Err(e) => Verdict::no(e.to_string(), "check nvidia-smi"),
                         },
+                        bar1: CudaBackend::new(i).and_then(|g| g.bar1_bytes()).map(|(n, _)| n).map_err(|e| e.to_string()),
                     })
                     .collect();
                 (Verdict::yes(), gpus)
@@ -348,6 +351,14 @@ impl Report {
         v(&mut o, "CUDA driver", &self.cuda);
         for g in &self.gpus {
             v(&mut o, &format!("GPU {} dma-buf export", g.ordinal), &g.dmabuf_export);
+            match &g.bar1 {
+                Ok(n) => {
+                    let _ = writeln!(o, "  GPU {} BAR1 (exported-bytes budget): {} MiB", g.ordinal, n >> 20);
+                }
+                Err(why) => {
+                    let _ = writeln!(o, "  GPU {} BAR1: unknown ({why}); the budget stays CachePolicy's", g.ordinal);
+                }
+            }
         }
         let _ = writeln!(o, "Host memory");
         v(&mut o, "udmabuf export", &self.udmabuf);

@@ -240,11 +240,13 @@ struct Queue {
     drained_for: (u64, u64),
 }
 
-const QUEUE: usize = 4096;
+const QUEUE: usize = 1 << 16;
 
 impl Queue {
     /// Queues an event; when the ring is full, the event is folded into the newest one (their
-    /// hull, as an unmap: the worker then revokes at least what both cover — more is safe).
+    /// hull, as an unmap: the worker then revokes at least what both cover — more is safe, but
+    /// it revokes registrations of memory that did not go, so the reader first waits for room
+    /// where it can: see [`room`]).
     fn push(&mut self, kind: u32, range: (u64, u64)) {
         self.read += 1;
         if self.len == self.ring.len() {
@@ -284,6 +286,10 @@ struct Monitor {
     queue: Mutex<Queue>,
     /// Signalled when the queue gains events.
     queued: Condvar,
+    /// Signalled when the worker takes an event (room in the ring).
+    space: Condvar,
+    /// Set while the worker runs the subscribers.
+    in_callback: AtomicBool,
     /// (sync requests made, sync requests served).
     sync: Mutex<(u64, u64)>,
     synced: Condvar,
@@ -352,6 +358,8 @@ fn start() -> std::result::Result<Arc<Monitor>, String> {
             drained_for: (0, 0),
         }),
         queued: Condvar::new(),
+        space: Condvar::new(),
+        in_callback: AtomicBool::new(false),
         sync: Mutex::new((0, 0)),
         synced: Condvar::new(),
         reading: AtomicBool::new(false),
@@ -418,6 +426,7 @@ fn reader(m: Weak<Monitor>) {
             }
             let mut q = m.queue.lock().unwrap_or_else(|e| e.into_inner());
             for msg in buf[..n].chunks_exact(MSG) {
+                q = room(&m, q);
                 match u32::from(msg[0]) {
                     uapi::UFFD_EVENT_PAGEFAULT => resolve_fault(&m, arg(msg, 1)),
                     k @ (uapi::UFFD_EVENT_UNMAP | uapi::UFFD_EVENT_REMOVE) => q.push(k, (arg(msg, 0), arg(msg, 1))),
@@ -437,6 +446,17 @@ fn reader(m: Weak<Monitor>) {
     }
 }
 
+/// Waits for room in a full ring while the worker is draining it. It does not wait while the
+/// worker is inside a subscriber, which may itself be unmapping watched memory and so waiting
+/// for this thread: the event is then folded (see [`Queue::push`]). Waiting allocates nothing.
+fn room<'a>(m: &'a Monitor, mut q: std::sync::MutexGuard<'a, Queue>) -> std::sync::MutexGuard<'a, Queue> {
+    while q.len == q.ring.len() && !m.in_callback.load(Ordering::SeqCst) {
+        m.queued.notify_one();
+        q = m.space.wait_timeout(q, std::time::Duration::from_millis(10)).unwrap_or_else(|e| e.into_inner()).0;
+    }
+    q
+}
+
 /// The worker: acts on the events the reader queued — forgets the ranges, tells the
 /// subscribers (which revoke registrations, and may unmap watched memory themselves: the
 /// reader reads that event meanwhile) — and serves [`sync`].
@@ -450,6 +470,7 @@ fn worker(m: Weak<Monitor>) {
                 // (a steady stream of unmaps would starve it).
                 serve_sync(&m, &q);
                 if let Some(e) = q.pop() {
+                    m.space.notify_one();
                     break Some(e);
                 }
                 let (g, t) =
@@ -461,7 +482,9 @@ fn worker(m: Weak<Monitor>) {
             }
         };
         if let Some(e) = next {
+            m.in_callback.store(true, Ordering::SeqCst);
             handle(&m, e);
+            m.in_callback.store(false, Ordering::SeqCst);
             let mut q = m.queue.lock().unwrap_or_else(|e| e.into_inner());
             q.done = e.seq;
             m.done.store(e.seq, Ordering::SeqCst);

@@ -93,3 +93,67 @@ fn guest_past_the_memlock_budget_registrations_evict_then_fall_back_then_fail_ty
     drop(fallback);
     buf.free().unwrap();
 }
+
+/// Host memory whose backend reports a BAR1-like aperture of `LIMIT` bytes: the real host
+/// backend (memfd, udmabuf) in every other respect.
+struct SmallAperture(HostBackend);
+
+impl MemoryBackend for SmallAperture {
+    fn kind(&self) -> p2pbridge::gpu::BackendKind {
+        self.0.kind()
+    }
+    fn device(&self) -> u32 {
+        self.0.device()
+    }
+    fn granularity(&self) -> usize {
+        self.0.granularity()
+    }
+    fn alloc(&self, len: usize) -> p2pbridge::gpu::Result<p2pbridge::gpu::DeviceBuffer> {
+        self.0.alloc(len)
+    }
+    fn identify(&self, addr: u64) -> p2pbridge::gpu::Result<Option<p2pbridge::gpu::AllocationInfo>> {
+        self.0.identify(addr)
+    }
+    fn export_dmabuf(&self, addr: u64, len: u64) -> p2pbridge::gpu::Result<p2pbridge::gpu::DmaBufExport> {
+        self.0.export_dmabuf(addr, len)
+    }
+    unsafe fn copy_to_addr(&self, addr: u64, src: &[u8]) -> p2pbridge::gpu::Result<()> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.0.copy_to_addr(addr, src) }
+    }
+    unsafe fn copy_from_addr(&self, addr: u64, dst: &mut [u8]) -> p2pbridge::gpu::Result<()> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.0.copy_from_addr(addr, dst) }
+    }
+    fn flush_nic_writes(&self) -> p2pbridge::gpu::Result<p2pbridge::gpu::FlushOutcome> {
+        self.0.flush_nic_writes()
+    }
+    fn notices(&self) -> &p2pbridge::gpu::NoticeHub {
+        self.0.notices()
+    }
+    fn export_budget(&self) -> Option<(u64, String)> {
+        Some((LIMIT, "a 1 MiB aperture (test)".into()))
+    }
+}
+
+#[test]
+#[ignore = "needs an RDMA device: scripts/test runs it on Soft-RoCE"]
+fn guest_the_exported_bytes_budget_is_the_smallest_aperture_its_backends_report() {
+    // (rxe imports no dma-bufs, so no registration here is an exported one: the cache's own
+    // unit tests cover refusing past the exported-bytes limit.)
+    let fab = SoftRoce::from_env().expect("this test needs the Soft-RoCE fabric: run it through scripts/softroce");
+    let pd = ProtectionDomain::new(&Context::open(&fab.a.device).unwrap()).unwrap();
+    let mem = HostBackend::new();
+    let bridge = Bridge::new(
+        &pd,
+        vec![Arc::new(mem.clone()), Arc::new(SmallAperture(mem.clone()))],
+        BridgeOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(bridge.exported_budget(), (LIMIT, "a 1 MiB aperture (test)"));
+    // A budget the caller sets wins.
+    let mut opts = BridgeOptions::default();
+    opts.cache.max_exported_bytes_per_device = 3 << 20;
+    let mine = Bridge::new(&pd, vec![Arc::new(SmallAperture(mem.clone()))], opts).unwrap();
+    assert_eq!(mine.exported_budget(), (3 << 20, "CachePolicy::max_exported_bytes_per_device"));
+}

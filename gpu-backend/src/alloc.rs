@@ -59,9 +59,33 @@ impl AllocationInfo {
     }
 }
 
+/// The size of BAR `bar` in the text of a PCI device's sysfs `resource` file (one
+/// "start end flags" line per BAR, hexadecimal; an unused BAR is all zeros).
+pub fn pci_bar_size(resource: &str, bar: usize) -> Option<u64> {
+    let line = resource.lines().nth(bar)?;
+    let mut f = line.split_whitespace().map(|w| u64::from_str_radix(w.trim_start_matches("0x"), 16).ok());
+    let (start, end) = (f.next()??, f.next()??);
+    (end > start).then(|| end - start + 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bar_sizes_come_from_the_sysfs_resource_lines() {
+        // An H100-like layout: BAR0 16 MiB, BAR1 128 GiB (64-bit, so line 2 is empty), BAR3 32 MiB.
+        let text = "0x00000000e0000000 0x00000000e0ffffff 0x0000000000040200\n\
+                    0x0000200000000000 0x0000201fffffffff 0x000000000014220c\n\
+                    0x0000000000000000 0x0000000000000000 0x0000000000000000\n\
+                    0x0000202000000000 0x0000202001ffffff 0x000000000014220c\n";
+        assert_eq!(pci_bar_size(text, 0), Some(16 << 20));
+        assert_eq!(pci_bar_size(text, 1), Some(128 << 30));
+        assert_eq!(pci_bar_size(text, 2), None);
+        assert_eq!(pci_bar_size(text, 3), Some(32 << 20));
+        assert_eq!(pci_bar_size(text, 9), None);
+        assert_eq!(pci_bar_size("garbage", 0), None);
+    }
 
     #[test]
     fn bounds_and_containment() {

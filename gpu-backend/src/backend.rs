@@ -77,6 +77,13 @@ pub trait MemoryBackend: Send + Sync {
 
     /// Where to subscribe for invalidation notices.
     fn notices(&self) -> &NoticeHub;
+
+    /// How many bytes of this device's memory a NIC can reach at once (a GPU's BAR1
+    /// aperture), and where the number comes from; `None` where there is no such limit (host
+    /// memory) or it cannot be read.
+    fn export_budget(&self) -> Option<(u64, String)> {
+        None
+    }
 }
 
 /// What a backend does when a buffer goes away (crate-private).

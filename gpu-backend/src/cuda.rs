@@ -132,6 +132,25 @@ impl CudaBackend {
         self.inner.ctx.attribute(a).map_err(cuda_err("cuDeviceGetAttribute"))
     }
 
+    /// The size of this GPU's BAR1 aperture — how much of its memory the NIC can reach at once
+    /// through GPUDirect RDMA — read from the PCI device's sysfs `resource` file (BAR1 is its
+    /// second line), with the PCI address CUDA reports.
+    pub fn bar1_bytes(&self) -> Result<(u64, String)> {
+        let a = |x| self.attribute(x).map(|v| v as u32);
+        let addr = format!(
+            "{:04x}:{:02x}:{:02x}.0",
+            a(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID)?,
+            a(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_PCI_BUS_ID)?,
+            a(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID)?
+        );
+        let path = format!("/sys/bus/pci/devices/{addr}/resource");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| Error::InvalidArgument(format!("cannot read {path} for the GPU's BAR1 size: {e}")))?;
+        let n = crate::alloc::pci_bar_size(&text, 1)
+            .ok_or_else(|| Error::InvalidArgument(format!("{path} has no BAR1 (is {addr} a GPU?)")))?;
+        Ok((n, format!("BAR1 of GPU {} ({addr})", self.inner.ordinal)))
+    }
+
     /// Whether this device can export dma-bufs, and if not, why.
     pub fn dmabuf_support(&self) -> Result<std::result::Result<(), String>> {
         if !has_symbol("cuMemGetHandleForAddressRange") {
@@ -480,6 +499,10 @@ impl MemoryBackend for CudaBackend {
         .result()
         .map_err(cuda_err("cuFlushGPUDirectRDMAWrites"))?;
         Ok(FlushOutcome::Flushed)
+    }
+
+    fn export_budget(&self) -> Option<(u64, String)> {
+        self.bar1_bytes().ok()
     }
 
     fn notices(&self) -> &NoticeHub {

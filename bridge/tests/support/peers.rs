@@ -65,9 +65,14 @@ impl Role {
     pub fn start(role: &str, tag: &str, env: &[(&str, String)]) -> Role {
         let out = std::env::temp_dir().join(format!("p2pb-role-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_file(&out);
+        // Its output goes to a file of its own: interleaved with this test's, it would split
+        // the harness's "test NAME ... ok" lines that scripts/test reads.
+        let log = std::fs::File::create(out.with_extension("log")).expect("create the role's log file");
         let child = Command::new(std::env::current_exe().unwrap())
             .args(["--ignored", "--exact", role, "--nocapture", "--test-threads=1"])
             .env(OUT_ENV, &out)
+            .stdout(log.try_clone().expect("dup the log file"))
+            .stderr(log)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .spawn()
             .unwrap_or_else(|e| panic!("start the {role} process: {e}"));
