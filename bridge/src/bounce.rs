@@ -21,7 +21,7 @@ use p2pbridge_verbs::{
 
 use crate::error::{Error, Result};
 use crate::key::RemoteKey;
-use crate::transfer::{next_wr_id, FLUSH_WAIT};
+use crate::completion::{next_wr_id, FLUSH_WAIT};
 
 /// Chunking of the engine.
 #[derive(Debug, Clone, Copy)]

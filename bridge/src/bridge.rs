@@ -67,6 +67,9 @@ pub(crate) struct Inner {
     pinned_budget: crate::budget::Budget,
     /// The exported-bytes limit per device and where it comes from (a GPU's BAR1).
     exported_budget: (u64, String),
+    /// The bounce engines transfers of bounce registrations run through, and their shape.
+    pub(crate) engines: crate::transfer::Engines,
+    pub(crate) bounce: crate::bounce::BounceConfig,
 }
 
 impl Inner {
@@ -123,6 +126,9 @@ pub struct BridgeOptions {
     /// hand-out, over exactly its range, bound to the peer's queue pair). Off: keys are the
     /// region's rkey, revoked only with the whole registration.
     pub windows: bool,
+    /// The shape of the bounce engine that transfers of bounce registrations run through
+    /// (chunk size, chunks in flight); its timeout is `completion_timeout`.
+    pub bounce: crate::bounce::BounceConfig,
 }
 
 impl Default for BridgeOptions {
@@ -133,6 +139,7 @@ impl Default for BridgeOptions {
             completion_timeout: Duration::from_secs(30),
             monitor_host: true,
             windows: true,
+            bounce: crate::bounce::BounceConfig::default(),
         }
     }
 }
@@ -200,6 +207,8 @@ impl Bridge {
                 watch,
                 pinned_budget,
                 exported_budget,
+                engines: Default::default(),
+                bounce: opts.bounce,
             }),
         })
     }

@@ -31,7 +31,7 @@ use crate::cache::Handle;
 use crate::error::{Error, Result};
 use crate::key::RemoteKey;
 use crate::registration::{Bound, Registered, Registration};
-use crate::transfer::{next_wr_id, reap, reap_on};
+use crate::completion::{next_wr_id, reap, reap_on};
 
 /// Keys handed out: (generation, rkey) -> the registration.
 #[derive(Default)]

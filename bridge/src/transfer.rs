@@ -1,182 +1,294 @@
-//! Transfers through a registration: RDMA WRITE, READ, SEND and RECV, each waiting for its own
-//! completion (matched by a work-request id of its own, so threads sharing a connection never
-//! take each other's completions), and the bounce copies around them.
+//! Transfers: batches of RDMA WRITE, READ, WRITE-with-immediate and SEND, posted with one call
+//! and completed in the background of a handle.
 //!
-//! Each operation holds its registration live (read-locked) from before it posts until its
-//! completion is reaped: the memory cannot be revoked — freed, unmapped — under it. A
-//! completion that does not come within [`BridgeOptions::completion_timeout`] is not waited
-//! past: the queue pair is moved to the error state, the request's flush is reaped, and only
-//! then does the operation return its error. Nothing is released while the NIC may still use it.
+//! ```no_run
+//! # use p2pbridge::{Batch, Bridge, RemoteKey, Registered};
+//! # fn f(bridge: &Bridge, conn: &p2pbridge::verbs::Connection, reg: &Registered, key: &RemoteKey) -> p2pbridge::Result<()> {
+//! let mut batch = Batch::new();
+//! for block in 0..16u64 {
+//!     batch.read(reg, block * 4096, 4096, key, block * 65536);
+//! }
+//! batch.write_imm(reg, 0, 64, key, 0, 0xfeed); // the peer's receive completes with 0xfeed
+//! let mut t = bridge.post(conn, batch)?;
+//! while !t.poll()? { /* overlap other work */ }
+//! t.wait()?; // or wait at once; statuses per descriptor: t.status(i)
+//! # Ok(()) }
+//! ```
+//!
+//! **Direct registrations** are posted as chained lists (one `ibv_post_send` per chunk of up to
+//! [`CHUNK`] requests), signalled selectively (every [`SIGNAL_EVERY`]th request and the last of
+//! each chunk: an RC send queue completes in order, so a completion vouches for the requests
+//! before it). Send-queue slots are reserved before posting, so transfers sharing a connection
+//! never overflow it; the rest of a batch larger than the queue is posted as completions free
+//! slots, by [`Transfer::poll`] and [`Transfer::wait`]. Completions are matched by work-request
+//! id (a range of fresh ids per transfer), so transfers and threads sharing a connection, or
+//! connections sharing a completion queue, never take each other's.
+//!
+//! **Bounce registrations** move through the bridge's [`BounceEngine`] (WRITE, READ: a ring of
+//! staging chunks in flight, copies overlapped with the wire), or through the registration's
+//! staging buffer (SEND, WRITE-with-immediate). Each runs to completion when its turn comes
+//! (in [`Bridge::post`], [`Transfer::poll`] or [`Transfer::wait`]), after the direct requests
+//! posted before it.
+//!
+//! **Lifetimes.** A [`Transfer`] borrows every registration and key of its batch, and holds each
+//! registration live (its memory cannot be revoked) until the last of its requests has completed
+//! or been flushed. Dropping it early waits for that (moving the queue pair to the error state
+//! if the NIC does not finish within [`BridgeOptions::completion_timeout`]), so a buffer is never
+//! let go while the NIC may still use it, and nothing leaks.
 //!
 //! [`BridgeOptions::completion_timeout`]: crate::BridgeOptions::completion_timeout
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, RwLockReadGuard};
+use std::time::{Duration, Instant};
 
-use p2pbridge_gpu::{FlushOutcome, MemoryBackend};
-use p2pbridge_verbs::VolatileSlice;
-use p2pbridge_verbs::{CompletionQueue, Connection, SendFlags, WorkCompletion};
+use p2pbridge_gpu::MemoryBackend;
+use p2pbridge_verbs::{Connection, SendFlags, SendOp, SendWr, WcStatus, WorkCompletion};
 
+use crate::bounce::{BounceConfig, BounceEngine};
 use crate::bridge::Bridge;
+use crate::completion::{check_connection, lost_within, next_wr_ids, ATTRIBUTE_WAIT, FAULT_POLL, FLUSH_WAIT};
 use crate::error::{Error, Result};
 use crate::key::RemoteKey;
 use crate::registration::{Live, Registered, Registration};
+use crate::staging::stage_in;
 
-/// Work-request ids of the bridge's own requests: the top bit set, so that they do not meet
-/// the small ids applications number their own requests with.
-static NEXT_WR_ID: AtomicU64 = AtomicU64::new(1 << 63);
+/// Most requests posted with one `ibv_post_send`.
+pub const CHUNK: usize = 64;
+/// A signalled request at least this often.
+pub const SIGNAL_EVERY: usize = 16;
 
-pub(crate) fn next_wr_id() -> u64 {
-    NEXT_WR_ID.fetch_add(1, Ordering::Relaxed)
+/// What a descriptor does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// RDMA WRITE of the local range to the remote one.
+    Write,
+    /// RDMA WRITE that also completes a receive at the peer, carrying the value: tells the
+    /// target that the data (this and everything posted before it on the connection) landed.
+    WriteImm(u32),
+    /// RDMA READ of the remote range into the local one.
+    Read,
+    /// SEND of the local range into the peer's next receive, with immediate data if given.
+    Send(Option<u32>),
 }
 
-/// How long a flushed request's completion may take once its QP is in the error state.
-pub(crate) const FLUSH_WAIT: Duration = Duration::from_secs(5);
+/// One descriptor of a [`Batch`].
+#[derive(Debug, Clone, Copy)]
+struct Desc<'a> {
+    op: Op,
+    local: &'a Registered,
+    offset: u64,
+    len: u64,
+    remote: Option<(&'a RemoteKey, u64)>,
+}
 
-/// How often a wait for a completion looks at the connection's events (peer gone, device
-/// removed, port down): a lost connection fails its operations within this, plus the flush.
-const FAULT_POLL: Duration = Duration::from_millis(100);
+/// Descriptors to post together ([`Bridge::post`]): each a local range (offset and length in a
+/// [`Registered`]), and for RDMA a remote key with an offset in it.
+#[derive(Debug, Default)]
+pub struct Batch<'a> {
+    descs: Vec<Desc<'a>>,
+}
 
-/// Waits for the completion of `wr_id` on `cq` (of `conn`). If it does not come within
-/// `timeout`, or the connection is lost meanwhile ([`Connection::fault`]), moves the QP to the
-/// error state and reaps the flush before returning [`Error::CompletionTimeout`] or the
-/// connection's loss (`Verbs(ConnectionLost { cause })`); [`Error::DeviceStuck`] if even the
-/// flush does not come. Nothing the request names is let go while the NIC may still use it.
-pub(crate) fn reap_on(
-    conn: &Connection,
-    cq: &CompletionQueue,
-    wr_id: u64,
-    timeout: Duration,
-    what: &'static str,
-) -> Result<WorkCompletion> {
-    let start = std::time::Instant::now();
-    let lost = loop {
-        let left = timeout.saturating_sub(start.elapsed());
-        match cq.wait_wr(wr_id, left.min(FAULT_POLL)) {
-            Err(p2pbridge_verbs::Error::Timeout(..)) => {
-                if let Some(cause) = conn.fault() {
-                    break Some(cause);
-                }
-                if start.elapsed() >= timeout {
-                    break None;
-                }
+impl<'a> Batch<'a> {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Batch { descs: Vec::new() }
+    }
+
+    fn push(&mut self, op: Op, local: &'a Registered, offset: u64, len: u64, remote: Option<(&'a RemoteKey, u64)>) -> &mut Self {
+        self.descs.push(Desc { op, local, offset, len, remote });
+        self
+    }
+
+    /// RDMA WRITE of `len` bytes at `offset` of `local` to `remote` at `remote_offset`.
+    pub fn write(&mut self, local: &'a Registered, offset: u64, len: u64, remote: &'a RemoteKey, remote_offset: u64) -> &mut Self {
+        self.push(Op::Write, local, offset, len, Some((remote, remote_offset)))
+    }
+
+    /// RDMA WRITE with immediate data `imm` (the peer needs a receive posted).
+    pub fn write_imm(
+        &mut self,
+        local: &'a Registered,
+        offset: u64,
+        len: u64,
+        remote: &'a RemoteKey,
+        remote_offset: u64,
+        imm: u32,
+    ) -> &mut Self {
+        self.push(Op::WriteImm(imm), local, offset, len, Some((remote, remote_offset)))
+    }
+
+    /// RDMA READ of `len` bytes from `remote` at `remote_offset` into `local` at `offset`.
+    pub fn read(&mut self, local: &'a Registered, offset: u64, len: u64, remote: &'a RemoteKey, remote_offset: u64) -> &mut Self {
+        self.push(Op::Read, local, offset, len, Some((remote, remote_offset)))
+    }
+
+    /// SEND of `len` bytes at `offset` of `local`, with immediate data if given (the peer needs
+    /// a receive posted).
+    pub fn send(&mut self, local: &'a Registered, offset: u64, len: u64, imm: Option<u32>) -> &mut Self {
+        self.push(Op::Send(imm), local, offset, len, None)
+    }
+
+    /// How many descriptors it holds.
+    pub fn len(&self) -> usize {
+        self.descs.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.descs.is_empty()
+    }
+}
+
+/// Where one descriptor of a transfer stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Posted, not known to be complete yet.
+    Pending,
+    /// Completed: its bytes moved.
+    Done,
+    /// Failed with its own completion status (`None`: failed before its completion, e.g. a
+    /// bounce copy). On an RC connection the queue pair is then in the error state.
+    Failed(Option<WcStatus>),
+    /// Flushed: not executed, because an earlier request failed or the connection was lost.
+    Flushed,
+    /// Never posted: the transfer stopped (an error) before it.
+    NotPosted,
+}
+
+/// A registration held live for a transfer or receives.
+pub(crate) struct Held<'a> {
+    pub(crate) reg: &'a Registration,
+    guard: RwLockReadGuard<'a, Option<Live>>,
+}
+
+impl Held<'_> {
+    /// The live state (always there: it was live when held, and revocation waits for us).
+    pub(crate) fn live(&self) -> Result<&Live> {
+        self.guard.as_ref().ok_or(Error::Revoked)
+    }
+}
+
+/// The index of `reg` in `held`, holding it (live) first if it is not there yet.
+pub(crate) fn hold<'a>(held: &mut Vec<Held<'a>>, reg: &'a Registration) -> Result<usize> {
+    if let Some(i) = held.iter().position(|h| std::ptr::eq(h.reg, reg)) {
+        return Ok(i);
+    }
+    held.push(Held { reg, guard: reg.live()? });
+    Ok(held.len() - 1)
+}
+
+/// Batches of descriptors in flight on one connection: see the [module documentation](self).
+pub struct Transfer<'a> {
+    bridge: &'a Bridge,
+    conn: &'a Connection,
+    descs: Vec<Desc<'a>>,
+    /// Per descriptor: its offset in its registration, and the registration's index in `held`.
+    at: Vec<(u64, usize)>,
+    held: Vec<Held<'a>>,
+    /// Work-request ids: `ids.start + i` for descriptor `i`.
+    ids: Range<u64>,
+    status: Vec<Status>,
+    /// Descriptors handed to the NIC (or run by the engine) so far.
+    posted: usize,
+    /// Descriptors before this are no longer pending.
+    resolved: usize,
+    /// Send-queue slots reserved and not given back.
+    credits: u32,
+    /// Why the transfer stopped posting (its first error).
+    error: Option<Error>,
+    /// When a completion last came (or the transfer began).
+    progress: Instant,
+    finished: bool,
+}
+
+impl std::fmt::Debug for Transfer<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transfer")
+            .field("descriptors", &self.descs.len())
+            .field("posted", &self.posted)
+            .field("resolved", &self.resolved)
+            .field("finished", &self.finished)
+            .finish()
+    }
+}
+
+/// The bridge's bounce engines, one per backend, made on first use.
+#[derive(Default)]
+pub(crate) struct Engines {
+    engines: Mutex<Vec<(Arc<dyn MemoryBackend>, BounceEngine)>>,
+}
+
+impl Engines {
+    /// Runs `f` with the engine for `backend` (exclusively: one bounce transfer at a time per
+    /// backend and bridge).
+    fn with<R>(
+        &self,
+        bridge: &Bridge,
+        backend: &Arc<dyn MemoryBackend>,
+        f: impl FnOnce(&mut BounceEngine) -> Result<R>,
+    ) -> Result<R> {
+        let mut all = self.engines.lock().unwrap_or_else(|e| e.into_inner());
+        let i = match all.iter().position(|(b, _)| Arc::ptr_eq(b, backend)) {
+            Some(i) => i,
+            None => {
+                let cfg = BounceConfig { timeout: bridge.inner.core.completion_timeout, ..bridge.inner.bounce };
+                all.push((backend.clone(), BounceEngine::new(&bridge.inner.core.pd, backend.clone(), cfg)?));
+                all.len() - 1
             }
-            Err(e @ p2pbridge_verbs::Error::WorkCompletion { .. }) => {
-                // The request is done (failed), and an RC queue pair is in the error state now.
-                // If the connection went, its event follows the failure closely (a dead peer's
-                // memory goes before its rdma_cm id): say that, not just the status.
-                return Err(match lost_within(conn, ATTRIBUTE_WAIT) {
-                    Some(cause) => p2pbridge_verbs::Error::ConnectionLost { cause }.into(),
-                    None => e.into(),
-                });
-            }
-            Ok(wc) => return Ok(wc),
-            // Polling itself failed: the request may still be outstanding. Drain it as on a
-            // timeout (below) before anything it names is let go.
-            Err(_) => break conn.fault(),
-        }
-    };
-    if conn.qp().set_error().is_err() {
-        return Err(Error::DeviceStuck { what });
+        };
+        f(&mut all[i].1)
     }
-    match cq.wait_wr(wr_id, FLUSH_WAIT) {
-        Ok(_) | Err(p2pbridge_verbs::Error::WorkCompletion { .. }) => match lost {
-            Some(cause) => Err(p2pbridge_verbs::Error::ConnectionLost { cause }.into()),
-            None => Err(Error::CompletionTimeout { what, timeout }),
-        },
-        // Not reaped (no flush within FLUSH_WAIT, or polling failed): the NIC may still use it.
-        Err(_) => Err(Error::DeviceStuck { what }),
-    }
-}
-
-/// How long a failed completion waits for the connection's loss to show, to name it as the
-/// cause. Only the error's wording depends on it: the request is already complete.
-const ATTRIBUTE_WAIT: Duration = Duration::from_millis(250);
-
-/// The connection's loss, if it shows within `wait`.
-fn lost_within(conn: &Connection, wait: Duration) -> Option<p2pbridge_verbs::Fault> {
-    let start = std::time::Instant::now();
-    loop {
-        if let Some(cause) = conn.fault() {
-            return Some(cause);
-        }
-        if start.elapsed() >= wait {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Refuses to post on a connection known to be lost (its QP is moved to the error state).
-pub(crate) fn check_connection(conn: &Connection) -> Result<()> {
-    match conn.fault() {
-        Some(cause) => {
-            let _ = conn.qp().set_error();
-            Err(p2pbridge_verbs::Error::ConnectionLost { cause }.into())
-        }
-        None => Ok(()),
-    }
-}
-
-/// [`reap_on`] for the send queue.
-pub(crate) fn reap(conn: &Connection, wr_id: u64, timeout: Duration) -> Result<WorkCompletion> {
-    reap_on(conn, conn.send_cq(), wr_id, timeout, "a memory window bind")
 }
 
 impl Bridge {
-    /// Reaps `wr_id`; a device that does not even flush keeps the registration's region
-    /// registered for ever (leaked), since the NIC may still use it.
-    fn finish(
-        &self,
-        reg: &Registration,
-        conn: &Connection,
-        cq: &CompletionQueue,
-        wr_id: u64,
-        timeout: Duration,
-        what: &'static str,
-    ) -> Result<WorkCompletion> {
-        let r = reap_on(conn, cq, wr_id, timeout, what);
-        if matches!(r, Err(Error::DeviceStuck { .. })) {
-            reg.pin_forever();
-        }
-        r
-    }
-
-    /// Runs `op` on `len` bytes at `offset` of `local` with its registration held live (and,
-    /// for bounce registrations, its staging lock held): `op` gets the live state and the
-    /// offset in the registration, posts with the id it is given, and this reaps that id's
-    /// completion on `cq` before anything is let go.
-    #[allow(clippy::too_many_arguments)]
-    fn held<R>(
-        &self,
-        conn: &Connection,
-        cq: &CompletionQueue,
-        timeout: Duration,
-        what: &'static str,
-        local: &Registered,
-        offset: u64,
-        len: u64,
-        op: impl FnOnce(&Registration, &Live, u64, u64) -> Result<()>,
-        after: impl FnOnce(&Registration, &Live, u64, WorkCompletion) -> Result<R>,
-    ) -> Result<R> {
-        let at = local.entry_range(offset, len)?;
+    /// Posts `batch` on `conn` and returns its [`Transfer`]: direct registrations' requests are
+    /// on the wire when it returns (as many as the send queue has room for; the rest follow as
+    /// the handle is polled or waited on); bounce registrations' run when their turn comes.
+    ///
+    /// Checked before anything is posted: every range lies in its registration and its key,
+    /// every registration is live, the connection is not lost. A batch that fails those checks
+    /// posts nothing.
+    pub fn post<'a>(&'a self, conn: &'a Connection, batch: Batch<'a>) -> Result<Transfer<'a>> {
+        let descs = batch.descs;
         check_connection(conn)?;
-        let reg = local.handle.value();
-        let guard = reg.live()?;
-        let live = guard.as_ref().ok_or(Error::Revoked)?;
-        let _staging = live.bounce_lock();
-        let id = next_wr_id();
-        cq.expect(id);
-        if let Err(e) = op(reg, live, at, id) {
-            cq.unexpect(id);
-            return Err(e);
+        let mut held: Vec<Held<'a>> = Vec::new();
+        let mut at = Vec::with_capacity(descs.len());
+        for d in &descs {
+            let off = d.local.entry_range(d.offset, d.len)?;
+            if let Some((key, roff)) = d.remote {
+                key.slice(roff, d.len)?;
+            }
+            if d.len > u64::from(u32::MAX) {
+                return Err(Error::InvalidArgument(format!("a descriptor of {} bytes: at most 4 GiB - 1", d.len)));
+            }
+            at.push((off, hold(&mut held, d.local.handle.value())?));
         }
-        let wc = self.finish(reg, conn, cq, id, timeout, what)?;
-        after(reg, live, at, wc)
+        let n = descs.len();
+        let first = next_wr_ids(n as u64);
+        let ids = first..first + n as u64;
+        conn.send_cq().expect_ids(ids.clone());
+        let mut t = Transfer {
+            bridge: self,
+            conn,
+            status: vec![Status::Pending; n],
+            descs,
+            at,
+            held,
+            ids,
+            posted: 0,
+            resolved: 0,
+            credits: 0,
+            error: None,
+            progress: Instant::now(),
+            finished: false,
+        };
+        t.post_more();
+        Ok(t)
     }
 
     /// RDMA WRITE of `len` bytes at `offset` of `local` to `remote` at `remote_offset`, waiting
-    /// for the completion. Bounce registrations copy memory -> staging first.
+    /// for the completion: a [`Transfer`] of one descriptor.
     pub fn write(
         &self,
         conn: &Connection,
@@ -186,18 +298,13 @@ impl Bridge {
         remote: &RemoteKey,
         remote_offset: u64,
     ) -> Result<()> {
-        let rs = remote.slice(remote_offset, len)?;
-        let timeout = self.inner.core.completion_timeout;
-        let op = |reg: &Registration, live: &Live, at, id| {
-            let sl = live.mr.slice(at, len)?;
-            stage_in(reg, live, local.addr + offset, at, len)?;
-            Ok(conn.qp().post_write(id, &sl, &rs, SendFlags::SIGNALED)?)
-        };
-        self.held(conn, conn.send_cq(), timeout, "RDMA WRITE", local, offset, len, op, |_, _, _, _| Ok(()))
+        let mut b = Batch::new();
+        b.write(local, offset, len, remote, remote_offset);
+        self.post(conn, b)?.wait()
     }
 
     /// RDMA READ of `len` bytes from `remote` at `remote_offset` into `local` at `offset`,
-    /// waiting for the completion. Bounce registrations copy staging -> memory after.
+    /// waiting for the completion: a [`Transfer`] of one descriptor.
     pub fn read(
         &self,
         conn: &Connection,
@@ -207,137 +314,393 @@ impl Bridge {
         remote: &RemoteKey,
         remote_offset: u64,
     ) -> Result<()> {
-        let rs = remote.slice(remote_offset, len)?;
-        let timeout = self.inner.core.completion_timeout;
-        let op = |_: &Registration, live: &Live, at, id| {
-            Ok(conn.qp().post_read(id, &live.mr.slice(at, len)?, &rs, SendFlags::SIGNALED)?)
-        };
-        let after = |reg: &Registration, live: &Live, at, _| stage_out(reg, live, local.addr + offset, at, len);
-        self.held(conn, conn.send_cq(), timeout, "RDMA READ", local, offset, len, op, after)
+        let mut b = Batch::new();
+        b.read(local, offset, len, remote, remote_offset);
+        self.post(conn, b)?.wait()
     }
 
     /// SEND of `len` bytes at `offset` of `local` (with immediate data if given), waiting for
-    /// the completion. The peer must have a receive posted ([`Bridge::recv`]).
+    /// the completion. The peer must have a receive posted ([`Bridge::recv`], [`Bridge::post_recvs`]).
     pub fn send(&self, conn: &Connection, local: &Registered, offset: u64, len: u64, imm: Option<u32>) -> Result<()> {
-        let timeout = self.inner.core.completion_timeout;
-        let op = |reg: &Registration, live: &Live, at, id| {
-            let sl = live.mr.slice(at, len)?;
-            stage_in(reg, live, local.addr + offset, at, len)?;
-            Ok(conn.qp().post_send(id, &sl, imm, SendFlags::SIGNALED)?)
-        };
-        self.held(conn, conn.send_cq(), timeout, "SEND", local, offset, len, op, |_, _, _, _| Ok(()))
+        let mut b = Batch::new();
+        b.send(local, offset, len, imm);
+        self.post(conn, b)?.wait()
+    }
+}
+
+impl<'a> Transfer<'a> {
+    /// How many descriptors it has.
+    pub fn len(&self) -> usize {
+        self.descs.len()
     }
 
-    /// Posts a receive into `len` bytes at `offset` of `local` and waits up to `timeout` for a
-    /// message; returns its length and immediate data. Bounce registrations copy staging ->
-    /// memory after.
-    ///
-    /// If no message comes in time, the connection's queue pair is moved to the error state
-    /// (so that the receive can no longer land in the buffer) before [`Error::CompletionTimeout`]
-    /// is returned: the connection is then unusable.
-    pub fn recv(
-        &self,
-        conn: &Connection,
-        local: &Registered,
-        offset: u64,
-        len: u64,
-        timeout: Duration,
-    ) -> Result<(u32, Option<u32>)> {
-        let op = |_: &Registration, live: &Live, at, id| Ok(conn.qp().post_recv(id, &live.mr.slice(at, len)?)?);
-        let after = |reg: &Registration, live: &Live, at, wc: WorkCompletion| {
-            stage_out(reg, live, local.addr + offset, at, u64::from(wc.byte_len).min(len))?;
-            Ok((wc.byte_len, wc.imm))
-        };
-        self.held(conn, conn.recv_cq(), timeout, "RECV", local, offset, len, op, after)
+    /// Whether it has none.
+    pub fn is_empty(&self) -> bool {
+        self.descs.is_empty()
     }
 
-    /// Makes what peers wrote into `reg` visible to its memory's owner: bounce registrations
-    /// copy staging -> memory; device memory gets the backend's NIC-write flush.
-    pub fn flush(&self, reg: &Registered) -> Result<FlushOutcome> {
-        let r = reg.handle.value();
-        let guard = r.live()?;
-        let live = guard.as_ref().ok_or(Error::Revoked)?;
-        if live.mr.staging().is_some() {
-            let _staging = live.bounce_lock();
-            stage_out(r, live, reg.addr, reg.entry_offset(), reg.len)?;
-            return Ok(FlushOutcome::Flushed);
+    /// Whether every descriptor is settled (done, failed, flushed or not posted), as of the
+    /// last [`poll`](Self::poll) or [`wait`](Self::wait). Polls nothing.
+    pub fn is_done(&self) -> bool {
+        self.finished
+    }
+
+    /// Where descriptor `i` stands (in the order of the batch).
+    pub fn status(&self, i: usize) -> Option<Status> {
+        self.status.get(i).copied()
+    }
+
+    /// Every descriptor's status.
+    pub fn statuses(&self) -> &[Status] {
+        &self.status
+    }
+
+    /// Takes the completions that have come, posts what the send queue has room for, and
+    /// returns whether the transfer is done, without waiting. A lost connection is noticed
+    /// here too. Errors are those of [`wait`](Self::wait), returned once, by the call that
+    /// finds the transfer done (later calls return `Ok(true)`).
+    pub fn poll(&mut self) -> Result<bool> {
+        if self.finished {
+            return Ok(true);
         }
-        match &r.backend {
-            Some(b) => Ok(b.flush_nic_writes()?),
-            None => Ok(FlushOutcome::NotNeeded("host memory: a completion already orders the NIC's writes")),
+        let mut wcs = Vec::new();
+        match self.conn.send_cq().take_ids(self.ids.clone(), &mut wcs) {
+            Ok(_) => self.absorb(&wcs),
+            Err(e) => self.abort(e.into()),
+        }
+        if self.resolved < self.posted && self.error.is_none() {
+            if let Some(cause) = self.conn.fault() {
+                self.abort(p2pbridge_verbs::Error::ConnectionLost { cause }.into());
+            } else if self.progress.elapsed() >= self.bridge.inner.core.completion_timeout {
+                self.abort(self.timeout_error());
+            }
+        }
+        self.post_more();
+        self.try_finish()
+    }
+
+    /// Waits until every descriptor is settled. `Ok` if all are [`Status::Done`]; else the
+    /// first error (a completion's status, the connection's loss, or
+    /// [`Error::CompletionTimeout`] when the NIC made no progress for
+    /// [`BridgeOptions::completion_timeout`](crate::BridgeOptions::completion_timeout)), with
+    /// every descriptor's fate in [`statuses`](Self::statuses). Sleeps on the completion
+    /// channel rather than spinning a core.
+    pub fn wait(mut self) -> Result<()> {
+        self.wait_mut()
+    }
+
+    fn wait_mut(&mut self) -> Result<()> {
+        let mut wcs = Vec::new();
+        loop {
+            self.post_more();
+            if self.try_finish()? {
+                return Ok(());
+            }
+            if self.resolved == self.posted {
+                // Nothing of ours in flight, yet more to post: others hold the send queue.
+                if self.progress.elapsed() >= self.bridge.inner.core.completion_timeout {
+                    self.abort(self.timeout_error());
+                } else {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                continue;
+            }
+            wcs.clear();
+            match self.conn.send_cq().wait_ids(self.ids.clone(), FAULT_POLL, &mut wcs) {
+                Ok(_) => self.absorb(&wcs),
+                Err(p2pbridge_verbs::Error::Timeout(..)) => {
+                    if let Some(cause) = self.conn.fault() {
+                        self.abort(p2pbridge_verbs::Error::ConnectionLost { cause }.into());
+                    } else if self.progress.elapsed() >= self.bridge.inner.core.completion_timeout {
+                        self.abort(self.timeout_error());
+                    }
+                }
+                // Polling failed: the requests may still be outstanding; drain them.
+                Err(e) => self.abort(e.into()),
+            }
         }
     }
 
-    /// Before peers RDMA READ a bounce registration: copies memory -> staging. (No-op for
-    /// direct registrations.)
-    pub fn publish(&self, reg: &Registered) -> Result<()> {
-        let r = reg.handle.value();
-        let guard = r.live()?;
-        let live = guard.as_ref().ok_or(Error::Revoked)?;
-        let _staging = live.bounce_lock();
-        stage_in(r, live, reg.addr, reg.entry_offset(), reg.len)
+    fn timeout_error(&self) -> Error {
+        Error::CompletionTimeout { what: "a transfer's work requests", timeout: self.bridge.inner.core.completion_timeout }
+    }
+
+    /// Posts what can be posted now: bounce descriptors run to completion; direct ones go as
+    /// chained lists while the send queue has room.
+    fn post_more(&mut self) {
+        while self.posted < self.descs.len() && self.error.is_none() {
+            let i = self.posted;
+            let live_mr_is_bounce = self.live(i).is_some_and(|l| l.mr.staging().is_some());
+            if live_mr_is_bounce {
+                // Earlier direct requests first: the engine waits on the same queue.
+                if self.resolved < self.posted {
+                    return;
+                }
+                let r = self.run_bounce(i);
+                self.posted += 1;
+                match r {
+                    Ok(()) => self.status[i] = Status::Done,
+                    Err(e) => {
+                        self.status[i] = Status::Failed(wc_status(&e));
+                        self.error = Some(e);
+                    }
+                }
+                self.resolved = self.posted;
+                continue;
+            }
+            // A run of direct descriptors, as long as slots allow.
+            let run = self.descs[i..].iter().take(CHUNK).take_while(|d| !self.is_bounce(d)).count();
+            let want = run as u32;
+            let got = self.conn.qp().reserve_send(want);
+            if got == 0 {
+                return;
+            }
+            self.credits += got;
+            let end = i + got as usize;
+            let wrs = match self.work_requests(i..end) {
+                Ok(w) => w,
+                Err(e) => {
+                    self.give_back(got);
+                    self.fail_unposted(e);
+                    return;
+                }
+            };
+            match self.conn.qp().post_send_list(&wrs) {
+                Ok(()) => self.posted = end,
+                Err(p) => {
+                    self.posted = i + p.posted;
+                    self.give_back(got - p.posted as u32);
+                    // Requests posted unsignalled may never complete now: flush them.
+                    if p.posted > 0 {
+                        let _ = self.conn.qp().set_error();
+                    }
+                    self.error = Some(p.error.into());
+                }
+            }
+        }
+    }
+
+    fn is_bounce(&self, d: &Desc<'_>) -> bool {
+        let reg = d.local.handle.value();
+        self.held
+            .iter()
+            .find(|h| std::ptr::eq(h.reg, reg))
+            .and_then(|h| h.guard.as_ref())
+            .is_some_and(|l| l.mr.staging().is_some())
+    }
+
+    fn live(&self, i: usize) -> Option<&Live> {
+        self.held[self.at[i].1].guard.as_ref()
+    }
+
+    /// The work requests of descriptors `range` (direct registrations), signalled every
+    /// [`SIGNAL_EVERY`] and at the end.
+    fn work_requests(&self, range: Range<usize>) -> Result<Vec<SendWr<'_>>> {
+        let last = range.end - 1;
+        range
+            .map(|i| {
+                let d = &self.descs[i];
+                let live = self.live(i).ok_or(Error::Revoked)?;
+                let local = live.mr.slice(self.at[i].0, d.len)?;
+                let remote = |d: &Desc<'_>| -> Result<_> {
+                    let (key, off) = d.remote.ok_or(Error::InvalidArgument("an RDMA descriptor without a key".into()))?;
+                    key.slice(off, d.len)
+                };
+                let op = match d.op {
+                    Op::Write => SendOp::Write(remote(d)?),
+                    Op::WriteImm(imm) => SendOp::WriteImm(remote(d)?, imm),
+                    Op::Read => SendOp::Read(remote(d)?),
+                    Op::Send(imm) => SendOp::Send(imm),
+                };
+                let signal = i == last || (i + 1) % SIGNAL_EVERY == 0;
+                let flags = if signal { SendFlags::SIGNALED } else { SendFlags::empty() };
+                Ok(SendWr { wr_id: self.ids.start + i as u64, op, local, flags })
+            })
+            .collect()
+    }
+
+    /// Runs bounce descriptor `i` to completion: WRITE and READ through the engine, SEND and
+    /// WRITE-with-immediate through the registration's staging buffer.
+    fn run_bounce(&mut self, i: usize) -> Result<()> {
+        let d = self.descs[i];
+        let (at, h) = self.at[i];
+        let reg = self.held[h].reg;
+        let live = self.held[h].guard.as_ref().ok_or(Error::Revoked)?;
+        let backend = reg.backend.clone().ok_or(Error::InvalidArgument("a bounce registration without a backend".into()))?;
+        let addr = d.local.addr + d.offset;
+        let conn = self.conn;
+        match (d.op, d.remote) {
+            (Op::Write, Some((key, off))) => self.bridge.inner.engines.with(self.bridge, &backend, |e| {
+                // SAFETY: the registration is held live (this transfer's guard), and the
+                // memory's free revokes it first, waiting for the guard: the memory stays.
+                unsafe { e.write(conn, addr, d.len, key, off) }
+            }),
+            (Op::Read, Some((key, off))) => self.bridge.inner.engines.with(self.bridge, &backend, |e| {
+                // SAFETY: as above.
+                unsafe { e.read(conn, addr, d.len, key, off) }
+            }),
+            (op, remote) => {
+                let _staging = live.bounce_lock();
+                stage_in(reg, live, addr, at, d.len)?;
+                let local = live.mr.slice(at, d.len)?;
+                let sop = match (op, remote) {
+                    (Op::WriteImm(imm), Some((key, off))) => SendOp::WriteImm(key.slice(off, d.len)?, imm),
+                    (Op::Send(imm), _) => SendOp::Send(imm),
+                    _ => return Err(Error::InvalidArgument("an RDMA descriptor without a key".into())),
+                };
+                let id = crate::completion::next_wr_id();
+                let cq = conn.send_cq();
+                cq.expect(id);
+                if let Err(p) = conn.qp().post_send_list(&[SendWr { wr_id: id, op: sop, local, flags: SendFlags::SIGNALED }]) {
+                    cq.unexpect(id);
+                    return Err(p.error.into());
+                }
+                let timeout = self.bridge.inner.core.completion_timeout;
+                let r = crate::completion::reap_on(conn, cq, id, timeout, "a bounce SEND or WRITE with immediate");
+                if matches!(r, Err(Error::DeviceStuck { .. })) {
+                    reg.pin_forever();
+                }
+                r.map(|_| ())
+            }
+        }
+    }
+
+    fn give_back(&mut self, n: u32) {
+        let n = n.min(self.credits);
+        self.credits -= n;
+        self.conn.qp().release_send(n);
+    }
+
+    /// Stops with `e` before anything more is posted.
+    fn fail_unposted(&mut self, e: Error) {
+        if self.error.is_none() {
+            self.error = Some(e);
+        }
+    }
+
+    /// Settles descriptors by their completions: a completion of descriptor `k` (in an RC
+    /// send queue's order) vouches for every earlier one still pending — done if they came
+    /// before a failure, since a failure completes (and flushes) every request after it.
+    fn absorb(&mut self, wcs: &[WorkCompletion]) {
+        for wc in wcs {
+            let Some(k) = wc.wr_id.checked_sub(self.ids.start).map(|k| k as usize) else { continue };
+            if k >= self.posted || self.status[k] != Status::Pending {
+                continue;
+            }
+            self.progress = Instant::now();
+            let mut freed = 0;
+            for j in self.resolved..k {
+                if self.status[j] == Status::Pending {
+                    self.status[j] = Status::Done;
+                    freed += 1;
+                }
+            }
+            self.status[k] = match wc.status {
+                WcStatus::Success => Status::Done,
+                WcStatus::WrFlush => Status::Flushed,
+                s => Status::Failed(Some(s)),
+            };
+            freed += 1;
+            if wc.status != WcStatus::Success && self.error.is_none() {
+                self.error = Some(self.failure(wc));
+            }
+            self.resolved = self.resolved.max(k + 1);
+            self.give_back(freed);
+        }
+    }
+
+    /// The error for a failed completion: the connection's loss if it shows soon (a dead peer's
+    /// memory goes before its rdma_cm id), else the completion's status.
+    fn failure(&self, wc: &WorkCompletion) -> Error {
+        let status = p2pbridge_verbs::Error::WorkCompletion {
+            status: wc.status,
+            wr_id: wc.wr_id,
+            qp_num: wc.qp_num,
+            vendor_err: wc.vendor_err,
+        };
+        match lost_within(self.conn, ATTRIBUTE_WAIT) {
+            Some(cause) => p2pbridge_verbs::Error::ConnectionLost { cause }.into(),
+            None => status.into(),
+        }
+    }
+
+    /// Stops the transfer with `e`: moves the queue pair to the error state and reaps every
+    /// request still in flight (completed or flushed). A device that does not flush keeps the
+    /// registrations' regions for ever (the NIC may still use them).
+    fn abort(&mut self, e: Error) {
+        if self.error.is_none() {
+            self.error = Some(e);
+        }
+        if self.resolved == self.posted {
+            return;
+        }
+        if self.conn.qp().set_error().is_err() {
+            return self.stuck();
+        }
+        let start = Instant::now();
+        let mut wcs = Vec::new();
+        while self.resolved < self.posted {
+            let left = FLUSH_WAIT.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return self.stuck();
+            }
+            wcs.clear();
+            match self.conn.send_cq().wait_ids(self.ids.clone(), left, &mut wcs) {
+                Ok(_) => self.absorb(&wcs),
+                Err(_) => return self.stuck(),
+            }
+        }
+    }
+
+    /// The NIC did not flush: the requests in flight stay its own for ever.
+    fn stuck(&mut self) {
+        for h in &self.held {
+            h.reg.pin_forever();
+        }
+        self.error = Some(Error::DeviceStuck { what: "a transfer's work requests" });
+        // Their slots and ids are never given back: the requests may still complete.
+        self.credits = 0;
+        self.resolved = self.posted;
+    }
+
+    /// Once nothing is in flight and nothing more will be posted: releases the registrations
+    /// and returns the outcome.
+    fn try_finish(&mut self) -> Result<bool> {
+        if self.finished {
+            return Ok(true);
+        }
+        let more = self.posted < self.descs.len() && self.error.is_none();
+        if self.resolved < self.posted || more {
+            return Ok(false);
+        }
+        for s in &mut self.status[self.posted..] {
+            *s = Status::NotPosted;
+        }
+        self.finished = true;
+        self.give_back(self.credits);
+        self.conn.send_cq().unexpect_ids(&self.ids);
+        self.held.clear();
+        match self.error.take() {
+            None => Ok(true),
+            Some(e) => Err(e),
+        }
     }
 }
 
-/// Bounce copies go through a bounded temporary buffer, this many bytes at a time.
-const STAGE_CHUNK: usize = 1 << 20;
-
-/// The staging view and the backend of a bounce registration; `None` for direct ones.
-fn bounce_parts<'a>(
-    reg: &'a Registration,
-    live: &'a Live,
-) -> Result<Option<(VolatileSlice<'a>, &'a dyn MemoryBackend)>> {
-    match (live.mr.staging(), &reg.backend) {
-        (None, _) => Ok(None),
-        (Some(staging), Some(b)) => Ok(Some((staging, b.as_ref()))),
-        // Refused when registering (plain host memory has no backend to copy with): never a no-op.
-        (Some(_), None) => Err(Error::InvalidArgument("a bounce registration without a backend to copy with".into())),
+impl Drop for Transfer<'_> {
+    /// Waits until nothing of the transfer is in flight (see [`Transfer::wait`]); only then are
+    /// its registrations released.
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self.wait_mut();
+        }
     }
 }
 
-/// For a bounce registration: copies `len` bytes of the memory at `addr` into its staging
-/// buffer at `at` (no-op for direct registrations). `at..at+len` is within the registration
-/// (checked by the caller, and again here against the staging buffer).
-fn stage_in(reg: &Registration, live: &Live, addr: u64, at: u64, len: u64) -> Result<()> {
-    let Some((staging, b)) = bounce_parts(reg, live)? else { return Ok(()) };
-    let n = checked_len(at, len, staging.len() as u64)?;
-    let mut tmp = vec![0u8; n.min(STAGE_CHUNK)];
-    for done in (0..n).step_by(STAGE_CHUNK) {
-        let k = (n - done).min(STAGE_CHUNK);
-        // SAFETY: the caller holds the registration live, and the allocation's free revokes it
-        // first (waiting for that hold), so the memory is valid for the copy.
-        unsafe { b.copy_from_addr(addr + done as u64, &mut tmp[..k]) }?;
-        // Through the volatile view: a peer holding a key may be writing these bytes.
-        staging.subslice(at as usize + done, k).map_err(|_| oob(at, len, staging.len()))?.copy_from(&tmp[..k]);
+/// The completion status in `e`, if it is a completion's.
+fn wc_status(e: &Error) -> Option<WcStatus> {
+    match e {
+        Error::Verbs(p2pbridge_verbs::Error::WorkCompletion { status, .. }) => Some(*status),
+        _ => None,
     }
-    Ok(())
-}
-
-/// For a bounce registration: copies `len` bytes of its staging buffer at `at` to the memory at
-/// `addr` (no-op for direct registrations). Reads the staging bytes by copy, never through a
-/// reference: a peer may be writing them.
-fn stage_out(reg: &Registration, live: &Live, addr: u64, at: u64, len: u64) -> Result<()> {
-    let Some((staging, b)) = bounce_parts(reg, live)? else { return Ok(()) };
-    let n = checked_len(at, len, staging.len() as u64)?;
-    let mut tmp = vec![0u8; n.min(STAGE_CHUNK)];
-    for done in (0..n).step_by(STAGE_CHUNK) {
-        let k = (n - done).min(STAGE_CHUNK);
-        // A peer with a key may write the staging bytes at any time: they are whatever they
-        // were when copied.
-        staging.subslice(at as usize + done, k).map_err(|_| oob(at, len, staging.len()))?.copy_to(&mut tmp[..k]);
-        // SAFETY: as in `stage_in`: the registration is held live, so the memory is.
-        unsafe { b.copy_to_addr(addr + done as u64, &tmp[..k]) }?;
-    }
-    Ok(())
-}
-
-fn oob(offset: u64, len: u64, size: usize) -> Error {
-    Error::OutOfBounds { offset, len, size: size as u64 }
-}
-
-fn checked_len(at: u64, len: u64, size: u64) -> Result<usize> {
-    if at.checked_add(len).is_none_or(|e| e > size) {
-        return Err(Error::OutOfBounds { offset: at, len, size });
-    }
-    usize::try_from(len).map_err(|_| Error::OutOfBounds { offset: at, len, size })
 }

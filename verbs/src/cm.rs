@@ -10,6 +10,7 @@
 use std::ffi::CStr;
 use std::net::{IpAddr, SocketAddr};
 use std::ptr::NonNull;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cq::CompletionQueue;
@@ -17,6 +18,7 @@ use crate::device::Context;
 use crate::error::{Error, Result};
 use crate::mr::ProtectionDomain;
 use crate::qp::QueuePair;
+use crate::srq::SharedReceiveQueue;
 use crate::{library, result, sys};
 
 /// Sizes and limits of a connection's queues, and the private data to send.
@@ -39,6 +41,14 @@ pub struct ConnectionOptions {
     pub timeout: Duration,
     /// Bytes sent to the peer with the connect request or the accept (at most 56 / 196).
     pub private_data: Vec<u8>,
+    /// A completion queue to share for send-side completions (many connections, one progress
+    /// path); `None`: the connection makes its own, of `send_depth` entries. A shared CQ
+    /// needs room for every connection's outstanding requests.
+    pub send_cq: Option<Arc<CompletionQueue>>,
+    /// As `send_cq`, for receive completions.
+    pub recv_cq: Option<Arc<CompletionQueue>>,
+    /// A shared receive queue for the connection's receives (posted there, not on the QP).
+    pub srq: Option<Arc<SharedReceiveQueue>>,
 }
 
 impl Default for ConnectionOptions {
@@ -52,6 +62,9 @@ impl Default for ConnectionOptions {
             rnr_retry_count: 6,
             timeout: Duration::from_secs(10),
             private_data: Vec::new(),
+            send_cq: None,
+            recv_cq: None,
+            srq: None,
         }
     }
 }
@@ -128,9 +141,26 @@ impl CmId {
         &mut self,
         pd: &ProtectionDomain,
         opts: &ConnectionOptions,
-    ) -> Result<(QueuePair, CompletionQueue, CompletionQueue)> {
-        let send_cq = CompletionQueue::new(pd.context(), opts.send_depth.max(1))?;
-        let recv_cq = CompletionQueue::new(pd.context(), opts.recv_depth.max(1))?;
+    ) -> Result<(QueuePair, Arc<CompletionQueue>, Arc<CompletionQueue>)> {
+        let cq = |shared: &Option<Arc<CompletionQueue>>, depth: u32| -> Result<Arc<CompletionQueue>> {
+            match shared {
+                Some(cq) if !cq.on(pd.context()) => Err(Error::InvalidArgument(format!(
+                    "a shared completion queue must be on the connection's device ({})",
+                    pd.context().name()
+                ))),
+                Some(cq) => Ok(cq.clone()),
+                None => Ok(Arc::new(CompletionQueue::new(pd.context(), depth.max(1))?)),
+            }
+        };
+        let send_cq = cq(&opts.send_cq, opts.send_depth)?;
+        let recv_cq = cq(&opts.recv_cq, opts.recv_depth)?;
+        if let Some(srq) = &opts.srq {
+            if !srq.in_pd(pd) {
+                return Err(Error::InvalidArgument(
+                    "a shared receive queue must be in the connection's protection domain".into(),
+                ));
+            }
+        }
         // SAFETY: plain old data; every field that matters is set below.
         let mut attr: sys::ibv_qp_init_attr = unsafe { std::mem::zeroed() };
         attr.send_cq = send_cq.as_raw();
@@ -142,22 +172,26 @@ impl CmId {
         attr.cap.max_send_sge = 1;
         attr.cap.max_recv_sge = 1;
         attr.cap.max_inline_data = opts.max_inline;
+        if let Some(srq) = &opts.srq {
+            attr.srq = srq.as_raw();
+            attr.cap.max_recv_wr = 0;
+        }
         // SAFETY: the id is live and routed through pd's context (checked by the caller); the
-        // CQs outlive the QP (Connection destroys the QP first).
+        // CQs (and the SRQ) outlive the QP (Connection holds them and destroys the QP first).
         let rc = unsafe { sys::rdma_create_qp(self.raw(), pd.as_raw(), &mut attr) };
         result::neg_errno("rdma_create_qp", rc)?;
         self.has_qp = true;
         // SAFETY: rdma_create_qp set id->qp on success.
         let qp = result::ptr("rdma_create_qp", unsafe { (*self.raw()).qp })?;
         // SAFETY: the QP lives until this CmId destroys it, and the Connection keeps both.
-        let qp = unsafe { QueuePair::from_raw(qp, pd, attr.cap.max_inline_data) };
+        let qp = unsafe { QueuePair::from_raw(qp, pd, attr.cap.max_inline_data, attr.cap.max_send_wr) };
         Ok((qp, send_cq, recv_cq))
     }
 }
 
 /// A connection that failed after its QP was made: the QP and the id go first, then the CQs
 /// (a CQ that a QP still uses cannot be destroyed, and would leak). Returns `e`.
-fn teardown(qp: QueuePair, id: CmId, send_cq: CompletionQueue, recv_cq: CompletionQueue, e: Error) -> Error {
+fn teardown(qp: QueuePair, id: CmId, send_cq: Arc<CompletionQueue>, recv_cq: Arc<CompletionQueue>, e: Error) -> Error {
     drop(qp);
     drop(id);
     drop((send_cq, recv_cq));
@@ -332,8 +366,10 @@ pub struct Connection {
     qp: QueuePair,
     // Destroys the QP and the id; must drop before the CQs.
     id: CmId,
-    send_cq: CompletionQueue,
-    recv_cq: CompletionQueue,
+    send_cq: Arc<CompletionQueue>,
+    recv_cq: Arc<CompletionQueue>,
+    /// Its shared receive queue, kept while the QP lives.
+    srq: Option<Arc<SharedReceiveQueue>>,
     pd: ProtectionDomain,
     remote_private_data: Vec<u8>,
     /// Run before the QP is destroyed (see [`Connection::on_close`]).
@@ -391,7 +427,7 @@ impl Connection {
             id.wait(sys::rdma_cm_event_type::RDMA_CM_EVENT_ESTABLISHED, opts.timeout)
         })();
         match established {
-            Ok(ev) => Ok(Connection::assemble(qp, id, send_cq, recv_cq, pd, ev.private_data)),
+            Ok(ev) => Ok(Connection::assemble(qp, id, send_cq, recv_cq, opts.srq.clone(), pd, ev.private_data)),
             Err(e) => Err(teardown(qp, id, send_cq, recv_cq, e)),
         }
     }
@@ -409,6 +445,11 @@ impl Connection {
     /// Completions of receives.
     pub fn recv_cq(&self) -> &CompletionQueue {
         &self.recv_cq
+    }
+
+    /// The shared receive queue its receives are posted to, if it has one.
+    pub fn srq(&self) -> Option<&SharedReceiveQueue> {
+        self.srq.as_deref()
     }
 
     /// The protection domain.
@@ -470,8 +511,9 @@ impl Connection {
     fn assemble(
         qp: QueuePair,
         id: CmId,
-        send_cq: CompletionQueue,
-        recv_cq: CompletionQueue,
+        send_cq: Arc<CompletionQueue>,
+        recv_cq: Arc<CompletionQueue>,
+        srq: Option<Arc<SharedReceiveQueue>>,
         pd: &ProtectionDomain,
         remote_private_data: Vec<u8>,
     ) -> Self {
@@ -482,6 +524,7 @@ impl Connection {
             id,
             send_cq,
             recv_cq,
+            srq,
             pd: pd.clone(),
             remote_private_data,
             on_close: Default::default(),
@@ -625,7 +668,7 @@ impl ConnectRequest<'_> {
         match established {
             Ok(_) => {
                 let private = std::mem::take(&mut self.private_data);
-                Ok(Connection::assemble(qp, id, send_cq, recv_cq, pd, private))
+                Ok(Connection::assemble(qp, id, send_cq, recv_cq, opts.srq.clone(), pd, private))
             }
             Err(e) => Err(teardown(qp, id, send_cq, recv_cq, e)),
         }

@@ -1,7 +1,7 @@
 //! Completion queues and work completions.
 
 use std::ptr::NonNull;
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::device::Context;
@@ -112,10 +112,27 @@ impl WorkCompletion {
     }
 }
 
+/// Completions set aside for their waiters, and who waits for what.
 #[derive(Default)]
 struct Stash {
     reaped: Vec<WorkCompletion>,
-    awaited: std::collections::HashSet<u64>,
+    /// Work-request ids waiters are waiting for (single ids are ranges of one).
+    awaited: Vec<std::ops::Range<u64>>,
+    /// A waiter is asleep on the completion channel: the others wait on the condition
+    /// variable, and it wakes them when it wakes.
+    sleeper: bool,
+}
+
+impl Stash {
+    fn is_awaited(&self, id: u64) -> bool {
+        self.awaited.iter().any(|r| r.contains(&id))
+    }
+
+    fn unawait(&mut self, ids: &std::ops::Range<u64>) {
+        if let Some(i) = self.awaited.iter().position(|r| r == ids) {
+            self.awaited.swap_remove(i);
+        }
+    }
 }
 
 /// `now + timeout`, or no deadline where that does not fit.
@@ -127,17 +144,66 @@ fn past(deadline: Option<Instant>) -> bool {
     deadline.is_some_and(|d| Instant::now() >= d)
 }
 
-/// A completion queue (`struct ibv_cq`), polled (no completion channel).
+/// How long a waiter busy-polls before it sleeps on the completion channel: completions that
+/// come this soon (small messages at depth) cost no wake-up.
+const SPIN: Duration = Duration::from_micros(50);
+
+/// The longest single sleep: waiters look at their deadline (and callers at their
+/// connection's faults) at least this often.
+const MAX_SLEEP: Duration = Duration::from_millis(100);
+
+/// A completion channel (`struct ibv_comp_channel`), its fd non-blocking: only one waiter
+/// sleeps on it at a time, and it never blocks in `ibv_get_cq_event`.
+struct CompChannel(NonNull<sys::ibv_comp_channel>);
+
+impl CompChannel {
+    fn new(ctx: &Context) -> Result<Self> {
+        // SAFETY: the context is open; the channel is destroyed on drop, after its CQ.
+        let ch = result::ptr("ibv_create_comp_channel", unsafe { sys::ibv_create_comp_channel(ctx.as_raw()) })?;
+        let ch = CompChannel(ch);
+        let fd = ch.fd();
+        // SAFETY: fcntl on the channel's own open fd; only O_NONBLOCK is added.
+        let rc = unsafe { libc::fcntl(fd, libc::F_SETFL, libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK) };
+        result::neg_errno("fcntl(O_NONBLOCK) on a completion channel", rc)?;
+        Ok(ch)
+    }
+
+    fn fd(&self) -> libc::c_int {
+        // SAFETY: the channel is live; its fd is set at creation and never changes.
+        unsafe { (*self.0.as_ptr()).fd }
+    }
+}
+
+impl Drop for CompChannel {
+    fn drop(&mut self) {
+        // SAFETY: destroyed once, after the CQ that used it (field order in CompletionQueue's
+        // drop: the CQ is destroyed in `Drop::drop`, the channel afterwards).
+        let rc = unsafe { sys::ibv_destroy_comp_channel(self.0.as_ptr()) };
+        if rc != 0 {
+            eprintln!("p2pbridge-verbs: ibv_destroy_comp_channel failed ({}); it is leaked", crate::Errno(rc.abs()));
+        }
+    }
+}
+
+/// A completion queue (`struct ibv_cq`), with a completion channel: waiters busy-poll briefly,
+/// then sleep until the NIC signals a completion, so that a wait costs no core.
+///
+/// One CQ may serve many queue pairs ([`ConnectionOptions::send_cq`](crate::ConnectionOptions::send_cq)):
+/// completions are matched to their waiters by work-request id.
 pub struct CompletionQueue {
     cq: NonNull<sys::ibv_cq>,
     depth: u32,
     /// Completions reaped for other work requests than the reaper's, kept for their own
-    /// waiters, and the ids [`wait_wr`](CompletionQueue::wait_wr) callers are waiting for.
+    /// waiters, and the ids waiters are waiting for.
     stash: Mutex<Stash>,
+    /// Wakes waiters when completions are set aside or the sleeper wakes.
+    woken: Condvar,
+    channel: CompChannel,
     _ctx: Context,
 }
 
-// SAFETY: ibv_poll_cq and ibv_destroy_cq may be called from any thread; providers lock the CQ.
+// SAFETY: ibv_poll_cq, ibv_req_notify_cq and ibv_destroy_cq may be called from any thread;
+// providers lock the CQ. The channel is read only by the one sleeper (see `Stash::sleeper`).
 unsafe impl Send for CompletionQueue {}
 // SAFETY: as above: concurrent ibv_poll_cq calls on one CQ are serialized by the provider.
 unsafe impl Sync for CompletionQueue {}
@@ -149,17 +215,25 @@ impl std::fmt::Debug for CompletionQueue {
 }
 
 impl CompletionQueue {
-    /// Creates a CQ of at least `depth` entries on `ctx`.
+    /// Creates a CQ of at least `depth` entries on `ctx`, with its completion channel.
     pub fn new(ctx: &Context, depth: u32) -> Result<Self> {
         if depth == 0 {
             return Err(Error::InvalidArgument("a CQ needs at least one entry".into()));
         }
         let cqe = i32::try_from(depth).map_err(|_| Error::InvalidArgument(format!("CQ depth {depth} too large")))?;
-        // SAFETY: the context is open (held by `_ctx`); no channel, no context pointer.
+        let channel = CompChannel::new(ctx)?;
+        // SAFETY: the context is open (held by `_ctx`); the channel is live and outlives the CQ.
         let cq = result::ptr("ibv_create_cq", unsafe {
-            sys::ibv_create_cq(ctx.as_raw(), cqe, std::ptr::null_mut(), std::ptr::null_mut(), 0)
+            sys::ibv_create_cq(ctx.as_raw(), cqe, std::ptr::null_mut(), channel.0.as_ptr(), 0)
         })?;
-        Ok(CompletionQueue { cq, depth, stash: Mutex::new(Stash::default()), _ctx: ctx.clone() })
+        Ok(CompletionQueue {
+            cq,
+            depth,
+            stash: Mutex::new(Stash::default()),
+            woken: Condvar::new(),
+            channel,
+            _ctx: ctx.clone(),
+        })
     }
 
     /// The raw CQ, for the `sys` layer.
@@ -170,6 +244,11 @@ impl CompletionQueue {
     /// Its depth as asked for.
     pub fn depth(&self) -> u32 {
         self.depth
+    }
+
+    /// Whether it was made on `ctx`'s device context.
+    pub fn on(&self, ctx: &Context) -> bool {
+        self._ctx.as_raw() == ctx.as_raw()
     }
 
     /// Polls up to `out.len()` completions without waiting; returns how many were written.
@@ -190,94 +269,204 @@ impl CompletionQueue {
         Ok(n as usize)
     }
 
-    /// Waits (busy-polling) for the next completion, up to `timeout`; an error status is
-    /// returned as [`Error::WorkCompletion`]. Completions that [`wait_wr`](Self::wait_wr)
-    /// callers set aside come first.
-    pub fn wait_one(&self, timeout: Duration) -> Result<WorkCompletion> {
-        // Not a completion a `wait_wr` caller is waiting for.
-        self.wait_for(timeout, |w, awaited| !awaited.contains(&w.wr_id))
+    fn lock(&self) -> MutexGuard<'_, Stash> {
+        self.stash.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Waits for the first completion that `pick` accepts — set aside earlier, or polled now —
-    /// setting aside the others it polls meanwhile.
-    fn wait_for(
-        &self,
-        timeout: Duration,
-        pick: impl Fn(&WorkCompletion, &std::collections::HashSet<u64>) -> bool,
-    ) -> Result<WorkCompletion> {
-        let deadline = deadline(timeout);
-        let mut batch = [WorkCompletion::default(); 16];
-        let mut spins = 0u32;
-        loop {
-            {
-                let mut st = self.stash.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(i) = st.reaped.iter().position(|w| pick(w, &st.awaited)) {
-                    return st.reaped.remove(i).ok();
-                }
-                let n = self.poll(&mut batch)?;
-                let mut mine = None;
-                for w in &batch[..n] {
-                    if mine.is_none() && pick(w, &st.awaited) {
-                        mine = Some(*w);
-                    } else {
-                        st.reaped.push(*w);
-                    }
-                }
-                if let Some(w) = mine {
-                    return w.ok();
-                }
-            }
-            spins += 1;
-            if spins.is_multiple_of(256) {
-                if past(deadline) {
-                    return Err(Error::Timeout(timeout, "a work completion"));
-                }
-                std::thread::yield_now();
+    /// Polls the CQ dry; completions `pick` accepts go to `out`, the others are set aside
+    /// (waking their waiters). Returns how many went to `out`.
+    fn drain(&self, st: &mut Stash, pick: &dyn Fn(&WorkCompletion, &Stash) -> bool, out: &mut Vec<WorkCompletion>, max: usize) -> Result<usize> {
+        let mut taken = 0;
+        let mut i = 0;
+        while i < st.reaped.len() && taken < max {
+            if pick(&st.reaped[i], st) {
+                out.push(st.reaped.remove(i));
+                taken += 1;
+            } else {
+                i += 1;
             }
         }
+        let mut batch = [WorkCompletion::default(); 16];
+        let mut others = false;
+        loop {
+            let n = self.poll(&mut batch)?;
+            for w in &batch[..n] {
+                if taken < max && pick(w, st) {
+                    out.push(*w);
+                    taken += 1;
+                } else {
+                    others |= st.is_awaited(w.wr_id);
+                    st.reaped.push(*w);
+                }
+            }
+            if n < batch.len() || taken >= max {
+                break;
+            }
+        }
+        if others {
+            self.woken.notify_all();
+        }
+        Ok(taken)
     }
-}
 
-impl CompletionQueue {
-    /// Waits (busy-polling) for the completion of the work request posted with `wr_id`, up to
-    /// `timeout`, and returns it (an error status as [`Error::WorkCompletion`]). Completions of
-    /// other work requests reaped meanwhile are set aside for their own `wait_wr` or
-    /// [`wait_one`](Self::wait_one) callers — `wait_one` never takes one a `wait_wr` caller is
-    /// waiting for — so threads sharing a CQ never take each other's completions, as long as
-    /// each posts with ids of its own. (Raw [`poll`](Self::poll) sees neither the set-aside
-    /// completions nor spares the awaited ones: do not mix it with these on one CQ.)
+    /// Waits until at least one completion that `pick` accepts is taken into `out` (at most
+    /// `max`), up to `timeout`: busy-polls for [`SPIN`], then sleeps on the completion
+    /// channel (one waiter at a time; the others on the condition variable).
+    fn wait_take(
+        &self,
+        timeout: Duration,
+        pick: &dyn Fn(&WorkCompletion, &Stash) -> bool,
+        out: &mut Vec<WorkCompletion>,
+        max: usize,
+    ) -> Result<usize> {
+        let start = Instant::now();
+        let deadline = deadline(timeout);
+        loop {
+            let mut st = self.lock();
+            let n = self.drain(&mut st, pick, out, max)?;
+            if n > 0 {
+                return Ok(n);
+            }
+            if past(deadline) {
+                return Err(Error::Timeout(timeout, "a work completion"));
+            }
+            if start.elapsed() < SPIN {
+                drop(st);
+                std::hint::spin_loop();
+                continue;
+            }
+            let nap = deadline.map_or(MAX_SLEEP, |d| d.saturating_duration_since(Instant::now()).min(MAX_SLEEP));
+            if st.sleeper {
+                // Another waiter sleeps on the channel; it (or whoever sets a completion of
+                // ours aside) wakes us.
+                let _ = self.woken.wait_timeout(st, nap).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            st.sleeper = true;
+            drop(st);
+            let r = self.sleep(nap);
+            self.lock().sleeper = false;
+            self.woken.notify_all();
+            r?;
+        }
+    }
+
+    /// Arms the CQ, and sleeps on its channel for up to `nap` unless a completion is already
+    /// there (one that came before the arm raises no event: it is looked for after arming).
+    fn sleep(&self, nap: Duration) -> Result<()> {
+        // SAFETY: the CQ is live and has a channel; 0: any completion raises the event.
+        let rc = unsafe { sys::ibv_req_notify_cq(self.cq.as_ptr(), 0) };
+        result::pos_errno("ibv_req_notify_cq", rc)?;
+        {
+            let mut st = self.lock();
+            let before = st.reaped.len();
+            // Set everything aside: the waiters (us included) take theirs on their next turn.
+            self.drain(&mut st, &|_, _| false, &mut Vec::new(), 0)?;
+            if st.reaped.len() > before {
+                return Ok(());
+            }
+        }
+        let mut pfd = libc::pollfd { fd: self.channel.fd(), events: libc::POLLIN, revents: 0 };
+        let ms = libc::c_int::try_from(nap.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd for the call.
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if rc < 0 && crate::Errno::last().0 != libc::EINTR {
+            return Err(result::verb_error("poll (completion channel)", crate::Errno::last().0));
+        }
+        if rc > 0 {
+            let mut cq = std::ptr::null_mut();
+            let mut ctx = std::ptr::null_mut();
+            // SAFETY: the channel is live and non-blocking; the out-pointers are valid. Only the
+            // sleeper reads the channel.
+            if unsafe { sys::ibv_get_cq_event(self.channel.0.as_ptr(), &mut cq, &mut ctx) } == 0 {
+                // SAFETY: one event of this CQ (the channel's only CQ) was got: ack it, so that
+                // destroying the CQ does not wait for it.
+                unsafe { sys::ibv_ack_cq_events(self.cq.as_ptr(), 1) };
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for the next completion that no [`wait_wr`](Self::wait_wr) or
+    /// [`wait_ids`](Self::wait_ids) caller is waiting for, up to `timeout`; an error status is
+    /// returned as [`Error::WorkCompletion`].
+    pub fn wait_one(&self, timeout: Duration) -> Result<WorkCompletion> {
+        let mut out = Vec::with_capacity(1);
+        self.wait_take(timeout, &|w, st| !st.is_awaited(w.wr_id), &mut out, 1)?;
+        out.pop().ok_or(Error::Timeout(timeout, "a work completion"))?.ok()
+    }
+
+    /// Waits for the completion of the work request posted with `wr_id`, up to `timeout`,
+    /// and returns it (an error status as [`Error::WorkCompletion`]). Completions of other
+    /// work requests reaped meanwhile are set aside for their own waiters — [`wait_one`](Self::wait_one)
+    /// never takes one that a `wait_wr` or `wait_ids` caller is waiting for — so threads (and
+    /// queue pairs) sharing a CQ never take each other's completions, as long as each posts
+    /// with ids of its own. (Raw [`poll`](Self::poll) sees neither the set-aside completions
+    /// nor spares the awaited ones: do not mix it with these on one CQ.)
     ///
     /// On [`Error::Timeout`] the work request may still be outstanding: its buffers stay the
     /// NIC's until its completion (or its flush, after [`QueuePair::set_error`](crate::QueuePair::set_error))
     /// has been reaped.
     pub fn wait_wr(&self, wr_id: u64, timeout: Duration) -> Result<WorkCompletion> {
-        self.expect(wr_id);
-        let r = self.wait_wr_inner(wr_id, timeout);
-        self.stash.lock().unwrap_or_else(|e| e.into_inner()).awaited.remove(&wr_id);
-        r
+        let ids = wr_id..wr_id.wrapping_add(1);
+        {
+            // Marked by `expect` already, or marked now; ended below either way.
+            let mut st = self.lock();
+            if !st.awaited.contains(&ids) {
+                st.awaited.push(ids.clone());
+            }
+        }
+        let mut out = Vec::with_capacity(1);
+        let r = self.wait_take(timeout, &|w, _| w.wr_id == wr_id, &mut out, 1);
+        self.unexpect_ids(&ids);
+        r?;
+        out.pop().ok_or(Error::Timeout(timeout, "a work completion"))?.ok()
+    }
+
+    /// Takes, without waiting, the completions of work requests with ids in `ids` (set aside
+    /// earlier or polled now), error statuses included, into `out`; returns how many.
+    pub fn take_ids(&self, ids: std::ops::Range<u64>, out: &mut Vec<WorkCompletion>) -> Result<usize> {
+        let mut st = self.lock();
+        self.drain(&mut st, &|w, _| ids.contains(&w.wr_id), out, usize::MAX)
+    }
+
+    /// Waits up to `timeout` until at least one completion of a work request with an id in
+    /// `ids` is taken into `out` (error statuses included), then takes every such completion
+    /// there is; returns how many. The ids should be marked with [`expect_ids`](Self::expect_ids)
+    /// from before they are posted until they are all reaped.
+    pub fn wait_ids(&self, ids: std::ops::Range<u64>, timeout: Duration, out: &mut Vec<WorkCompletion>) -> Result<usize> {
+        self.wait_take(timeout, &|w, _| ids.contains(&w.wr_id), out, usize::MAX)
     }
 
     /// Marks `wr_id` as awaited before its request is posted, so that no
     /// [`wait_one`](Self::wait_one) caller takes its completion before [`wait_wr`](Self::wait_wr)
     /// begins. `wait_wr` ends the mark; [`unexpect`](Self::unexpect) ends it when the post failed.
     pub fn expect(&self, wr_id: u64) {
-        self.stash.lock().unwrap_or_else(|e| e.into_inner()).awaited.insert(wr_id);
+        self.expect_ids(wr_id..wr_id.wrapping_add(1));
     }
 
     /// Ends an [`expect`](Self::expect) whose request was not posted.
     pub fn unexpect(&self, wr_id: u64) {
-        self.stash.lock().unwrap_or_else(|e| e.into_inner()).awaited.remove(&wr_id);
+        self.unexpect_ids(&(wr_id..wr_id.wrapping_add(1)));
     }
 
-    fn wait_wr_inner(&self, wr_id: u64, timeout: Duration) -> Result<WorkCompletion> {
-        self.wait_for(timeout, |w, _| w.wr_id == wr_id)
+    /// Marks the ids `ids` as awaited (see [`expect`](Self::expect)), until
+    /// [`unexpect_ids`](Self::unexpect_ids) with the same range.
+    pub fn expect_ids(&self, ids: std::ops::Range<u64>) {
+        self.lock().awaited.push(ids);
+    }
+
+    /// Ends an [`expect_ids`](Self::expect_ids) mark.
+    pub fn unexpect_ids(&self, ids: &std::ops::Range<u64>) {
+        self.lock().unawait(ids);
     }
 }
 
 impl Drop for CompletionQueue {
     fn drop(&mut self) {
-        // SAFETY: destroyed once; QPs using this CQ hold it alive (Connection owns both and
-        // destroys the QP first).
+        // SAFETY: destroyed once; QPs using this CQ hold it alive (connections hold it in an
+        // Arc and destroy their QP first). Every channel event was acked when it was got. The
+        // channel (a field) is destroyed after this.
         let rc = unsafe { sys::ibv_destroy_cq(self.cq.as_ptr()) };
         if rc != 0 {
             eprintln!("p2pbridge-verbs: ibv_destroy_cq failed ({}); the CQ is leaked", crate::Errno(rc.abs()));

@@ -42,6 +42,7 @@ mod mr;
 mod mw;
 mod qp;
 mod result;
+mod srq;
 
 pub use buffer::{HostBuffer, RegisterableBuffer};
 pub use caps::{DeviceCaps, DmaBufSupport, OdpCaps, OdpTransportCaps};
@@ -51,7 +52,8 @@ pub use device::{device_names, Context, GidEntry, GidKind, LinkLayer, PortInfo, 
 pub use error::{Errno, Error, Result, WcStatus};
 pub use mr::{AccessFlags, Foreign, LocalSlice, MemoryRegion, ProtectionDomain, RemoteBuf, RemoteSlice};
 pub use mw::MemoryWindow;
+pub use srq::SharedReceiveQueue;
 pub use fault::Fault;
 /// Views of memory that the NIC or a peer may write concurrently (from rust-vmm's `vm-memory`).
 pub use vm_memory::{VolatileMemory, VolatileSlice};
-pub use qp::{QpState, QueuePair, SendFlags};
+pub use qp::{PostListError, QpState, QueuePair, SendFlags, SendOp, SendWr};

@@ -1,6 +1,7 @@
 //! Reliable-connected queue pairs: posting RDMA WRITE, READ, SEND and RECV.
 
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use bitflags::bitflags;
@@ -52,6 +53,8 @@ pub struct QueuePair {
     qp: NonNull<sys::ibv_qp>,
     pd: Arc<PdInner>,
     max_inline: u32,
+    /// Send-queue slots not reserved ([`reserve_send`](QueuePair::reserve_send)).
+    send_credits: AtomicU32,
 }
 
 // SAFETY: posting and querying are thread-safe verbs (providers lock the queues).
@@ -68,8 +71,34 @@ impl std::fmt::Debug for QueuePair {
 impl QueuePair {
     /// # Safety
     /// `qp` must be a live RC QP created in `pd`, that outlives the returned value.
-    pub(crate) unsafe fn from_raw(qp: NonNull<sys::ibv_qp>, pd: &ProtectionDomain, max_inline: u32) -> Self {
-        QueuePair { qp, pd: pd.inner.clone(), max_inline }
+    /// `max_send_wr` is the send queue's depth as created.
+    pub(crate) unsafe fn from_raw(
+        qp: NonNull<sys::ibv_qp>,
+        pd: &ProtectionDomain,
+        max_inline: u32,
+        max_send_wr: u32,
+    ) -> Self {
+        // Some room is never reserved: for requests posted without reserving (binds, raw posts).
+        let credits = max_send_wr.saturating_sub(max_send_wr / 8).max(1);
+        QueuePair { qp, pd: pd.inner.clone(), max_inline, send_credits: AtomicU32::new(credits) }
+    }
+
+    /// Reserves up to `want` send-queue slots for requests about to be posted, and returns
+    /// how many it got (0 when others hold them all). Posters that reserve never overflow the
+    /// queue among themselves; give the slots back with [`release_send`](Self::release_send)
+    /// as the requests complete (or are flushed), or when they were not posted.
+    pub fn reserve_send(&self, want: u32) -> u32 {
+        let mut got = 0;
+        let _ = self.send_credits.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+            got = c.min(want);
+            Some(c - got)
+        });
+        got
+    }
+
+    /// Gives back `n` slots of [`reserve_send`](Self::reserve_send).
+    pub fn release_send(&self, n: u32) {
+        self.send_credits.fetch_add(n, Ordering::AcqRel);
     }
 
     /// The QP number.
@@ -224,6 +253,186 @@ impl QueuePair {
         // registered, locally writable MR of this PD (checked above).
         let rc = unsafe { sys::ibv_post_recv(self.qp.as_ptr(), &mut wr, &mut bad) };
         result::pos_errno("ibv_post_recv", rc)
+    }
+}
+
+/// What a send-queue work request in a post list does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendOp {
+    /// RDMA WRITE of the local slice to the remote slice (lengths equal).
+    Write(RemoteSlice),
+    /// RDMA WRITE with immediate: the peer also gets a receive completion with the value.
+    WriteImm(RemoteSlice, u32),
+    /// RDMA READ of the remote slice into the local one (which needs LOCAL_WRITE).
+    Read(RemoteSlice),
+    /// SEND of the local slice, with immediate data if given.
+    Send(Option<u32>),
+}
+
+/// One work request of a [`QueuePair::post_send_list`].
+#[derive(Debug, Clone, Copy)]
+pub struct SendWr<'a> {
+    /// Its id, returned in its completion.
+    pub wr_id: u64,
+    /// What it does.
+    pub op: SendOp,
+    /// The local memory it reads or writes.
+    pub local: LocalSlice<'a>,
+    /// Its flags (only signaled requests complete on success).
+    pub flags: SendFlags,
+}
+
+/// A post list that the provider took only in part: the first `posted` requests were posted
+/// (and complete as usual, or flush), the rest were not.
+#[derive(Debug, thiserror::Error)]
+#[error("{posted} work requests of the list were posted, the rest were not: {error}")]
+pub struct PostListError {
+    /// How many of the list's requests were posted.
+    pub posted: usize,
+    /// Why the next one was not.
+    #[source]
+    pub error: Error,
+}
+
+impl QueuePair {
+    /// Posts `wrs` as one chained list (one `ibv_post_send`, one doorbell). Every request is
+    /// checked first (protection domain, rights, lengths, inline limit): a bad one posts
+    /// nothing. If the provider refuses one part-way (a full send queue: ENOMEM), the error
+    /// says how many went.
+    pub fn post_send_list(&self, wrs: &[SendWr<'_>]) -> std::result::Result<(), PostListError> {
+        let none = |error| PostListError { posted: 0, error };
+        if wrs.is_empty() {
+            return Ok(());
+        }
+        for w in wrs {
+            let (verb, needs_write) = match w.op {
+                SendOp::Write(r) | SendOp::WriteImm(r, _) => {
+                    check_same_len(&w.local, &r).map_err(none)?;
+                    ("RDMA WRITE", false)
+                }
+                SendOp::Read(r) => {
+                    check_same_len(&w.local, &r).map_err(none)?;
+                    if w.flags.contains(SendFlags::INLINE) {
+                        return Err(none(Error::InvalidArgument("RDMA READ cannot be inline".into())));
+                    }
+                    ("RDMA READ", true)
+                }
+                SendOp::Send(_) => ("SEND", false),
+            };
+            self.check_local(&w.local, needs_write, verb).map_err(none)?;
+            self.check_inline(&w.local, w.flags).map_err(none)?;
+        }
+        let mut sges: Vec<sys::ibv_sge> = wrs.iter().map(|w| w.local.sge()).collect();
+        // SAFETY: ibv_send_wr is plain old data; zeroed is a valid empty request.
+        let mut raw: Vec<sys::ibv_send_wr> = wrs.iter().map(|_| unsafe { std::mem::zeroed() }).collect();
+        let base = raw.as_mut_ptr();
+        for (i, (w, r)) in wrs.iter().zip(raw.iter_mut()).enumerate() {
+            r.wr_id = w.wr_id;
+            r.sg_list = &mut sges[i];
+            r.num_sge = if w.local.len == 0 { 0 } else { 1 };
+            r.send_flags = w.flags.bits();
+            let (opcode, remote, imm) = match w.op {
+                SendOp::Write(rs) => (sys::ibv_wr_opcode::IBV_WR_RDMA_WRITE, Some(rs), None),
+                SendOp::WriteImm(rs, imm) => (sys::ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM, Some(rs), Some(imm)),
+                SendOp::Read(rs) => (sys::ibv_wr_opcode::IBV_WR_RDMA_READ, Some(rs), None),
+                SendOp::Send(None) => (sys::ibv_wr_opcode::IBV_WR_SEND, None, None),
+                SendOp::Send(Some(imm)) => (sys::ibv_wr_opcode::IBV_WR_SEND_WITH_IMM, None, Some(imm)),
+            };
+            r.opcode = opcode;
+            if let Some(imm) = imm {
+                r.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
+            }
+            if let Some(rs) = remote {
+                r.wr.rdma = sys::rdma_t { remote_addr: rs.addr, rkey: rs.rkey };
+            }
+            // SAFETY: `i + 1 <= len`: a pointer into (or one past) the same vector, which is
+            // not moved or resized while the list is posted.
+            r.next = if i + 1 < wrs.len() { unsafe { base.add(i + 1) } } else { std::ptr::null_mut() };
+        }
+        let mut bad: *mut sys::ibv_send_wr = std::ptr::null_mut();
+        // SAFETY: the QP is live; the chained requests and their scatter entries outlive the
+        // call (the provider copies them into the send queue); every local range lies in a
+        // registered MR of this QP's PD with the rights its op needs (checked above).
+        let rc = unsafe { sys::ibv_post_send(self.qp.as_ptr(), base, &mut bad) };
+        match result::pos_errno("ibv_post_send (a list)", rc) {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                // `bad` is the first request not posted; those before it were.
+                let posted = if bad.is_null() {
+                    0
+                } else {
+                    // SAFETY: the provider sets `bad` to an element of the list it was given.
+                    usize::try_from(unsafe { bad.offset_from(base) }).unwrap_or(0)
+                };
+                Err(PostListError { posted, error })
+            }
+        }
+    }
+
+    /// Posts receives into `locals` (each needs LOCAL_WRITE), with ids `first_id`,
+    /// `first_id + 1`, …, as one chained list. A bad slice posts nothing; a refusal part-way
+    /// says how many went.
+    pub fn post_recv_list(&self, first_id: u64, locals: &[LocalSlice<'_>]) -> std::result::Result<(), PostListError> {
+        for l in locals {
+            self.check_local(l, true, "RECV").map_err(|error| PostListError { posted: 0, error })?;
+        }
+        if locals.is_empty() {
+            return Ok(());
+        }
+        let mut list = RecvList::new(first_id, locals);
+        let mut bad: *mut sys::ibv_recv_wr = std::ptr::null_mut();
+        // SAFETY: the QP is live; the list and its scatter entries outlive the call; every
+        // range lies in a registered, locally writable MR of this PD (checked above).
+        let rc = unsafe { sys::ibv_post_recv(self.qp.as_ptr(), list.head(), &mut bad) };
+        result::pos_errno("ibv_post_recv (a list)", rc).map_err(|error| list.partial(bad, error))
+    }
+}
+
+/// A chained list of receive work requests, one scatter entry each (for the QP's and the
+/// SRQ's post lists).
+pub(crate) struct RecvList {
+    /// Pointed to by the requests' `sg_list` (a vector's heap buffer does not move).
+    _sges: Vec<sys::ibv_sge>,
+    wrs: Vec<sys::ibv_recv_wr>,
+}
+
+impl RecvList {
+    /// Receives into `locals` with ids `first_id`, `first_id + 1`, …, chained in order.
+    pub(crate) fn new(first_id: u64, locals: &[LocalSlice<'_>]) -> Self {
+        let mut sges: Vec<sys::ibv_sge> = locals.iter().map(|l| l.sge()).collect();
+        let mut wrs: Vec<sys::ibv_recv_wr> = locals
+            .iter()
+            .zip(sges.iter_mut())
+            .enumerate()
+            .map(|(i, (l, sge))| sys::ibv_recv_wr {
+                wr_id: first_id.wrapping_add(i as u64),
+                next: std::ptr::null_mut(),
+                sg_list: sge,
+                num_sge: if l.len == 0 { 0 } else { 1 },
+            })
+            .collect();
+        let base = wrs.as_mut_ptr();
+        let n = wrs.len();
+        for (i, r) in wrs.iter_mut().enumerate().take(n.saturating_sub(1)) {
+            // SAFETY: `i + 1 < n`: an element of the same vector, which is never resized.
+            r.next = unsafe { base.add(i + 1) };
+        }
+        RecvList { _sges: sges, wrs }
+    }
+
+    /// The first request (null for an empty list).
+    pub(crate) fn head(&mut self) -> *mut sys::ibv_recv_wr {
+        if self.wrs.is_empty() {
+            std::ptr::null_mut()
+        } else {
+            self.wrs.as_mut_ptr()
+        }
+    }
+
+    /// The error for a post that stopped at `bad` (the first request not posted).
+    pub(crate) fn partial(&self, bad: *mut sys::ibv_recv_wr, error: Error) -> PostListError {
+        let posted = self.wrs.iter().position(|w| std::ptr::eq(w, bad)).unwrap_or(0);
+        PostListError { posted, error }
     }
 }
 

@@ -1,0 +1,237 @@
+//! Receives: many posted with one call (for SENDs and WRITE-with-immediate from peers), each
+//! taken as it completes.
+//!
+//! ```no_run
+//! # use p2pbridge::{Bridge, Registered};
+//! # use std::time::Duration;
+//! # fn f(bridge: &Bridge, conn: &p2pbridge::verbs::Connection, reg: &Registered) -> p2pbridge::Result<()> {
+//! let slots: Vec<_> = (0..64u64).map(|i| (reg, i * 4096, 4096)).collect();
+//! let mut rx = bridge.post_recvs(conn, &slots)?;
+//! let got = rx.next(Duration::from_secs(5))?; // slot got.index holds got.byte_len bytes
+//! # Ok(()) }
+//! ```
+//!
+//! The handle holds its registrations live until every receive has completed. Receives still
+//! posted when it is dropped can only be taken back by moving the connection's queue pair to
+//! the error state (which flushes them): dropping it early ends the connection.
+
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use p2pbridge_verbs::{Connection, WorkCompletion};
+
+use crate::bridge::Bridge;
+use crate::completion::{lost_within, next_wr_ids, ATTRIBUTE_WAIT, FAULT_POLL, FLUSH_WAIT};
+use crate::error::{Error, Result};
+use crate::registration::Registered;
+use crate::staging::stage_out;
+use crate::transfer::{hold, Held};
+
+/// One completed receive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// Which receive (its index in the list given to [`Bridge::post_recvs`]).
+    pub index: usize,
+    /// Bytes that landed (0 for a WRITE with immediate: its bytes went where the writer
+    /// aimed them).
+    pub byte_len: u32,
+    /// The immediate data, if the message carried one.
+    pub imm: Option<u32>,
+}
+
+/// Receives posted on one connection ([`Bridge::post_recvs`]).
+pub struct Receives<'a> {
+    conn: &'a Connection,
+    /// Per receive: the registered range (address and length), its offset in its
+    /// registration, and the registration's index in `held`.
+    slots: Vec<(u64, u64, u64, usize)>,
+    held: Vec<Held<'a>>,
+    ids: Range<u64>,
+    pending: Vec<bool>,
+    left: usize,
+    /// Completions taken but not handed out yet.
+    ready: Vec<WorkCompletion>,
+}
+
+impl std::fmt::Debug for Receives<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receives").field("posted", &self.slots.len()).field("pending", &self.left).finish()
+    }
+}
+
+impl Bridge {
+    /// Posts a receive into each `(registration, offset, len)` of `bufs` on `conn`, as one
+    /// chained list, and returns the handle that takes them as they complete.
+    ///
+    /// Connections with a shared receive queue are refused here: their receives are posted on
+    /// the SRQ itself ([`SharedReceiveQueue::post_recv_list`](p2pbridge_verbs::SharedReceiveQueue::post_recv_list)).
+    pub fn post_recvs<'a>(&'a self, conn: &'a Connection, bufs: &[(&'a Registered, u64, u64)]) -> Result<Receives<'a>> {
+        crate::completion::check_connection(conn)?;
+        if conn.srq().is_some() {
+            return Err(Error::InvalidArgument(
+                "this connection takes its receives from a shared receive queue: post them there".into(),
+            ));
+        }
+        let mut held = Vec::new();
+        let mut slots = Vec::with_capacity(bufs.len());
+        for &(reg, offset, len) in bufs {
+            let at = reg.entry_range(offset, len)?;
+            let h = hold(&mut held, reg.handle.value())?;
+            slots.push((reg.addr + offset, len, at, h));
+        }
+        let locals = slots
+            .iter()
+            .map(|&(_, len, at, h)| -> Result<_> { Ok(held[h].live()?.mr.slice(at, len)?) })
+            .collect::<Result<Vec<_>>>()?;
+        let first = next_wr_ids(bufs.len() as u64);
+        let ids = first..first + bufs.len() as u64;
+        let cq = conn.recv_cq();
+        cq.expect_ids(ids.clone());
+        if let Err(p) = conn.qp().post_recv_list(first, &locals) {
+            if p.posted > 0 {
+                // The ones posted must be flushed before their memory is let go.
+                drop(locals);
+                let mut rx = Receives {
+                    conn,
+                    pending: (0..bufs.len()).map(|i| i < p.posted).collect(),
+                    left: p.posted,
+                    slots,
+                    held,
+                    ids,
+                    ready: Vec::new(),
+                };
+                rx.flush_rest();
+                return Err(p.error.into());
+            }
+            cq.unexpect_ids(&ids);
+            return Err(p.error.into());
+        }
+        drop(locals);
+        Ok(Receives { conn, pending: vec![true; bufs.len()], left: bufs.len(), slots, held, ids, ready: Vec::new() })
+    }
+
+    /// Posts one receive into `len` bytes at `offset` of `local` and waits up to `timeout` for
+    /// a message; returns its length and immediate data. Bounce registrations copy staging ->
+    /// memory after.
+    ///
+    /// If no message comes in time, the connection's queue pair is moved to the error state
+    /// (so that the receive can no longer land in the buffer) before the error is returned:
+    /// the connection is then unusable.
+    pub fn recv(
+        &self,
+        conn: &Connection,
+        local: &Registered,
+        offset: u64,
+        len: u64,
+        timeout: Duration,
+    ) -> Result<(u32, Option<u32>)> {
+        let mut rx = self.post_recvs(conn, &[(local, offset, len)])?;
+        match rx.next(timeout) {
+            Ok(r) => Ok((r.byte_len, r.imm)),
+            Err(Error::Verbs(p2pbridge_verbs::Error::Timeout(..))) => {
+                drop(rx);
+                Err(Error::CompletionTimeout { what: "RECV", timeout })
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Receives<'_> {
+    /// How many receives have not completed yet.
+    pub fn pending(&self) -> usize {
+        self.left
+    }
+
+    /// Waits up to `timeout` for the next receive to complete (in the order messages arrive)
+    /// and returns it. Bounce registrations copy staging -> memory before it returns.
+    ///
+    /// A receive that completed with an error (flushed: the connection failed) is returned as
+    /// that error. No message within `timeout` is `Verbs(Timeout)`, and nothing changes: the
+    /// receives stay posted. A lost connection is `ConnectionLost`.
+    pub fn next(&mut self, timeout: Duration) -> Result<Received> {
+        if self.left == 0 && self.ready.is_empty() {
+            return Err(Error::InvalidArgument("every receive of this list has completed".into()));
+        }
+        let start = Instant::now();
+        while self.ready.is_empty() {
+            let left = timeout.saturating_sub(start.elapsed());
+            match self.conn.recv_cq().wait_ids(self.ids.clone(), left.min(FAULT_POLL), &mut self.ready) {
+                Ok(_) => {}
+                Err(p2pbridge_verbs::Error::Timeout(..)) => {
+                    if let Some(cause) = self.conn.fault() {
+                        return Err(p2pbridge_verbs::Error::ConnectionLost { cause }.into());
+                    }
+                    if start.elapsed() >= timeout {
+                        return Err(p2pbridge_verbs::Error::Timeout(timeout, "a receive").into());
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let wc = self.ready.remove(0);
+        let i = (wc.wr_id - self.ids.start) as usize;
+        self.settle(i);
+        if let Err(e) = wc.ok() {
+            return Err(match lost_within(self.conn, ATTRIBUTE_WAIT) {
+                Some(cause) => p2pbridge_verbs::Error::ConnectionLost { cause }.into(),
+                None => e.into(),
+            });
+        }
+        let (addr, len, at, h) = self.slots[i];
+        let held = &self.held[h];
+        let live = held.live()?;
+        if live.mr.staging().is_some() {
+            let _staging = live.bounce_lock();
+            stage_out(held.reg, live, addr, at, u64::from(wc.byte_len).min(len))?;
+        }
+        Ok(Received { index: i, byte_len: wc.byte_len, imm: wc.imm })
+    }
+
+    fn settle(&mut self, i: usize) {
+        if std::mem::replace(&mut self.pending[i], false) {
+            self.left -= 1;
+        }
+        if self.left == 0 {
+            self.conn.recv_cq().unexpect_ids(&self.ids);
+        }
+    }
+
+    /// Flushes the receives still posted (the queue pair to the error state) and reaps them.
+    fn flush_rest(&mut self) {
+        for wc in std::mem::take(&mut self.ready) {
+            self.settle((wc.wr_id - self.ids.start) as usize);
+        }
+        if self.left == 0 {
+            return;
+        }
+        let stuck = |rx: &mut Self| {
+            for h in &rx.held {
+                h.reg.pin_forever();
+            }
+        };
+        if self.conn.qp().set_error().is_err() {
+            return stuck(self);
+        }
+        let start = Instant::now();
+        let mut wcs = Vec::new();
+        while self.left > 0 {
+            let left = FLUSH_WAIT.saturating_sub(start.elapsed());
+            wcs.clear();
+            if left.is_zero() || self.conn.recv_cq().wait_ids(self.ids.clone(), left, &mut wcs).is_err() {
+                return stuck(self);
+            }
+            for wc in &wcs {
+                self.settle((wc.wr_id - self.ids.start) as usize);
+            }
+        }
+    }
+}
+
+impl Drop for Receives<'_> {
+    /// Receives still posted are flushed (the connection's queue pair is moved to the error
+    /// state) and reaped before the registrations are let go.
+    fn drop(&mut self) {
+        self.flush_rest();
+    }
+}
