@@ -1,0 +1,291 @@
+//! The transfer API on the Soft-RoCE fabric: batches of 1, 16 and 1024 descriptors mixing
+//! WRITE, READ and WRITE-with-immediate, verified byte for byte at both ends; a bad key in the
+//! middle of a batch; a handle dropped before completion; bounce registrations through the
+//! engine; 64 connections through one bridge sharing one completion queue.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use p2pbridge::gpu::{DeviceBuffer, HostBackend, MemoryBackend};
+use p2pbridge::verbs::fabric::{Side, SoftRoce};
+use p2pbridge::verbs::{
+    AccessFlags, CompletionQueue, Connection, ConnectionOptions, Listener, ProtectionDomain, QpState, WcStatus,
+};
+use p2pbridge::{Batch, Bridge, BridgeOptions, Error, Policy, Registered, RemoteKey, Status, Strategy};
+use p2pbridge_test_support::pattern;
+
+const BLK: u64 = 4096;
+
+fn fabric() -> SoftRoce {
+    SoftRoce::from_env().expect("this test needs the Soft-RoCE fabric: run it through scripts/test or scripts/softroce")
+}
+
+fn opts() -> ConnectionOptions {
+    ConnectionOptions { timeout: Duration::from_secs(30), rnr_retry_count: 7, ..Default::default() }
+}
+
+fn err(e: impl std::fmt::Display) -> p2pbridge::verbs::Error {
+    p2pbridge::verbs::Error::InvalidArgument(e.to_string())
+}
+
+/// One side: a bridge over a host backend, a buffer filled with `pattern(len, seed)`, and its
+/// registration.
+struct Host {
+    bridge: Bridge,
+    mem: HostBackend,
+    buf: Option<DeviceBuffer>,
+    reg: Option<Registered>,
+}
+
+impl Host {
+    fn new(pd: &ProtectionDomain, policy: Policy, len: usize, seed: u8, timeout: Duration) -> p2pbridge::verbs::Result<Host> {
+        let mem = HostBackend::new();
+        let o = BridgeOptions { policy, completion_timeout: timeout, ..Default::default() };
+        let bridge = Bridge::new(pd, vec![Arc::new(mem.clone())], o).map_err(err)?;
+        let buf = mem.alloc(len).map_err(err)?;
+        mem.copy_to_device(&buf, 0, &pattern(len, seed)).map_err(err)?;
+        let reg = bridge.register(buf.addr(), len as u64, AccessFlags::remote_rw()).map_err(err)?;
+        Ok(Host { bridge, mem, buf: Some(buf), reg: Some(reg) })
+    }
+
+    fn reg(&self) -> &Registered {
+        self.reg.as_ref().unwrap()
+    }
+
+    fn bytes(&self, offset: u64, len: u64) -> Vec<u8> {
+        let mut v = vec![0u8; len as usize];
+        self.mem.copy_from_device(self.buf.as_ref().unwrap(), offset, &mut v).unwrap();
+        v
+    }
+}
+
+/// A client (pattern 0x11) and a server (pattern 0x22) with `len`-byte buffers under `policy`,
+/// and the server's whole buffer handed to the client.
+fn pair(policy: Policy, len: usize, timeout: Duration) -> (Side<Host>, Side<Host>, RemoteKey) {
+    let (c, s) = fabric()
+        .connect_pair(
+            opts(),
+            move |pd| Ok((Host::new(pd, policy, len, 0x11, timeout)?, Vec::new())),
+            move |pd| Ok((Host::new(pd, policy, len, 0x22, timeout)?, Vec::new())),
+        )
+        .unwrap_or_else(|e| panic!("connection set-up failed: {e}"));
+    let key = s.state.bridge.hand_out(&s.conn, s.state.reg(), 0..len as u64).unwrap();
+    (c, s, key)
+}
+
+/// Descriptor `i` of a mixed batch: WRITE (i % 3 == 0), READ (1), WRITE with immediate `i` (2),
+/// each on block `i` of both buffers.
+fn mixed<'a>(n: usize, reg: &'a Registered, key: &'a RemoteKey) -> Batch<'a> {
+    let mut b = Batch::new();
+    for i in 0..n as u64 {
+        match i % 3 {
+            0 => b.write(reg, i * BLK, BLK, key, i * BLK),
+            1 => b.read(reg, i * BLK, BLK, key, i * BLK),
+            _ => b.write_imm(reg, i * BLK, BLK, key, i * BLK, i as u32),
+        };
+    }
+    b
+}
+
+/// Checks block `i` of both sides after a mixed batch: written blocks hold the client's
+/// pattern at the server, read blocks the server's pattern at the client, and the other side's
+/// copy of each block is untouched.
+fn check_mixed(c: &Host, s: &Host, n: usize) {
+    let (cp, sp) = (pattern(n * BLK as usize, 0x11), pattern(n * BLK as usize, 0x22));
+    let blk = |p: &[u8], i: u64| p[(i * BLK) as usize..((i + 1) * BLK) as usize].to_vec();
+    for i in 0..n as u64 {
+        let (at_c, at_s) = (c.bytes(i * BLK, BLK), s.bytes(i * BLK, BLK));
+        if i % 3 == 1 {
+            assert!(at_c == blk(&sp, i), "block {i} (READ): the client does not hold the server's bytes");
+            assert!(at_s == blk(&sp, i), "block {i} (READ): the server's block changed");
+        } else {
+            assert!(at_s == blk(&cp, i), "block {i} (WRITE): the server does not hold the client's bytes");
+            assert!(at_c == blk(&cp, i), "block {i} (WRITE): the client's block changed");
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs the Soft-RoCE fabric (scripts/test)"]
+fn rdma_transfer_batches_of_1_16_and_1024_mixing_write_read_and_immediates() {
+    for n in [1usize, 16, 1024] {
+        let (c, s, key) = pair(Policy::default(), n * BLK as usize, Duration::from_secs(30));
+        let imms = (0..n as u64).filter(|i| i % 3 == 2).count();
+        // The server takes one receive per WRITE with immediate: zero-length, posted first.
+        let slots: Vec<_> = (0..imms).map(|_| (s.state.reg(), 0, 0)).collect();
+        let mut rx = s.state.bridge.post_recvs(&s.conn, &slots).unwrap();
+        let mut t = c.state.bridge.post(&c.conn, mixed(n, c.state.reg(), &key)).unwrap();
+        assert_eq!(t.len(), n);
+        // Poll a while (the non-blocking path), then wait.
+        let start = Instant::now();
+        while !t.poll().unwrap() && start.elapsed() < Duration::from_millis(20) {}
+        t.wait().unwrap();
+        let mut got: Vec<u32> = (0..imms).map(|_| rx.next(Duration::from_secs(30)).unwrap().imm.unwrap()).collect();
+        got.sort_unstable();
+        let want: Vec<u32> = (0..n as u32).filter(|i| i % 3 == 2).collect();
+        assert_eq!(got, want, "batch of {n}: the immediates the server received");
+        assert_eq!(rx.pending(), 0);
+        check_mixed(&c.state, &s.state, n);
+        println!("batch of {n}: {n} descriptors verified, {imms} immediates received");
+    }
+}
+
+#[test]
+#[ignore = "needs the Soft-RoCE fabric (scripts/test)"]
+fn rdma_transfer_with_a_bad_key_in_the_middle_reports_each_descriptor() {
+    let n = 16u64;
+    let (c, s, key) = pair(Policy::default(), (n * BLK) as usize, Duration::from_secs(30));
+    // A key for the same range with a wrong rkey.
+    let mut raw = key.to_bytes();
+    raw[20] ^= 0x5a;
+    let bad = RemoteKey::from_bytes(&raw).unwrap();
+    let mut b = Batch::new();
+    for i in 0..n {
+        b.write(c.state.reg(), i * BLK, BLK, if i == 7 { &bad } else { &key }, i * BLK);
+    }
+    let mut t = c.state.bridge.post(&c.conn, b).unwrap();
+    while !t.is_done() {
+        if let Err(e) = t.poll() {
+            assert!(
+                matches!(e, Error::Verbs(p2pbridge::verbs::Error::WorkCompletion { status: WcStatus::RemoteAccess, .. })),
+                "the transfer's error names the bad key's completion: {e}"
+            );
+        }
+    }
+    let st = t.statuses().to_vec();
+    assert!(st[..7].iter().all(|s| *s == Status::Done), "before the bad key: done ({st:?})");
+    assert_eq!(st[7], Status::Failed(Some(WcStatus::RemoteAccess)), "the bad key's own cause");
+    assert!(st[8..].iter().all(|s| *s == Status::Flushed), "after it: flushed ({st:?})");
+    assert_eq!(c.conn.qp().state().unwrap(), QpState::Error, "an RC queue pair is in the error state");
+    // At the server: blocks 0..7 written, the bad one and those after it untouched.
+    let (cp, sp) = (pattern((n * BLK) as usize, 0x11), pattern((n * BLK) as usize, 0x22));
+    for i in 0..n {
+        let want = if i < 7 { &cp } else { &sp };
+        assert!(
+            s.state.bytes(i * BLK, BLK) == want[(i * BLK) as usize..((i + 1) * BLK) as usize],
+            "server block {i}"
+        );
+    }
+    // Later transfers on the connection fail at once; the registration is free to go.
+    drop(t);
+    let mut b = Batch::new();
+    b.write(c.state.reg(), 0, BLK, &key, 0);
+    assert!(c.state.bridge.post(&c.conn, b).and_then(|t| t.wait()).is_err());
+}
+
+#[test]
+#[ignore = "needs the Soft-RoCE fabric (scripts/test)"]
+fn rdma_transfer_dropped_before_completion_waits_for_the_nic_then_lets_go() {
+    // 1) Requests that complete: dropping the handle at once waits for them.
+    let mb = 1u64 << 20;
+    let (c, s, key) = pair(Policy::default(), (32 * mb) as usize, Duration::from_secs(2));
+    let mut b = Batch::new();
+    for i in 0..32 {
+        b.write(c.state.reg(), i * mb, mb, &key, i * mb);
+    }
+    drop(c.state.bridge.post(&c.conn, b).unwrap());
+    // Every byte landed (the drop returned only after the completions), and the connection
+    // still works: nothing of the dropped transfer is left to be mistaken for another's.
+    assert!(s.state.bytes(0, 32 * mb) == pattern((32 * mb) as usize, 0x11));
+    c.state.bridge.read(&c.conn, c.state.reg(), 0, BLK, &key, 0).unwrap();
+
+    // 2) A request that never completes (a SEND with no receive posted, retried for ever):
+    // the drop moves the queue pair to the error state once the timeout passes, reaps the
+    // flush, and only then lets the registration go.
+    let mut b = Batch::new();
+    b.send(c.state.reg(), 0, BLK, None);
+    let t = c.state.bridge.post(&c.conn, b).unwrap();
+    let start = Instant::now();
+    drop(t);
+    let took = start.elapsed();
+    assert!(took >= Duration::from_secs(2), "the drop waited for the completion timeout ({took:?})");
+    assert_eq!(c.conn.qp().state().unwrap(), QpState::Error);
+    // The memory is now free to go: the free's revocation does not wait for anything.
+    let mut c = c;
+    let start = Instant::now();
+    drop(c.state.reg.take());
+    drop(c.state.buf.take());
+    assert!(start.elapsed() < Duration::from_secs(2), "nothing held the registration after the drop");
+    assert_eq!(c.state.bridge.cache_usage().0, 0, "the registration was revoked with its memory");
+}
+
+#[test]
+#[ignore = "needs the Soft-RoCE fabric (scripts/test)"]
+fn rdma_transfer_of_bounce_registrations_runs_through_the_engine() {
+    let policy = Policy::default().require(Strategy::Bounce);
+    let n = 48usize;
+    let (c, s, key) = pair(policy, n * BLK as usize, Duration::from_secs(30));
+    assert_eq!(c.state.reg().strategy(), Strategy::Bounce);
+    // The server's staging holds its memory's bytes for the client's READs.
+    s.state.bridge.publish(s.state.reg()).unwrap();
+    let slots: Vec<_> = (0..n / 3).map(|_| (s.state.reg(), 0, 0)).collect();
+    let mut rx = s.state.bridge.post_recvs(&s.conn, &slots).unwrap();
+    c.state.bridge.post(&c.conn, mixed(n, c.state.reg(), &key)).unwrap().wait().unwrap();
+    for _ in 0..n / 3 {
+        rx.next(Duration::from_secs(30)).unwrap();
+    }
+    // What the client wrote sits in the server's staging until flushed into its memory.
+    s.state.bridge.flush(s.state.reg()).unwrap();
+    check_mixed(&c.state, &s.state, n);
+}
+
+#[test]
+#[ignore = "needs the Soft-RoCE fabric (scripts/test)"]
+fn rdma_64_connections_through_one_bridge_share_one_completion_queue() {
+    const CONNS: usize = 64;
+    const PER: u64 = 4;
+    let fab = fabric();
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let b = fab.b.clone();
+    let server = std::thread::spawn(move || {
+        b.enter().unwrap();
+        let pd = ProtectionDomain::new(&p2pbridge::verbs::Context::open(&b.device).unwrap()).unwrap();
+        let host = Host::new(&pd, Policy::default(), CONNS * (PER * BLK) as usize, 0x22, Duration::from_secs(30)).unwrap();
+        let l = Listener::bind((b.addr, 0).into()).unwrap();
+        port_tx.send(l.local_addr()).unwrap();
+        let mut conns = Vec::new();
+        for i in 0..CONNS as u64 {
+            let req = l.get_request(Duration::from_secs(60)).unwrap();
+            // Each connection gets the key to its own part of the buffer.
+            let conn = req.accept(&pd, &opts()).unwrap();
+            let key = host.bridge.hand_out(&conn, host.reg(), i * PER * BLK..(i + 1) * PER * BLK).unwrap();
+            host.bridge.send_key(&conn, &key).unwrap();
+            conns.push(conn);
+        }
+        done_rx.recv().unwrap();
+        let all = host.bytes(0, CONNS as u64 * PER * BLK);
+        drop(conns);
+        all
+    });
+    fab.a.enter().unwrap();
+    let pd = ProtectionDomain::new(&p2pbridge::verbs::Context::open(&fab.a.device).unwrap()).unwrap();
+    let host = Host::new(&pd, Policy::default(), CONNS * (PER * BLK) as usize, 0x11, Duration::from_secs(30)).unwrap();
+    let cq = Arc::new(CompletionQueue::new(pd.context(), 4096).unwrap());
+    let to = port_rx.recv().unwrap();
+    let mut conns: Vec<(Connection, RemoteKey)> = Vec::new();
+    for _ in 0..CONNS {
+        let o = ConnectionOptions { send_cq: Some(cq.clone()), send_depth: 16, ..opts() };
+        let conn = Connection::connect(&pd, to, &o).unwrap();
+        let key = host.bridge.recv_key(&conn, Duration::from_secs(30)).unwrap();
+        conns.push((conn, key));
+    }
+    // Every connection's batch in flight at once, then all waited for.
+    let transfers: Vec<_> = conns
+        .iter()
+        .enumerate()
+        .map(|(i, (conn, key))| {
+            let mut b = Batch::new();
+            for j in 0..PER {
+                b.write(host.reg(), (i as u64 * PER + j) * BLK, BLK, key, j * BLK);
+            }
+            host.bridge.post(conn, b).unwrap()
+        })
+        .collect();
+    for t in transfers {
+        t.wait().unwrap();
+    }
+    done_tx.send(()).unwrap();
+    let all = server.join().unwrap();
+    assert!(all == pattern(CONNS * (PER * BLK) as usize, 0x11), "every connection's blocks landed in its part");
+}
