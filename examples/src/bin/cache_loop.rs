@@ -5,23 +5,101 @@
 //! cargo build --release -p p2pbridge-examples && scripts/softroce target/release/cache_loop
 //! ```
 //!
+//! On one machine, in loopback on one RDMA device (both ends on it, in this process):
+//!
+//! ```text
+//! cache_loop --device mlx5_0                  # at the first IPv4 address of its GID table
+//! cache_loop --device mlx5_0 --addr 192.0.2.10
+//! ```
+//!
 //! Each round allocates a buffer on the server, registers it (a miss: a new registration),
 //! registers it again (a hit: the cached one), hands its key to the client, and frees it. The
 //! free notifies the bridge first, which revokes the key at the NIC and deregisters; the next
 //! allocation often gets the same address, and gets a new registration with a new generation.
 //! The client then writes with the old key: its NIC refuses it, and the new buffer is unchanged.
+//!
+//! Both ends run in this one process, always: the example frees the server's memory and
+//! checks, on the server's bridge and its memory, what the client's write with an old key did,
+//! so it needs both in view. It has no `--server`/`--client` (the other examples do).
+//!
+//! Exit status: 0 done, every old key refused and nothing leaked; 1 failed while running
+//! (printed as `cache_loop: ERROR`), a key accepted after its free included; 2 usage error.
 
-use std::time::Duration;
+use std::net::IpAddr;
+use std::process::ExitCode;
 
-use p2pbridge::verbs::fabric::SoftRoce;
-use p2pbridge::verbs::{AccessFlags, ConnectionOptions, Error as VerbsError, WcStatus};
+use clap::{CommandFactory, Parser};
+use p2pbridge::verbs::fabric::{Host, SoftRoce};
+use p2pbridge::verbs::{AccessFlags, Context, Error as VerbsError, WcStatus};
 use p2pbridge::Error;
-use p2pbridge_examples::{bridged, verbs_err};
+use p2pbridge_examples::{bridged, conn_opts, exit_status, verbs_err, Res, EXIT_CODES};
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let fabric = SoftRoce::from_env().ok_or("run it under scripts/softroce (two Soft-RoCE hosts)")?;
+/// Registration caching while buffers are freed and reallocated: cache misses and hits, new
+/// generations, and old keys refused by the bridge and by the NIC.
+///
+/// Both ends (the server whose buffers churn, and the client that writes with an old key) run
+/// in this one process, always: the example checks the server's bridge and memory after the
+/// client's write, so it has no --server/--client. With no arguments it runs across the two
+/// Soft-RoCE hosts of scripts/softroce; with --device, in loopback on that device (run it in
+/// the network namespace that has the device's address).
+#[derive(Parser, Debug)]
+#[command(
+    name = "cache_loop",
+    version,
+    override_usage = "cache_loop [--rounds N] [--device NAME [--addr IP]]",
+    after_help = EXIT_CODES
+)]
+struct Args {
+    /// Run both ends in loopback on this RDMA device (`ibv_devices`, `p2pbridge probe`)
+    #[arg(long, value_name = "NAME")]
+    device: Option<String>,
+    /// With --device: the device's IP address to connect over (default: the first IPv4 address
+    /// in its GID table)
+    #[arg(long, value_name = "IP", requires = "device")]
+    addr: Option<IpAddr>,
+    /// How many allocate-register-free rounds
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    rounds: u32,
+}
+
+/// The first IPv4 address in `device`'s GID table (RoCE GIDs of IPv4 addresses are v4-mapped).
+fn device_ipv4(device: &str) -> Res<IpAddr> {
+    let ctx = Context::open(device)?;
+    ctx.gids()?
+        .iter()
+        .find_map(|g| g.as_ipv6().to_ipv4_mapped())
+        .map(IpAddr::V4)
+        .ok_or_else(|| format!("{device} has no IPv4 address in its GID table: give --addr IP").into())
+}
+
+/// Where the two ends run: the Soft-RoCE hosts, or one device twice (loopback).
+fn fabric(args: &Args) -> Res<SoftRoce> {
+    match &args.device {
+        Some(device) => {
+            let addr = match args.addr {
+                Some(a) => a,
+                None => device_ipv4(device)?,
+            };
+            println!("loopback on {device} ({addr})");
+            let host = Host { netns: String::new(), addr, device: device.clone() };
+            Ok(SoftRoce { a: host.clone(), b: host, kernel: String::new() })
+        }
+        // Outside scripts/softroce, no arguments is a usage error.
+        None => Ok(SoftRoce::from_env().unwrap_or_else(|| {
+            Args::command()
+                .error(
+                    clap::error::ErrorKind::MissingRequiredArgument,
+                    "give --device NAME (loopback on one device), or run with no arguments under scripts/softroce (two Soft-RoCE hosts)",
+                )
+                .exit()
+        })),
+    }
+}
+
+fn run(args: Args) -> Res {
+    let fabric = fabric(&args)?;
     let (client, server) = fabric.connect_pair(
-        ConnectionOptions { timeout: Duration::from_secs(60), ..Default::default() },
+        conn_opts(),
         move |pd| {
             let (mem, bridge, _) = bridged(pd)?;
             let buf = mem.alloc(1 << 20).map_err(verbs_err)?;
@@ -34,7 +112,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (_, cbridge, _, creg) = &client.state;
     println!("{what}; keys are memory windows: {:?}", bridge.key_windows());
     let mut old_keys = Vec::new();
-    let (mut reused, rounds) = (0, 20);
+    let (mut reused, rounds) = (0, args.rounds);
     let mut last_addr = 0;
     for round in 0..rounds {
         let buf = mem.alloc(1 << 20)?;
@@ -78,7 +156,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(k) = old_keys.last() {
         match cbridge.write(&client.conn, creg, 0, 4096, k, 0) {
             Err(Error::Verbs(VerbsError::WorkCompletion { status: WcStatus::RemoteAccess, .. })) => refused += 1,
-            other => return Err(format!("a write with a freed buffer's key was not refused: {other:?}").into()),
+            Err(e) => {
+                return Err(format!("a write with a freed buffer's key failed otherwise than refused: {e}").into())
+            }
+            Ok(()) => return Err("a write with a freed buffer's key was not refused".into()),
         }
     }
     let mut now = vec![0u8; 1 << 20];
@@ -100,4 +181,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("ok");
     Ok(())
+}
+
+fn main() -> ExitCode {
+    exit_status("cache_loop", run(Args::parse()))
 }

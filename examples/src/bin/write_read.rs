@@ -1,6 +1,6 @@
 //! A client writes a buffer into a server's buffer over RDMA, then reads it back.
 //!
-//! On the Soft-RoCE fabric (both sides in this one process, each in its own host's network
+//! On the Soft-RoCE fabric (both halves in this one process, each in its own host's network
 //! namespace):
 //!
 //! ```text
@@ -8,7 +8,7 @@
 //! scripts/softroce target/release/write_read --size 16MiB
 //! ```
 //!
-//! Across two machines:
+//! Across two machines (both with the same `--size`):
 //!
 //! ```text
 //! server$ write_read --server 192.0.2.10:7471 --size 16MiB
@@ -16,57 +16,58 @@
 //! ```
 //!
 //! The server registers a buffer for remote read and write and sends its descriptor (address,
-//! length, rkey) in rdma_cm's private data; the client RDMA WRITEs a pattern into it, the
-//! server (or, in one process, the example itself) checks it, the client RDMA READs it back
-//! and compares.
+//! length, rkey) in rdma_cm's private data; the client RDMA WRITEs a pattern into it, RDMA
+//! READs it back and compares byte for byte ("read-back matches: true"). Once the client has
+//! disconnected, the server checks that its buffer holds the pattern ("server buffer matches:
+//! true"), and exits (after `--clients N` clients, default 1).
+//!
+//! Exit status: 0 done, every check passed; 1 failed while running (printed as
+//! `write_read: ERROR`), a mismatch included; 2 usage error.
 
-use std::net::SocketAddr;
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use p2pbridge_verbs::fabric::SoftRoce;
+use clap::Parser;
+use p2pbridge_examples::{conn_opts, exit_status, run_halves, Endpoint, Mode, Res, EXIT_CODES, SERVE_FOR};
+use p2pbridge_verbs::fabric::Side;
 use p2pbridge_verbs::{
-    AccessFlags, Connection, ConnectionOptions, Context, Error, HostBuffer, Listener, MemoryRegion, ProtectionDomain,
-    RemoteBuf, SendFlags,
+    AccessFlags, Connection, Error, HostBuffer, MemoryRegion, ProtectionDomain, RemoteBuf, SendFlags,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A client RDMA WRITEs a buffer into a server's buffer, RDMA READs it back, and both check
+/// it byte for byte.
+///
+/// With neither --server nor --client it runs both halves across the two Soft-RoCE hosts of
+/// scripts/softroce.
+#[derive(Parser, Debug)]
+#[command(
+    name = "write_read",
+    version,
+    override_usage = "write_read [--size SIZE] [--server ADDR:PORT [--clients N] | --client ADDR:PORT --device NAME]",
+    after_help = EXIT_CODES
+)]
 struct Args {
+    /// Bytes to write and read back (4096, 64KiB, 16MiB, 1GiB); server and client need the same
+    #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_size)]
     size: usize,
-    server: Option<SocketAddr>,
-    client: Option<SocketAddr>,
-    device: Option<String>,
+    #[command(flatten)]
+    endpoint: Endpoint,
 }
 
-fn parse_size(s: &str) -> Option<usize> {
+fn parse_size(s: &str) -> Result<usize, String> {
     let (num, mul) = match s {
         s if s.ends_with("GiB") => (&s[..s.len() - 3], 1 << 30),
         s if s.ends_with("MiB") => (&s[..s.len() - 3], 1 << 20),
         s if s.ends_with("KiB") => (&s[..s.len() - 3], 1 << 10),
         s => (s, 1),
     };
-    num.parse::<usize>().ok()?.checked_mul(mul).filter(|&n| n > 0)
-}
-
-fn parse_args() -> Result<Args, String> {
-    let mut a = Args { size: 16 << 20, server: None, client: None, device: None };
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        let mut v = || it.next().ok_or_else(|| format!("{k} needs a value"));
-        match k.as_str() {
-            "--size" => a.size = parse_size(&v()?).ok_or("--size: a positive size such as 4096, 64KiB, 16MiB")?,
-            "--server" => a.server = Some(v()?.parse().map_err(|e| format!("--server: {e}"))?),
-            "--client" => a.client = Some(v()?.parse().map_err(|e| format!("--client: {e}"))?),
-            "--device" => a.device = Some(v()?),
-            "-h" | "--help" => {
-                return Err(String::from(
-                    "usage: write_read [--size N] [--server IP:PORT | --client IP:PORT --device NAME]",
-                ))
-            }
-            other => return Err(format!("unknown argument {other}")),
-        }
-    }
-    Ok(a)
+    num.parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("'{s}' is not a positive size such as 4096, 64KiB, 16MiB"))
 }
 
 fn pattern(len: usize) -> Vec<u8> {
@@ -77,7 +78,7 @@ fn mib_per_s(bytes: usize, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / (1 << 20) as f64
 }
 
-/// The client's half: write `src` to `remote`, read it back into `back`.
+/// The client's transfers: write `src` to `remote`, read it back into `back`.
 fn write_then_read(
     conn: &Connection,
     src: &MemoryRegion<HostBuffer>,
@@ -95,111 +96,79 @@ fn write_then_read(
     Ok((write, t.elapsed()))
 }
 
-fn report(size: usize, write: Duration, read: Duration) {
-    println!("RDMA WRITE {size} B in {write:?}: {:.1} MiB/s", mib_per_s(size, write));
-    println!("RDMA READ  {size} B in {read:?}: {:.1} MiB/s", mib_per_s(size, read));
-}
+/// The client's buffers: the pattern to write, and room to read it back into.
+type ClientState = (MemoryRegion<HostBuffer>, MemoryRegion<HostBuffer>);
 
-fn client_buffers(
-    pd: &ProtectionDomain,
-    size: usize,
-) -> Result<(MemoryRegion<HostBuffer>, MemoryRegion<HostBuffer>), Error> {
+fn client_setup(pd: &ProtectionDomain, size: usize) -> Result<(ClientState, Vec<u8>), Error> {
     let src = pd.register(HostBuffer::new(size)?, AccessFlags::LOCAL_WRITE)?;
     src.bytes().copy_from(&pattern(size)[..]);
     let back = pd.register(HostBuffer::new(size)?, AccessFlags::LOCAL_WRITE)?;
-    Ok((src, back))
+    Ok(((src, back), Vec::new()))
 }
 
-fn on_fabric(fabric: SoftRoce, size: usize) -> Result<(), Error> {
-    println!(
-        "Soft-RoCE: client {} ({}) -> server {} ({}), kernel {}",
-        fabric.a.device, fabric.a.addr, fabric.b.device, fabric.b.addr, fabric.kernel
-    );
-    let opts = ConnectionOptions { timeout: TIMEOUT, ..Default::default() };
-    let (client, server) = fabric.connect_pair(
-        opts,
-        move |pd| Ok((client_buffers(pd, size)?, Vec::new())),
-        move |pd| {
-            let mr = pd.register(HostBuffer::new(size)?, AccessFlags::remote_rw())?;
-            let desc = mr.remote().to_bytes().to_vec();
-            Ok((mr, desc))
-        },
-    )?;
-    let remote = RemoteBuf::from_bytes(client.conn.remote_private_data())?;
-    println!("server buffer: addr {:#x}, {} B, rkey {:#x}", remote.addr, remote.len, remote.rkey);
-    let (src, back) = &client.state;
-    let (w, r) = write_then_read(&client.conn, src, back, remote)?;
-    let server_ok = server.state.to_vec() == src.to_vec();
-    let back_ok = back.to_vec() == src.to_vec();
-    report(size, w, r);
-    println!("server buffer matches: {server_ok}; read-back matches: {back_ok}");
-    if server_ok && back_ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidArgument("data mismatch".into()))
-    }
-}
-
-fn serve(addr: SocketAddr, size: usize) -> Result<(), Error> {
-    let listener = Listener::bind(addr)?;
-    println!("listening on {}", listener.local_addr());
-    let req = listener.get_request(Duration::from_secs(3600))?;
-    let dev = req.device_name().ok_or_else(|| Error::InvalidArgument("request on an unknown device".into()))?;
-    let pd = ProtectionDomain::new(&Context::open(&dev)?)?;
+/// The server's buffer, registered for remote read and write; its descriptor goes to the
+/// client as the accept's private data.
+fn server_setup(pd: &ProtectionDomain, size: usize) -> Result<(MemoryRegion<HostBuffer>, Vec<u8>), Error> {
     let mr = pd.register(HostBuffer::new(size)?, AccessFlags::remote_rw())?;
-    let opts =
-        ConnectionOptions { private_data: mr.remote().to_bytes().to_vec(), timeout: TIMEOUT, ..Default::default() };
-    let conn = req.accept(&pd, &opts)?;
-    println!("client connected on {dev}; waiting for it to finish");
-    conn.wait_disconnect(Duration::from_secs(3600))?;
-    let ok = mr.to_vec() == pattern(size).as_slice();
-    println!("buffer holds the client's pattern: {ok}");
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidArgument("data mismatch".into()))
-    }
+    let desc = mr.remote().to_bytes().to_vec();
+    Ok((mr, desc))
 }
 
-fn connect(addr: SocketAddr, device: &str, size: usize) -> Result<(), Error> {
-    let pd = ProtectionDomain::new(&Context::open(device)?)?;
-    let (src, back) = client_buffers(&pd, size)?;
-    let conn = Connection::connect(&pd, addr, &ConnectionOptions { timeout: TIMEOUT, ..Default::default() })?;
-    let remote = RemoteBuf::from_bytes(conn.remote_private_data())?;
-    if remote.len < size as u64 {
-        return Err(Error::InvalidArgument(format!("the server's buffer has {} B, fewer than --size", remote.len)));
+/// The client half: write, read back, compare.
+fn client_half(side: Side<ClientState>, size: usize) -> Res {
+    let remote = RemoteBuf::from_bytes(side.conn.remote_private_data())?;
+    println!("server buffer: addr {:#x}, {} B, rkey {:#x}", remote.addr, remote.len, remote.rkey);
+    if remote.len != size as u64 {
+        return Err(format!(
+            "the server's buffer has {} B, this client's --size is {size} B: give both the same --size",
+            remote.len
+        )
+        .into());
     }
-    let (w, r) = write_then_read(&conn, &src, &back, remote)?;
-    report(size, w, r);
+    let (src, back) = &side.state;
+    let (w, r) = write_then_read(&side.conn, src, back, remote)?;
+    println!("RDMA WRITE {size} B in {w:?}: {:.1} MiB/s", mib_per_s(size, w));
+    println!("RDMA READ  {size} B in {r:?}: {:.1} MiB/s", mib_per_s(size, r));
     let ok = back.to_vec() == src.to_vec();
     println!("read-back matches: {ok}");
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidArgument("data mismatch".into()))
+    if !ok {
+        return Err("data mismatch: the buffer read back differs from the one written".into());
     }
+    Ok(())
 }
 
-fn main() {
-    let args = parse_args().unwrap_or_else(|e| {
-        eprintln!("write_read: {e}");
-        std::process::exit(2)
-    });
-    let r = match (args.server, args.client, SoftRoce::from_env()) {
-        (Some(a), None, _) => serve(a, args.size),
-        (None, Some(a), _) => match &args.device {
-            Some(d) => connect(a, d, args.size),
-            None => Err(Error::InvalidArgument("--client needs --device NAME (see p2pb-devices)".into())),
-        },
-        (None, None, Some(f)) => on_fabric(f, args.size),
-        (None, None, None) => Err(Error::InvalidArgument(
-            "no Soft-RoCE fabric here: run `scripts/softroce target/release/write_read`, or give --server/--client"
-                .into(),
-        )),
-        (Some(_), Some(_), _) => Err(Error::InvalidArgument("--server and --client exclude each other".into())),
-    };
-    if let Err(e) = r {
-        eprintln!("write_read: {e}");
-        std::process::exit(1);
+/// The server half: wait for the client to finish (disconnect), then check the buffer.
+fn server_half(side: Side<MemoryRegion<HostBuffer>>, size: usize) -> Res {
+    side.conn.wait_disconnect(SERVE_FOR)?;
+    let ok = side.state.to_vec() == pattern(size);
+    println!("server buffer matches: {ok}");
+    if !ok {
+        return Err("data mismatch: the server's buffer does not hold the client's pattern (did the client fail, or run with another --size?)".into());
     }
+    Ok(())
+}
+
+fn run(args: Args) -> Res {
+    let size = args.size;
+    let mode = args.endpoint.mode::<Args>();
+    if let Mode::Fabric(f) = &mode {
+        println!(
+            "Soft-RoCE: client {} ({}) -> server {} ({}), kernel {}",
+            f.a.device, f.a.addr, f.b.device, f.b.addr, f.kernel
+        );
+    }
+    run_halves(
+        mode,
+        conn_opts(),
+        move |pd| client_setup(pd, size),
+        move |pd| server_setup(pd, size),
+        |side| client_half(side, size),
+        |side| server_half(side, size),
+    )?;
+    println!("ok");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    exit_status("write_read", run(Args::parse()))
 }
