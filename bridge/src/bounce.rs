@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use p2pbridge_gpu::MemoryBackend;
 use p2pbridge_verbs::{
-    AccessFlags, CompletionQueue, Connection, HostBuffer, MemoryRegion, ProtectionDomain, SendFlags,
+    AccessFlags, CompletionQueue, Connection, HostBuffer, MemoryRegion, ProtectionDomain, RemoteSlice, SendFlags,
 };
 
 use crate::error::{Error, Result};
@@ -62,8 +62,9 @@ impl std::fmt::Debug for BounceEngine {
     }
 }
 
-/// The work requests one transfer has posted and not yet reaped, oldest first.
-type InFlight = VecDeque<(u64, usize)>;
+/// The work requests one transfer has posted and not yet reaped, oldest first: (id, slot,
+/// chunk).
+type InFlight = VecDeque<(u64, usize, usize)>;
 
 impl BounceEngine {
     /// Registers `cfg.ring` staging buffers of `cfg.chunk` bytes on `pd` for `backend`.
@@ -107,7 +108,7 @@ impl BounceEngine {
         let err = r.err().unwrap_or(Error::InvalidArgument("bounce transfer ended with work in flight".into()));
         let cq = conn.send_cq();
         let mut flushed = conn.qp().set_error().is_ok();
-        for (id, _) in inflight.drain(..) {
+        for (id, _, _) in inflight.drain(..) {
             if !flushed {
                 cq.unexpect(id);
             } else if !matches!(cq.wait_wr(id, FLUSH_WAIT), Ok(_) | Err(p2pbridge_verbs::Error::WorkCompletion { .. })) {
@@ -138,12 +139,38 @@ impl BounceEngine {
         remote: &RemoteKey,
         remote_offset: u64,
     ) -> Result<()> {
-        self.usable()?;
-        remote.slice(remote_offset, len)?;
-        let mut inflight = InFlight::new();
         // SAFETY: forwarded from the caller.
-        let r = unsafe { self.write_chunks(conn, addr, len, remote, remote_offset, &mut inflight) };
-        self.settle(conn, &mut inflight, r)
+        unsafe { self.write_many(conn, &[Piece { addr, len, remote, remote_offset }]) }.map_err(|(_, e)| e)
+    }
+
+    /// Copies each piece's memory to its remote range by RDMA WRITE, all pieces' chunks
+    /// pipelined through one ring (as many in flight as the ring has slots); returns when every
+    /// chunk has completed. On failure, the error comes with how many pieces (from the first)
+    /// had fully completed.
+    ///
+    /// # Safety
+    /// As [`write`](Self::write), for every piece.
+    pub unsafe fn write_many(&mut self, conn: &Connection, pieces: &[Piece<'_>]) -> std::result::Result<(), (usize, Error)> {
+        let chunks = self.plan(pieces).map_err(|e| (0, e))?;
+        let mut inflight = InFlight::new();
+        let mut done = 0;
+        // SAFETY: forwarded from the caller.
+        let r = unsafe { self.write_chunks(conn, &chunks, &mut inflight, &mut done) };
+        self.settle(conn, &mut inflight, r).map_err(|e| (done, e))
+    }
+
+    /// Every piece's chunks, in order: (piece, memory address, remote slice, length).
+    fn plan(&self, pieces: &[Piece<'_>]) -> Result<Vec<Chunk>> {
+        self.usable()?;
+        let mut chunks = Vec::new();
+        for (p, piece) in pieces.iter().enumerate() {
+            piece.remote.slice(piece.remote_offset, piece.len)?;
+            for (off, n) in self.chunks(piece.len) {
+                let rs = piece.remote.slice(piece.remote_offset + off, n as u64)?;
+                chunks.push(Chunk { piece: p, addr: piece.addr + off, remote: rs, len: n, last: off + n as u64 == piece.len });
+            }
+        }
+        Ok(chunks)
     }
 
     /// # Safety
@@ -151,38 +178,35 @@ impl BounceEngine {
     unsafe fn write_chunks(
         &self,
         conn: &Connection,
-        addr: u64,
-        len: u64,
-        remote: &RemoteKey,
-        remote_offset: u64,
+        chunks: &[Chunk],
         inflight: &mut InFlight,
+        done: &mut usize,
     ) -> Result<()> {
         let cq = conn.send_cq();
-        for (i, (off, n)) in self.chunks(len).enumerate() {
+        for (i, c) in chunks.iter().enumerate() {
             let slot = i % self.slots.len();
             if inflight.len() == self.slots.len() {
-                reap_front(cq, inflight, self.cfg.timeout)?;
+                reap_front(cq, inflight, self.cfg.timeout, chunks, done)?;
             }
             let mr = &self.slots[slot];
             // SAFETY: the slot's WRITE has completed (or it was never used), and `&mut self`
             // keeps every other transfer off it, so neither the NIC nor another thread reads
-            // it now; `n <= chunk`, the slot's size. The source is the caller's contract.
+            // it now; `len <= chunk`, the slot's size. The source is the caller's contract.
             unsafe {
-                let dst = std::slice::from_raw_parts_mut(mr.raw_ptr(), n);
-                self.backend.copy_from_addr(addr + off, dst)?;
+                let dst = std::slice::from_raw_parts_mut(mr.raw_ptr(), c.len);
+                self.backend.copy_from_addr(c.addr, dst)?;
             }
-            let rs = remote.slice(remote_offset + off, n as u64)?;
-            let local = mr.slice(..n as u64)?;
+            let local = mr.slice(..c.len as u64)?;
             let id = next_wr_id();
             cq.expect(id);
-            if let Err(e) = conn.qp().post_write(id, &local, &rs, SendFlags::SIGNALED) {
+            if let Err(e) = conn.qp().post_write(id, &local, &c.remote, SendFlags::SIGNALED) {
                 cq.unexpect(id);
                 return Err(e.into());
             }
-            inflight.push_back((id, slot));
+            inflight.push_back((id, slot, i));
         }
         while !inflight.is_empty() {
-            reap_front(cq, inflight, self.cfg.timeout)?;
+            reap_front(cq, inflight, self.cfg.timeout, chunks, done)?;
         }
         Ok(())
     }
@@ -200,12 +224,23 @@ impl BounceEngine {
         remote: &RemoteKey,
         remote_offset: u64,
     ) -> Result<()> {
-        self.usable()?;
-        remote.slice(remote_offset, len)?;
-        let mut inflight = InFlight::new();
         // SAFETY: forwarded from the caller.
-        let r = unsafe { self.read_chunks(conn, addr, len, remote, remote_offset, &mut inflight) };
-        self.settle(conn, &mut inflight, r)
+        unsafe { self.read_many(conn, &[Piece { addr, len, remote, remote_offset }]) }.map_err(|(_, e)| e)
+    }
+
+    /// Reads each piece's remote range into its memory by RDMA READ, all pieces' chunks
+    /// pipelined through one ring; returns when every chunk is in place. On failure, the error
+    /// comes with how many pieces (from the first) were fully in place.
+    ///
+    /// # Safety
+    /// As [`write`](Self::write), for every piece; the memory is written.
+    pub unsafe fn read_many(&mut self, conn: &Connection, pieces: &[Piece<'_>]) -> std::result::Result<(), (usize, Error)> {
+        let chunks = self.plan(pieces).map_err(|e| (0, e))?;
+        let mut inflight = InFlight::new();
+        let mut done = 0;
+        // SAFETY: forwarded from the caller.
+        let r = unsafe { self.read_chunks(conn, &chunks, &mut inflight, &mut done) };
+        self.settle(conn, &mut inflight, r).map_err(|e| (done, e))
     }
 
     /// # Safety
@@ -213,40 +248,40 @@ impl BounceEngine {
     unsafe fn read_chunks(
         &self,
         conn: &Connection,
-        addr: u64,
-        len: u64,
-        remote: &RemoteKey,
-        remote_offset: u64,
+        chunks: &[Chunk],
         inflight: &mut InFlight,
+        done: &mut usize,
     ) -> Result<()> {
         let cq = conn.send_cq();
-        let chunks: Vec<(u64, usize)> = self.chunks(len).collect();
         let ring = self.slots.len();
         let post = |i: usize, inflight: &mut InFlight| -> Result<()> {
-            let (off, n) = chunks[i];
-            let rs = remote.slice(remote_offset + off, n as u64)?;
-            let local = self.slots[i % ring].slice(..n as u64)?;
+            let c = &chunks[i];
+            let local = self.slots[i % ring].slice(..c.len as u64)?;
             let id = next_wr_id();
             cq.expect(id);
-            if let Err(e) = conn.qp().post_read(id, &local, &rs, SendFlags::SIGNALED) {
+            if let Err(e) = conn.qp().post_read(id, &local, &c.remote, SendFlags::SIGNALED) {
                 cq.unexpect(id);
                 return Err(e.into());
             }
-            inflight.push_back((id, i % ring));
+            inflight.push_back((id, i % ring, i));
             Ok(())
         };
         for i in 0..chunks.len().min(ring) {
             post(i, inflight)?;
         }
-        for (i, &(off, n)) in chunks.iter().enumerate() {
-            let slot = reap_front(cq, inflight, self.cfg.timeout)?;
+        for (i, c) in chunks.iter().enumerate() {
+            // Counted done only once copied out (below): reap without counting.
+            let slot = reap_front(cq, inflight, self.cfg.timeout, chunks, &mut 0)?;
             let mr = &self.slots[slot];
             // SAFETY: chunk i's READ has completed, so the NIC no longer writes the slot (it
             // has only local rights: no peer can), and `&mut self` keeps other transfers off
             // it; the destination is the caller's contract.
             unsafe {
-                let src = std::slice::from_raw_parts(mr.raw_ptr(), n);
-                self.backend.copy_to_addr(addr + off, src)?;
+                let src = std::slice::from_raw_parts(mr.raw_ptr(), c.len);
+                self.backend.copy_to_addr(c.addr, src)?;
+            }
+            if c.last {
+                *done = c.piece + 1;
             }
             if i + ring < chunks.len() {
                 post(i + ring, inflight)?;
@@ -256,16 +291,51 @@ impl BounceEngine {
     }
 }
 
-/// Reaps the oldest request in flight and returns its slot. A completion with an error status
-/// is reaped (out of `inflight`) and returned as the error; on a timeout (or a failed poll) the
-/// request stays in `inflight`, still the NIC's, for [`BounceEngine::settle`] to flush.
-fn reap_front(cq: &CompletionQueue, inflight: &mut InFlight, timeout: Duration) -> Result<usize> {
-    let &(id, slot) = inflight.front().ok_or(Error::InvalidArgument("no bounce chunk in flight".into()))?;
+/// One piece of a [`BounceEngine::write_many`] or [`read_many`](BounceEngine::read_many):
+/// `len` bytes of backend memory at `addr`, and the remote range at `remote_offset` of
+/// `remote`.
+#[derive(Debug, Clone, Copy)]
+pub struct Piece<'a> {
+    /// The backend memory's address.
+    pub addr: u64,
+    /// Bytes.
+    pub len: u64,
+    /// The peer's key.
+    pub remote: &'a RemoteKey,
+    /// Where in the key's range.
+    pub remote_offset: u64,
+}
+
+/// One chunk of a piece: one work request through one slot.
+struct Chunk {
+    piece: usize,
+    addr: u64,
+    remote: RemoteSlice,
+    len: usize,
+    /// The piece's last chunk.
+    last: bool,
+}
+
+/// Reaps the oldest request in flight and returns its slot; a WRITE chunk that was its piece's
+/// last completes the piece (`done`). A completion with an error status is reaped (out of
+/// `inflight`) and returned as the error; on a timeout (or a failed poll) the request stays in
+/// `inflight`, still the NIC's, for [`BounceEngine::settle`] to flush.
+fn reap_front(
+    cq: &CompletionQueue,
+    inflight: &mut InFlight,
+    timeout: Duration,
+    chunks: &[Chunk],
+    done: &mut usize,
+) -> Result<usize> {
+    let &(id, slot, i) = inflight.front().ok_or(Error::InvalidArgument("no bounce chunk in flight".into()))?;
     match cq.wait_wr(id, timeout) {
         // Reaped: completed, or failed with a status.
         r @ (Ok(_) | Err(p2pbridge_verbs::Error::WorkCompletion { .. })) => {
             inflight.pop_front();
             r?;
+            if chunks[i].last {
+                *done = chunks[i].piece + 1;
+            }
             Ok(slot)
         }
         // A timeout, or polling failed: still the NIC's, left for `settle` to flush.

@@ -436,12 +436,14 @@ impl<'a> Transfer<'a> {
                 if self.resolved < self.posted {
                     return;
                 }
-                let r = self.run_bounce(i);
-                self.posted += 1;
+                let (n, r) = self.run_bounce(i);
+                self.posted += n;
                 match r {
-                    Ok(()) => self.status[i] = Status::Done,
-                    Err(e) => {
-                        self.status[i] = Status::Failed(wc_status(&e));
+                    Ok(()) => self.status[i..i + n].fill(Status::Done),
+                    Err((done, e)) => {
+                        self.status[i..i + done].fill(Status::Done);
+                        self.status[i + done] = Status::Failed(wc_status(&e));
+                        self.status[i + done + 1..i + n].fill(Status::Failed(None));
                         self.error = Some(e);
                     }
                 }
@@ -519,50 +521,77 @@ impl<'a> Transfer<'a> {
             .collect()
     }
 
-    /// Runs bounce descriptor `i` to completion: WRITE and READ through the engine, SEND and
-    /// WRITE-with-immediate through the registration's staging buffer.
-    fn run_bounce(&mut self, i: usize) -> Result<()> {
+    /// Runs bounce descriptors from `i` to completion, and returns how many: a run of WRITEs
+    /// (or of READs) of one backend goes through its engine as one pipeline (the ring's depth
+    /// in flight); a SEND or WRITE-with-immediate goes through its registration's staging
+    /// buffer, alone. On failure: how many of the run were done, and the error.
+    fn run_bounce(&mut self, i: usize) -> (usize, std::result::Result<(), (usize, Error)>) {
+        let d = self.descs[i];
+        let reg = self.held[self.at[i].1].reg;
+        let Some(backend) = reg.backend.clone() else {
+            return (1, Err((0, Error::InvalidArgument("a bounce registration without a backend".into()))));
+        };
+        if matches!(d.op, Op::Write | Op::Read) {
+            let same = |e: &Desc<'_>| {
+                e.op == d.op
+                    && self.is_bounce(e)
+                    && e.local.handle.value().backend.as_ref().is_some_and(|b| Arc::ptr_eq(b, &backend))
+            };
+            let n = self.descs[i..].iter().take_while(|e| same(e)).count();
+            let pieces = self.descs[i..i + n]
+                .iter()
+                .map(|e| {
+                    let (key, off) = e.remote.ok_or(Error::InvalidArgument("an RDMA descriptor without a key".into()))?;
+                    Ok(crate::bounce::Piece { addr: e.local.addr + e.offset, len: e.len, remote: key, remote_offset: off })
+                })
+                .collect::<Result<Vec<_>>>();
+            let pieces = match pieces {
+                Ok(p) => p,
+                Err(e) => return (n, Err((0, e))),
+            };
+            let (conn, write) = (self.conn, d.op == Op::Write);
+            let r = self.bridge.inner.engines.with(self.bridge, &backend, |e| {
+                // SAFETY: every piece's registration is held live (this transfer's guards), and
+                // a free of its memory revokes it first, waiting for the guard: the memory stays.
+                Ok(unsafe { if write { e.write_many(conn, &pieces) } else { e.read_many(conn, &pieces) } })
+            });
+            return match r {
+                Ok(r) => (n, r),
+                Err(e) => (n, Err((0, e))),
+            };
+        }
+        (1, self.run_staged(i).map_err(|e| (0, e)))
+    }
+
+    /// Runs bounce descriptor `i` (a SEND or WRITE-with-immediate) through its registration's
+    /// staging buffer, to completion.
+    fn run_staged(&self, i: usize) -> Result<()> {
         let d = self.descs[i];
         let (at, h) = self.at[i];
         let reg = self.held[h].reg;
-        let live = self.held[h].guard.as_ref().ok_or(Error::Revoked)?;
-        let backend = reg.backend.clone().ok_or(Error::InvalidArgument("a bounce registration without a backend".into()))?;
-        let addr = d.local.addr + d.offset;
+        let live = self.held[h].live()?;
         let conn = self.conn;
-        match (d.op, d.remote) {
-            (Op::Write, Some((key, off))) => self.bridge.inner.engines.with(self.bridge, &backend, |e| {
-                // SAFETY: the registration is held live (this transfer's guard), and the
-                // memory's free revokes it first, waiting for the guard: the memory stays.
-                unsafe { e.write(conn, addr, d.len, key, off) }
-            }),
-            (Op::Read, Some((key, off))) => self.bridge.inner.engines.with(self.bridge, &backend, |e| {
-                // SAFETY: as above.
-                unsafe { e.read(conn, addr, d.len, key, off) }
-            }),
-            (op, remote) => {
-                let _staging = live.bounce_lock();
-                stage_in(reg, live, addr, at, d.len)?;
-                let local = live.mr.slice(at, d.len)?;
-                let sop = match (op, remote) {
-                    (Op::WriteImm(imm), Some((key, off))) => SendOp::WriteImm(key.slice(off, d.len)?, imm),
-                    (Op::Send(imm), _) => SendOp::Send(imm),
-                    _ => return Err(Error::InvalidArgument("an RDMA descriptor without a key".into())),
-                };
-                let id = crate::completion::next_wr_id();
-                let cq = conn.send_cq();
-                cq.expect(id);
-                if let Err(p) = conn.qp().post_send_list(&[SendWr { wr_id: id, op: sop, local, flags: SendFlags::SIGNALED }]) {
-                    cq.unexpect(id);
-                    return Err(p.error.into());
-                }
-                let timeout = self.bridge.inner.core.completion_timeout;
-                let r = crate::completion::reap_on(conn, cq, id, timeout, "a bounce SEND or WRITE with immediate");
-                if matches!(r, Err(Error::DeviceStuck { .. })) {
-                    reg.pin_forever();
-                }
-                r.map(|_| ())
-            }
+        let _staging = live.bounce_lock();
+        stage_in(reg, live, d.local.addr + d.offset, at, d.len)?;
+        let local = live.mr.slice(at, d.len)?;
+        let op = match (d.op, d.remote) {
+            (Op::WriteImm(imm), Some((key, off))) => SendOp::WriteImm(key.slice(off, d.len)?, imm),
+            (Op::Send(imm), _) => SendOp::Send(imm),
+            _ => return Err(Error::InvalidArgument("an RDMA descriptor without a key".into())),
+        };
+        let id = crate::completion::next_wr_id();
+        let cq = conn.send_cq();
+        cq.expect(id);
+        if let Err(p) = conn.qp().post_send_list(&[SendWr { wr_id: id, op, local, flags: SendFlags::SIGNALED }]) {
+            cq.unexpect(id);
+            return Err(p.error.into());
         }
+        let timeout = self.bridge.inner.core.completion_timeout;
+        let r = crate::completion::reap_on(conn, cq, id, timeout, "a bounce SEND or WRITE with immediate");
+        if matches!(r, Err(Error::DeviceStuck { .. })) {
+            reg.pin_forever();
+        }
+        r.map(|_| ())
     }
 
     fn give_back(&mut self, n: u32) {

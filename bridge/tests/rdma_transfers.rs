@@ -289,3 +289,31 @@ fn rdma_64_connections_through_one_bridge_share_one_completion_queue() {
     let all = server.join().unwrap();
     assert!(all == pattern(CONNS * (PER * BLK) as usize, 0x11), "every connection's blocks landed in its part");
 }
+
+#[test]
+#[ignore = "needs the Soft-RoCE fabric (scripts/test)"]
+fn rdma_metadata_of_many_keys_travels_over_the_connection() {
+    const KEYS: u64 = 256;
+    let (c, s, _) = pair(Policy::default(), (KEYS * BLK) as usize, Duration::from_secs(30));
+    // One key per block, tagged by block number, in one blob over the connection.
+    let mut md = p2pbridge::Metadata::new();
+    for i in 0..KEYS {
+        md.insert(i, s.state.bridge.hand_out(&s.conn, s.state.reg(), i * BLK..(i + 1) * BLK).unwrap());
+    }
+    assert!(md.to_bytes().len() > 8192, "more than rdma_cm private data or one small message carries");
+    let (sb, sc) = (s.state.bridge.clone(), &s.conn);
+    std::thread::scope(|sc_| {
+        let sender = sc_.spawn(move || sb.send_metadata(sc, &md));
+        let got = c.state.bridge.recv_metadata(&c.conn, Duration::from_secs(30), 1 << 20).unwrap();
+        sender.join().unwrap().unwrap();
+        assert_eq!(got.len(), KEYS as usize);
+        // Each key reaches its own block, and only it.
+        let sp = pattern((KEYS * BLK) as usize, 0x22);
+        for i in [0, 37, KEYS - 1] {
+            let key = got.get(i).unwrap();
+            c.state.bridge.read(&c.conn, c.state.reg(), 0, BLK, key, 0).unwrap();
+            assert!(c.state.bytes(0, BLK) == sp[(i * BLK) as usize..((i + 1) * BLK) as usize], "block {i}");
+            assert!(key.slice(BLK, 1).is_err(), "key {i} covers one block");
+        }
+    });
+}
