@@ -44,6 +44,10 @@ pub fn run(fabric: &SoftRoce, tool: &str, size: usize, p: &Params) -> Result<Fig
         let mut v: Vec<String> = vec![tool.into(), "-d".into(), dev.into(), "-s".into(), size.to_string()];
         v.extend(["-D".into(), format!("{}", p.seconds.ceil().max(1.0) as u64), "-F".into()]);
         v.extend(["-t".into(), p.depth.to_string(), "-Q".into(), p.cq_mod.to_string()]);
+        if tool == "ib_write_bw" {
+            // No inline, as on our side (READs never are).
+            v.extend(["-I".into(), "0".into()]);
+        }
         v
     };
     let mut server = netns_cmd(&fabric.b.netns, &common(&fabric.b.device))

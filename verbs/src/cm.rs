@@ -354,6 +354,9 @@ fn conn_param(opts: &ConnectionOptions, max_private: usize) -> Result<sys::rdma_
     })
 }
 
+/// How often [`Connection::fault`] reads the connection's events at most.
+pub const FAULT_CHECK_INTERVAL: Duration = Duration::from_millis(1);
+
 /// Largest private data on a connect request (RC over IB/RoCE).
 pub const MAX_CONNECT_PRIVATE_DATA: usize = 56;
 /// Largest private data on an accept.
@@ -376,8 +379,9 @@ pub struct Connection {
     on_close: std::sync::Mutex<Vec<Box<dyn FnOnce() + Send>>>,
     /// The port the connection runs on.
     port: u8,
-    /// Why the connection was lost, once known (see [`Connection::fault`]).
-    fault: std::sync::Mutex<Option<crate::Fault>>,
+    /// Why the connection was lost, once known, and when its events were last read (see
+    /// [`Connection::fault`]).
+    fault: std::sync::Mutex<(Option<crate::Fault>, Option<std::time::Instant>)>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -484,9 +488,17 @@ impl Connection {
     /// events of its id (DISCONNECTED, DEVICE_REMOVAL, ADDR_CHANGE) and the device's
     /// asynchronous events (device fatal, its port down, its QP failed) without blocking.
     /// Once lost, always lost: a new connection is needed.
+    ///
+    /// The events are read at most every [`FAULT_CHECK_INTERVAL`] (a read is a system call);
+    /// calls in between answer from the last read.
     pub fn fault(&self) -> Option<crate::Fault> {
         use sys::rdma_cm_event_type as t;
-        let mut f = self.fault.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.fault.lock().unwrap_or_else(|e| e.into_inner());
+        let (f, checked) = &mut *st;
+        if f.is_some() || checked.is_some_and(|c| c.elapsed() < FAULT_CHECK_INTERVAL) {
+            return *f;
+        }
+        *checked = Some(std::time::Instant::now());
         if f.is_none() {
             while let Ok(Some(ev)) = next_event(&self.id.channel, Duration::ZERO) {
                 let cause = match ev.kind {
