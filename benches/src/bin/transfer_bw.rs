@@ -13,7 +13,8 @@
 //! - `bounce` at 1 MiB and 4 MiB: a bounce registration (the engine, ring = depth) against a
 //!   direct one, same size and depth;
 //! - `conns` with 1, 8 and 64 connections through one bridge sharing one completion queue:
-//!   aggregate 64 KiB WRITE bandwidth against one connection's, and CPU time per MiB moved.
+//!   aggregate 64 KiB WRITE bandwidth against one connection's (the same requests in flight in
+//!   all: DEPTH, spread over the connections, at least one each), and CPU time per MiB moved.
 //!
 //! Exit codes: 0 done (targets are reported, not enforced), 1 a measurement failed, 2 usage.
 
@@ -281,13 +282,16 @@ fn run(a: &Args, fabric: &SoftRoce) -> p2pbridge::Result<Vec<RowResult>> {
     if want("bounce") {
         for size in [1u64 << 20, 4 << 20] {
             let mut pairs = Vec::new();
-            // The engine runs a transfer's bounce WRITEs as one pipeline of `depth` chunks.
-            let group = 64;
+            // The engine runs a transfer's bounce WRITEs as one pipeline of `depth` chunks; a
+            // transfer blocks until its last chunk is done (and counts only then), so both
+            // sides get at least 4 s to keep that granularity small.
+            let group = depth;
+            let secs = a.seconds.max(4.0);
             for i in 0..a.pairs {
                 let (b, d) = pair(
                     i,
-                    || drive(&bounce.bridge, &one, &bounce.reg, false, size, depth, group, a.seconds),
-                    || drive(&direct.bridge, &one, &direct.reg, false, size, depth, 1, a.seconds),
+                    || drive(&bounce.bridge, &one, &bounce.reg, false, size, depth, group, secs),
+                    || drive(&direct.bridge, &one, &direct.reg, false, size, depth, 1, secs),
                 )?;
                 eprintln!("bounce {}: pair {}: bounce {:.1}, direct {:.1} MiB/s", size_name(size), i + 1, b.mib_s(), d.mib_s());
                 pairs.push((b.mib_s(), d.mib_s()));
@@ -356,9 +360,12 @@ fn connections(
             for i in 0..a.pairs {
                 let many: Vec<_> = conns[..n].iter().map(|(c, k)| (c, k)).collect();
                 let one: Vec<_> = conns[..1].iter().map(|(c, k)| (c, k)).collect();
+                // The same requests in flight in all (DEPTH, or one per connection where there
+                // are more connections), spread over the connections.
+                let per = (a.depth / n).max(1);
                 let (m, o) = pair(
                     i,
-                    || drive(&client.bridge, &many, &client.reg, false, size, a.depth, 1, a.seconds),
+                    || drive(&client.bridge, &many, &client.reg, false, size, per, 1, a.seconds),
                     || drive(&client.bridge, &one, &client.reg, false, size, a.depth, 1, a.seconds),
                 )?;
                 eprintln!("{n} connections: pair {}: {:.1} MiB/s, 1 connection {:.1} MiB/s", i + 1, m.mib_s(), o.mib_s());
@@ -373,7 +380,8 @@ fn connections(
                 pairs,
                 target: if n == 64 { 0.9 } else { 0.0 },
                 note: format!(
-                    "depth {} per connection, one shared CQ; CPU {:.1} us/MiB ({n}) vs {:.1} us/MiB (1)",
+                    "{} in flight per connection (1 connection: {}), one shared CQ; CPU {:.1} us/MiB ({n}) vs {:.1} us/MiB (1)",
+                    (a.depth / n).max(1),
                     a.depth,
                     cpu.0 / k * 1e6,
                     cpu.1 / k * 1e6

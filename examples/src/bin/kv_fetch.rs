@@ -14,7 +14,8 @@
 //!
 //! The server sends the block size in rdma_cm's private data and one key for the whole block
 //! pool over the connection; the client computes each block's offset and posts one RDMA READ
-//! per block (`fetch`), then checks every block byte for byte. (A real serving system would
+//! per block, all in one batch (`fetch`: `Bridge::post`, every block in flight at once), then
+//! checks every block byte for byte. (A real serving system would
 //! also send which blocks hold which sequence; here the client just picks indices.) The
 //! server serves until the client disconnects, and exits (after `--clients N` clients,
 //! default 1).
@@ -93,10 +94,13 @@ fn fetch(
     block: u64,
     wanted: &[usize],
 ) -> p2pbridge::Result<()> {
+    // One batch: every block's READ in flight at once (chained posts, selective signalling),
+    // then one wait for them all.
+    let mut batch = p2pbridge::Batch::new();
     for (slot, &b) in wanted.iter().enumerate() {
-        bridge.read(conn, reg, slot as u64 * block, block, key, b as u64 * block)?;
+        batch.read(reg, slot as u64 * block, block, key, b as u64 * block);
     }
-    Ok(())
+    bridge.post(conn, batch)?.wait()
 }
 
 /// The client half: the pool's key and block size, the fetch, and every block checked.
