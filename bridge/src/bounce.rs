@@ -19,9 +19,9 @@ use p2pbridge_verbs::{
     AccessFlags, CompletionQueue, Connection, HostBuffer, MemoryRegion, ProtectionDomain, RemoteSlice, SendFlags,
 };
 
+use crate::completion::{next_wr_id, FLUSH_WAIT};
 use crate::error::{Error, Result};
 use crate::key::RemoteKey;
-use crate::completion::{next_wr_id, FLUSH_WAIT};
 
 /// Chunking of the engine.
 #[derive(Debug, Clone, Copy)]
@@ -111,7 +111,8 @@ impl BounceEngine {
         for (id, _, _) in inflight.drain(..) {
             if !flushed {
                 cq.unexpect(id);
-            } else if !matches!(cq.wait_wr(id, FLUSH_WAIT), Ok(_) | Err(p2pbridge_verbs::Error::WorkCompletion { .. })) {
+            } else if !matches!(cq.wait_wr(id, FLUSH_WAIT), Ok(_) | Err(p2pbridge_verbs::Error::WorkCompletion { .. }))
+            {
                 // Not reaped (no flush, or polling failed): the NIC may still use the slot.
                 flushed = false;
             }
@@ -150,7 +151,11 @@ impl BounceEngine {
     ///
     /// # Safety
     /// As [`write`](Self::write), for every piece.
-    pub unsafe fn write_many(&mut self, conn: &Connection, pieces: &[Piece<'_>]) -> std::result::Result<(), (usize, Error)> {
+    pub unsafe fn write_many(
+        &mut self,
+        conn: &Connection,
+        pieces: &[Piece<'_>],
+    ) -> std::result::Result<(), (usize, Error)> {
         let chunks = self.plan(pieces).map_err(|e| (0, e))?;
         let mut inflight = InFlight::new();
         let mut done = 0;
@@ -167,7 +172,13 @@ impl BounceEngine {
             piece.remote.slice(piece.remote_offset, piece.len)?;
             for (off, n) in self.chunks(piece.len) {
                 let rs = piece.remote.slice(piece.remote_offset + off, n as u64)?;
-                chunks.push(Chunk { piece: p, addr: piece.addr + off, remote: rs, len: n, last: off + n as u64 == piece.len });
+                chunks.push(Chunk {
+                    piece: p,
+                    addr: piece.addr + off,
+                    remote: rs,
+                    len: n,
+                    last: off + n as u64 == piece.len,
+                });
             }
         }
         Ok(chunks)
@@ -234,7 +245,11 @@ impl BounceEngine {
     ///
     /// # Safety
     /// As [`write`](Self::write), for every piece; the memory is written.
-    pub unsafe fn read_many(&mut self, conn: &Connection, pieces: &[Piece<'_>]) -> std::result::Result<(), (usize, Error)> {
+    pub unsafe fn read_many(
+        &mut self,
+        conn: &Connection,
+        pieces: &[Piece<'_>],
+    ) -> std::result::Result<(), (usize, Error)> {
         let chunks = self.plan(pieces).map_err(|e| (0, e))?;
         let mut inflight = InFlight::new();
         let mut done = 0;

@@ -120,4 +120,3 @@ pub(crate) fn check_connection(conn: &Connection) -> Result<()> {
 pub(crate) fn reap(conn: &Connection, wr_id: u64, timeout: Duration) -> Result<WorkCompletion> {
     reap_on(conn, conn.send_cq(), wr_id, timeout, "a memory window bind")
 }
-

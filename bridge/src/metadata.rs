@@ -207,7 +207,9 @@ impl crate::Bridge {
         let ack = pd.register(HostBuffer::new(8)?, AccessFlags::LOCAL_WRITE)?;
         let aid = next_wr_id();
         conn.send_cq().expect(aid);
-        conn.qp().post_send(aid, &ack.slice(..)?, None, SendFlags::SIGNALED).inspect_err(|_| conn.send_cq().unexpect(aid))?;
+        conn.qp()
+            .post_send(aid, &ack.slice(..)?, None, SendFlags::SIGNALED)
+            .inspect_err(|_| conn.send_cq().unexpect(aid))?;
         reap_on(conn, conn.send_cq(), aid, t, "SEND of a metadata receipt")?;
         md
     }

@@ -95,13 +95,27 @@ impl<'a> Batch<'a> {
         Batch { descs: Vec::new() }
     }
 
-    fn push(&mut self, op: Op, local: &'a Registered, offset: u64, len: u64, remote: Option<(&'a RemoteKey, u64)>) -> &mut Self {
+    fn push(
+        &mut self,
+        op: Op,
+        local: &'a Registered,
+        offset: u64,
+        len: u64,
+        remote: Option<(&'a RemoteKey, u64)>,
+    ) -> &mut Self {
         self.descs.push(Desc { op, local, offset, len, remote });
         self
     }
 
     /// RDMA WRITE of `len` bytes at `offset` of `local` to `remote` at `remote_offset`.
-    pub fn write(&mut self, local: &'a Registered, offset: u64, len: u64, remote: &'a RemoteKey, remote_offset: u64) -> &mut Self {
+    pub fn write(
+        &mut self,
+        local: &'a Registered,
+        offset: u64,
+        len: u64,
+        remote: &'a RemoteKey,
+        remote_offset: u64,
+    ) -> &mut Self {
         self.push(Op::Write, local, offset, len, Some((remote, remote_offset)))
     }
 
@@ -119,7 +133,14 @@ impl<'a> Batch<'a> {
     }
 
     /// RDMA READ of `len` bytes from `remote` at `remote_offset` into `local` at `offset`.
-    pub fn read(&mut self, local: &'a Registered, offset: u64, len: u64, remote: &'a RemoteKey, remote_offset: u64) -> &mut Self {
+    pub fn read(
+        &mut self,
+        local: &'a Registered,
+        offset: u64,
+        len: u64,
+        remote: &'a RemoteKey,
+        remote_offset: u64,
+    ) -> &mut Self {
         self.push(Op::Read, local, offset, len, Some((remote, remote_offset)))
     }
 
@@ -422,7 +443,10 @@ impl<'a> Transfer<'a> {
     }
 
     fn timeout_error(&self) -> Error {
-        Error::CompletionTimeout { what: "a transfer's work requests", timeout: self.bridge.inner.core.completion_timeout }
+        Error::CompletionTimeout {
+            what: "a transfer's work requests",
+            timeout: self.bridge.inner.core.completion_timeout,
+        }
     }
 
     /// Posts what can be posted now: bounce descriptors run to completion; direct ones go as
@@ -505,7 +529,8 @@ impl<'a> Transfer<'a> {
                 let live = self.live(i).ok_or(Error::Revoked)?;
                 let local = live.mr.slice(self.at[i].0, d.len)?;
                 let remote = |d: &Desc<'_>| -> Result<_> {
-                    let (key, off) = d.remote.ok_or(Error::InvalidArgument("an RDMA descriptor without a key".into()))?;
+                    let (key, off) =
+                        d.remote.ok_or(Error::InvalidArgument("an RDMA descriptor without a key".into()))?;
                     key.slice(off, d.len)
                 };
                 let op = match d.op {
@@ -541,8 +566,14 @@ impl<'a> Transfer<'a> {
             let pieces = self.descs[i..i + n]
                 .iter()
                 .map(|e| {
-                    let (key, off) = e.remote.ok_or(Error::InvalidArgument("an RDMA descriptor without a key".into()))?;
-                    Ok(crate::bounce::Piece { addr: e.local.addr + e.offset, len: e.len, remote: key, remote_offset: off })
+                    let (key, off) =
+                        e.remote.ok_or(Error::InvalidArgument("an RDMA descriptor without a key".into()))?;
+                    Ok(crate::bounce::Piece {
+                        addr: e.local.addr + e.offset,
+                        len: e.len,
+                        remote: key,
+                        remote_offset: off,
+                    })
                 })
                 .collect::<Result<Vec<_>>>();
             let pieces = match pieces {
@@ -553,7 +584,13 @@ impl<'a> Transfer<'a> {
             let r = self.bridge.inner.engines.with(self.bridge, &backend, |e| {
                 // SAFETY: every piece's registration is held live (this transfer's guards), and
                 // a free of its memory revokes it first, waiting for the guard: the memory stays.
-                Ok(unsafe { if write { e.write_many(conn, &pieces) } else { e.read_many(conn, &pieces) } })
+                Ok(unsafe {
+                    if write {
+                        e.write_many(conn, &pieces)
+                    } else {
+                        e.read_many(conn, &pieces)
+                    }
+                })
             });
             return match r {
                 Ok(r) => (n, r),

@@ -38,7 +38,13 @@ struct Host {
 }
 
 impl Host {
-    fn new(pd: &ProtectionDomain, policy: Policy, len: usize, seed: u8, timeout: Duration) -> p2pbridge::verbs::Result<Host> {
+    fn new(
+        pd: &ProtectionDomain,
+        policy: Policy,
+        len: usize,
+        seed: u8,
+        timeout: Duration,
+    ) -> p2pbridge::verbs::Result<Host> {
         let mem = HostBackend::new();
         let o = BridgeOptions { policy, completion_timeout: timeout, ..Default::default() };
         let bridge = Bridge::new(pd, vec![Arc::new(mem.clone())], o).map_err(err)?;
@@ -147,7 +153,10 @@ fn rdma_transfer_with_a_bad_key_in_the_middle_reports_each_descriptor() {
     while !t.is_done() {
         if let Err(e) = t.poll() {
             assert!(
-                matches!(e, Error::Verbs(p2pbridge::verbs::Error::WorkCompletion { status: WcStatus::RemoteAccess, .. })),
+                matches!(
+                    e,
+                    Error::Verbs(p2pbridge::verbs::Error::WorkCompletion { status: WcStatus::RemoteAccess, .. })
+                ),
                 "the transfer's error names the bad key's completion: {e}"
             );
         }
@@ -161,10 +170,7 @@ fn rdma_transfer_with_a_bad_key_in_the_middle_reports_each_descriptor() {
     let (cp, sp) = (pattern((n * BLK) as usize, 0x11), pattern((n * BLK) as usize, 0x22));
     for i in 0..n {
         let want = if i < 7 { &cp } else { &sp };
-        assert!(
-            s.state.bytes(i * BLK, BLK) == want[(i * BLK) as usize..((i + 1) * BLK) as usize],
-            "server block {i}"
-        );
+        assert!(s.state.bytes(i * BLK, BLK) == want[(i * BLK) as usize..((i + 1) * BLK) as usize], "server block {i}");
     }
     // Later transfers on the connection fail at once; the registration is free to go.
     drop(t);
@@ -241,7 +247,8 @@ fn rdma_64_connections_through_one_bridge_share_one_completion_queue() {
     let server = std::thread::spawn(move || {
         b.enter().unwrap();
         let pd = ProtectionDomain::new(&p2pbridge::verbs::Context::open(&b.device).unwrap()).unwrap();
-        let host = Host::new(&pd, Policy::default(), CONNS * (PER * BLK) as usize, 0x22, Duration::from_secs(30)).unwrap();
+        let host =
+            Host::new(&pd, Policy::default(), CONNS * (PER * BLK) as usize, 0x22, Duration::from_secs(30)).unwrap();
         let l = Listener::bind((b.addr, 0).into()).unwrap();
         port_tx.send(l.local_addr()).unwrap();
         let mut conns = Vec::new();

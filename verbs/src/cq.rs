@@ -275,7 +275,13 @@ impl CompletionQueue {
 
     /// Polls the CQ dry; completions `pick` accepts go to `out`, the others are set aside
     /// (waking their waiters). Returns how many went to `out`.
-    fn drain(&self, st: &mut Stash, pick: &dyn Fn(&WorkCompletion, &Stash) -> bool, out: &mut Vec<WorkCompletion>, max: usize) -> Result<usize> {
+    fn drain(
+        &self,
+        st: &mut Stash,
+        pick: &dyn Fn(&WorkCompletion, &Stash) -> bool,
+        out: &mut Vec<WorkCompletion>,
+        max: usize,
+    ) -> Result<usize> {
         let mut taken = 0;
         let mut i = 0;
         while i < st.reaped.len() && taken < max {
@@ -434,7 +440,12 @@ impl CompletionQueue {
     /// `ids` is taken into `out` (error statuses included), then takes every such completion
     /// there is; returns how many. The ids should be marked with [`expect_ids`](Self::expect_ids)
     /// from before they are posted until they are all reaped.
-    pub fn wait_ids(&self, ids: std::ops::Range<u64>, timeout: Duration, out: &mut Vec<WorkCompletion>) -> Result<usize> {
+    pub fn wait_ids(
+        &self,
+        ids: std::ops::Range<u64>,
+        timeout: Duration,
+        out: &mut Vec<WorkCompletion>,
+    ) -> Result<usize> {
         self.wait_take(timeout, &|w, _| ids.contains(&w.wr_id), out, usize::MAX)
     }
 

@@ -62,7 +62,8 @@ impl SharedReceiveQueue {
     /// ids `first_id`, `first_id + 1`, …, as one chained list. A bad slice posts nothing; a
     /// refusal part-way (the SRQ is full) says how many went.
     pub fn post_recv_list(&self, first_id: u64, locals: &[LocalSlice<'_>]) -> std::result::Result<(), PostListError> {
-        let refuse = |msg: &str| PostListError { posted: 0, error: Error::InvalidArgument(format!("SRQ receive: {msg}")) };
+        let refuse =
+            |msg: &str| PostListError { posted: 0, error: Error::InvalidArgument(format!("SRQ receive: {msg}")) };
         for l in locals {
             if l.pd != Arc::as_ptr(&self.pd) {
                 return Err(refuse("the local memory region belongs to another protection domain than the SRQ"));

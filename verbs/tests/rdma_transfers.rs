@@ -212,3 +212,81 @@ fn implicit_odp_mr_receives_rdma_write() {
     client.conn.send_cq().wait_one(TIMEOUT).unwrap();
     assert!(server.state.1.as_slice() == client.state.to_vec());
 }
+
+/// Two connections take their receives from one shared receive queue, posted as one list, and
+/// report them on one shared receive CQ: every message lands in a receive of the pool, whole,
+/// and each receive is used once.
+#[test]
+#[ignore = "needs the Soft-RoCE fabric (scripts/test)"]
+fn rdma_two_connections_share_a_receive_queue_and_a_completion_queue() {
+    use p2pbridge_verbs::{CompletionQueue, Connection, Context, Listener, ProtectionDomain, SharedReceiveQueue};
+    use std::sync::Arc;
+    const MSG: usize = 4096;
+    const PER: usize = 3;
+    let fab = common::fabric();
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let b = fab.b.clone();
+    let server = std::thread::spawn(move || {
+        b.enter().unwrap();
+        let pd = ProtectionDomain::new(&Context::open(&b.device).unwrap()).unwrap();
+        let srq = Arc::new(SharedReceiveQueue::new(&pd, 64).unwrap());
+        let cq = Arc::new(CompletionQueue::new(pd.context(), 64).unwrap());
+        let pool = host_mr(&pd, 2 * PER * MSG, AccessFlags::LOCAL_WRITE).unwrap();
+        let slots: Vec<_> =
+            (0..2 * PER as u64).map(|i| pool.slice(i * MSG as u64..(i + 1) * MSG as u64).unwrap()).collect();
+        srq.post_recv_list(100, &slots).unwrap();
+        let l = Listener::bind((b.addr, 0).into()).unwrap();
+        port_tx.send(l.local_addr()).unwrap();
+        let o = ConnectionOptions { srq: Some(srq.clone()), recv_cq: Some(cq.clone()), ..Default::default() };
+        let conns: Vec<Connection> = (0..2).map(|_| l.get_request(TIMEOUT).unwrap().accept(&pd, &o).unwrap()).collect();
+        assert!(conns.iter().all(|c| c.srq().is_some()));
+        ready_tx.send(()).unwrap();
+        let mut wcs = Vec::new();
+        while wcs.len() < 2 * PER {
+            cq.wait_ids(100..100 + 2 * PER as u64, TIMEOUT, &mut wcs).unwrap();
+        }
+        let qpns: Vec<u32> = conns.iter().map(|c| c.qp().qp_num()).collect();
+        (wcs, qpns, pool.to_vec())
+    });
+    fab.a.enter().unwrap();
+    let pd = ProtectionDomain::new(&Context::open(&fab.a.device).unwrap()).unwrap();
+    let to = port_rx.recv().unwrap();
+    let conns: Vec<Connection> =
+        (0..2).map(|_| Connection::connect(&pd, to, &ConnectionOptions::default()).unwrap()).collect();
+    ready_rx.recv().unwrap();
+    let src = host_mr(&pd, 2 * PER * MSG, AccessFlags::LOCAL_WRITE).unwrap();
+    src.bytes().copy_from(&pattern(2 * PER * MSG, 0x77)[..]);
+    for (c, conn) in conns.iter().enumerate() {
+        for m in 0..PER {
+            let at = ((c * PER + m) * MSG) as u64;
+            conn.qp()
+                .post_send(
+                    m as u64,
+                    &src.slice(at..at + MSG as u64).unwrap(),
+                    Some((c * PER + m) as u32),
+                    SendFlags::SIGNALED,
+                )
+                .unwrap();
+            conn.send_cq().wait_wr(m as u64, TIMEOUT).unwrap();
+        }
+    }
+    let (wcs, qpns, pool) = server.join().unwrap();
+    let sent = pattern(2 * PER * MSG, 0x77);
+    let mut used: Vec<u64> = wcs.iter().map(|w| w.wr_id).collect();
+    used.sort_unstable();
+    used.dedup();
+    assert_eq!(used.len(), 2 * PER, "each receive of the pool was used once");
+    for w in &wcs {
+        assert_eq!(w.status, p2pbridge_verbs::WcStatus::Success);
+        assert_eq!(w.byte_len as usize, MSG);
+        let msg = w.imm.unwrap() as usize;
+        // The message's connection: the first PER came over the first.
+        assert_eq!(w.qp_num, qpns[msg / PER], "message {msg} was reported for its own connection");
+        let slot = (w.wr_id - 100) as usize;
+        assert!(
+            pool[slot * MSG..(slot + 1) * MSG] == sent[msg * MSG..(msg + 1) * MSG],
+            "message {msg} in receive {slot}"
+        );
+    }
+}

@@ -193,7 +193,11 @@ impl RowResult {
             return f64::NAN;
         }
         let m = r.len() / 2;
-        if r.len() % 2 == 1 { r[m] } else { (r[m - 1] + r[m]) / 2.0 }
+        if r.len() % 2 == 1 {
+            r[m]
+        } else {
+            (r[m - 1] + r[m]) / 2.0
+        }
     }
 }
 
@@ -244,7 +248,9 @@ fn run(a: &Args, fabric: &SoftRoce) -> p2pbridge::Result<Vec<RowResult>> {
     let p = perftest::Params { seconds: a.seconds, depth, cq_mod: 1 };
     let have_perftest = perftest::available("ib_write_bw");
     if !have_perftest && (want("write") || want("read") || want("rate")) {
-        eprintln!("transfer_bw: perftest is not installed: the perftest rows are skipped (scripts/softroce installs it)");
+        eprintln!(
+            "transfer_bw: perftest is not installed: the perftest rows are skipped (scripts/softroce installs it)"
+        );
     }
     let one = [(&client.conn, &key)];
     let mut pair_rows = Vec::new();
@@ -277,7 +283,13 @@ fn run(a: &Args, fabric: &SoftRoce) -> p2pbridge::Result<Vec<RowResult>> {
         }
         let target = if rate { 0.95 } else { 0.97 };
         let unit = if rate { "Mmsg/s" } else { "MiB/s" };
-        rows.push(RowResult { name, unit, pairs, target, note: format!("depth {depth}, no inline, every request signalled") });
+        rows.push(RowResult {
+            name,
+            unit,
+            pairs,
+            target,
+            note: format!("depth {depth}, no inline, every request signalled"),
+        });
     }
     if want("bounce") {
         for size in [1u64 << 20, 4 << 20] {
@@ -293,7 +305,13 @@ fn run(a: &Args, fabric: &SoftRoce) -> p2pbridge::Result<Vec<RowResult>> {
                     || drive(&bounce.bridge, &one, &bounce.reg, false, size, depth, group, secs),
                     || drive(&direct.bridge, &one, &direct.reg, false, size, depth, 1, secs),
                 )?;
-                eprintln!("bounce {}: pair {}: bounce {:.1}, direct {:.1} MiB/s", size_name(size), i + 1, b.mib_s(), d.mib_s());
+                eprintln!(
+                    "bounce {}: pair {}: bounce {:.1}, direct {:.1} MiB/s",
+                    size_name(size),
+                    i + 1,
+                    b.mib_s(),
+                    d.mib_s()
+                );
                 pairs.push((b.mib_s(), d.mib_s()));
             }
             rows.push(RowResult {
@@ -368,7 +386,12 @@ fn connections(
                     || drive(&client.bridge, &many, &client.reg, false, size, per, 1, a.seconds),
                     || drive(&client.bridge, &one, &client.reg, false, size, a.depth, 1, a.seconds),
                 )?;
-                eprintln!("{n} connections: pair {}: {:.1} MiB/s, 1 connection {:.1} MiB/s", i + 1, m.mib_s(), o.mib_s());
+                eprintln!(
+                    "{n} connections: pair {}: {:.1} MiB/s, 1 connection {:.1} MiB/s",
+                    i + 1,
+                    m.mib_s(),
+                    o.mib_s()
+                );
                 pairs.push((m.mib_s(), o.mib_s()));
                 cpu.0 += m.cpu_secs / (m.bytes / MIB);
                 cpu.1 += o.cpu_secs / (o.bytes / MIB);
@@ -396,8 +419,14 @@ fn connections(
 }
 
 fn report(a: &Args, rows: &[RowResult], setting: &str) -> std::io::Result<()> {
-    println!("transfer_bw on {setting}: median of {} alternating pairs (first side alternating), {} s each", a.pairs, a.seconds);
-    println!("{:<44} {:>10} {:>10} {:>8} {:>15} {:>7}  {}", "row", "ours", "theirs", "ratio", "spread", "target", "setting");
+    println!(
+        "transfer_bw on {setting}: median of {} alternating pairs (first side alternating), {} s each",
+        a.pairs, a.seconds
+    );
+    println!(
+        "{:<44} {:>10} {:>10} {:>8} {:>15} {:>7}  {}",
+        "row", "ours", "theirs", "ratio", "spread", "target", "setting"
+    );
     let mut csv = String::from("row,pair,ours,theirs,unit,ratio\n");
     let mut series = Vec::new();
     for r in rows {
