@@ -61,32 +61,49 @@ fn cuda_copies_round_trip_patterns() {
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
 }
 
+/// Prints the line by which scripts/test counts this test as skipped (not passed), with why.
+fn skipped(test: &str, why: &str) {
+    println!("SKIPPED {test}: {why}");
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU: scripts/test-gpu runs it on a GPU machine"]
 fn cuda_dmabuf_export_has_the_right_size() {
     let g = gpu();
     let buf = g.alloc(4 << 20).unwrap();
-    match g.dmabuf_support().unwrap() {
-        Ok(()) => {
-            let e = g.export_dmabuf(buf.addr() + 8192, 1 << 20).unwrap();
-            assert_eq!(e.offset(), 0);
-            let end = rustix::fs::seek(e.fd(), rustix::fs::SeekFrom::End(0)).unwrap();
-            assert_eq!(end, 1 << 20);
-            let (tx, rx) = std::sync::mpsc::channel();
-            let _s = g.notices().subscribe(buf.key(), 0..buf.len(), move |n| tx.send(n.reason).unwrap());
-            assert_eq!(e.revoke(), 1);
-            assert_eq!(rx.recv().unwrap(), InvalidationReason::ExportRevoked);
-        }
-        Err(why) => match g.export_dmabuf(buf.addr(), 4096) {
-            Err(Error::ExportUnsupported(msg)) => assert_eq!(msg, why),
-            other => panic!("dma-buf unsupported ({why}) but export gave {other:?}"),
-        },
+    if let Err(why) = g.dmabuf_support().unwrap() {
+        return skipped("cuda_dmabuf_export_has_the_right_size", &format!("this GPU or driver exports no dma-buf: {why}"));
+    }
+    let e = g.export_dmabuf(buf.addr() + 8192, 1 << 20).unwrap();
+    assert_eq!(e.offset(), 0);
+    let end = rustix::fs::seek(e.fd(), rustix::fs::SeekFrom::End(0)).unwrap();
+    assert_eq!(end, 1 << 20);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let _s = g.notices().subscribe(buf.key(), 0..buf.len(), move |n| tx.send(n.reason).unwrap());
+    assert_eq!(e.revoke(), 1);
+    assert_eq!(rx.recv().unwrap(), InvalidationReason::ExportRevoked);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/test-gpu runs it on a GPU machine"]
+fn cuda_dmabuf_export_is_refused_with_the_reason_where_unsupported() {
+    let g = gpu();
+    let buf = g.alloc(4 << 20).unwrap();
+    let Err(why) = g.dmabuf_support().unwrap() else {
+        return skipped(
+            "cuda_dmabuf_export_is_refused_with_the_reason_where_unsupported",
+            "this GPU exports dma-bufs (cuda_dmabuf_export_has_the_right_size checks them)",
+        );
+    };
+    match g.export_dmabuf(buf.addr(), 4096) {
+        Err(Error::ExportUnsupported(msg)) => assert_eq!(msg, why),
+        other => panic!("dma-buf unsupported ({why}) but export gave {other:?}"),
     }
 }
 
 #[test]
 #[ignore = "needs a CUDA GPU: scripts/test-gpu runs it on a GPU machine"]
-fn cuda_notices_come_before_free_and_flush_works() {
+fn cuda_notices_come_before_free() {
     let g = gpu();
     let buf = g.alloc(1 << 20).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -99,8 +116,31 @@ fn cuda_notices_come_before_free_and_flush_works() {
     });
     drop(buf);
     assert!(rx.recv().unwrap(), "the memory was gone before the notice");
-    match g.flush_nic_writes().unwrap() {
-        FlushOutcome::Flushed | FlushOutcome::NotNeeded(_) => {}
+}
+
+/// The NIC-write flush does what the device's attributes call for: nothing where the device
+/// orders NIC writes before its own reads, `cuFlushGPUDirectRDMAWrites` where it supports
+/// that, and a refusal with the reason where it does neither.
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/test-gpu runs it on a GPU machine"]
+fn cuda_flush_follows_the_devices_write_ordering() {
+    use cudarc::driver::{result, sys};
+    let g = gpu();
+    // CudaBackend::new initialised the driver; device 0 exists (it opened it).
+    let dev = result::device::get(0).unwrap();
+    // SAFETY: as above; plain attribute queries.
+    let attr = |a| unsafe { result::device::get_attribute(dev, a) }.unwrap();
+    let ordering = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WRITES_ORDERING);
+    let options = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_FLUSH_WRITES_OPTIONS);
+    let owner = sys::CUGPUDirectRDMAWritesOrdering::CU_GPU_DIRECT_RDMA_WRITES_ORDERING_OWNER as i32;
+    let host = sys::CUflushGPUDirectRDMAWritesOptions::CU_FLUSH_GPU_DIRECT_RDMA_WRITES_OPTION_HOST as i32;
+    let got = g.flush_nic_writes();
+    if ordering >= owner {
+        assert!(matches!(got, Ok(FlushOutcome::NotNeeded(_))), "ordering {ordering}: {got:?}");
+    } else if options & host != 0 {
+        assert!(matches!(got, Ok(FlushOutcome::Flushed)), "flush options {options:#x}: {got:?}");
+    } else {
+        assert!(matches!(got, Err(Error::FlushUnsupported(_))), "neither: {got:?}");
     }
 }
 

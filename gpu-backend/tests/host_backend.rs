@@ -138,12 +138,20 @@ fn dmabuf_export_works_or_says_udmabuf_is_missing() {
 
 #[test]
 fn cuda_backend_reports_unavailability_consistently() {
-    match CudaBackend::new(0) {
-        Err(Error::BackendUnavailable { backend, reason }) => {
+    match (CudaBackend::new(0), CudaBackend::driver_present()) {
+        // No driver: the reason is the driver's absence, word for word.
+        (Err(Error::BackendUnavailable { backend, reason }), Err(missing)) => {
             assert_eq!(backend, "cuda");
-            assert!(CudaBackend::driver_present().is_err() || reason.contains("no CUDA device"), "{reason}");
+            assert_eq!(reason, missing);
         }
-        Ok(_) => assert!(CudaBackend::driver_present().is_ok()),
-        Err(other) => assert!(CudaBackend::driver_present().is_ok(), "driver missing but got {other}"),
+        // A driver: unavailable only for want of a device, and it says so.
+        (Err(Error::BackendUnavailable { backend, reason }), Ok(())) => {
+            assert_eq!(backend, "cuda");
+            assert!(reason.contains("no CUDA device"), "{reason}");
+        }
+        // A driver that finds no device at all fails in cuInit, naming it.
+        (Err(e @ Error::Cuda { .. }), Ok(())) => assert!(e.to_string().contains("cuInit"), "{e}"),
+        (Ok(_), present) => assert!(present.is_ok(), "a backend opened without a driver"),
+        (Err(other), present) => panic!("unexpected error {other} (driver present: {present:?})"),
     }
 }
