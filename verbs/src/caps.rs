@@ -1,9 +1,13 @@
-//! Device capabilities: limits, On-Demand Paging, dma-buf support.
+//! Device capabilities: limits and On-Demand Paging (`ibv_query_device_ex`), and the two
+//! capabilities probed by trying them on a protection domain: dma-buf MRs and advise_mr
+//! prefetch.
 
 use bitflags::bitflags;
 
+use crate::access::AccessFlags;
 use crate::device::Context;
-use crate::error::{Errno, Result};
+use crate::error::{Errno, Error, Result};
+use crate::pd::ProtectionDomain;
 use crate::{result, sys};
 
 bitflags! {
@@ -11,21 +15,21 @@ bitflags! {
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
     pub struct OdpTransportCaps: u32 {
         /// SEND on ODP memory.
-        const SEND = 1 << 0;
+        const SEND = sys::ibv_odp_transport_cap_bits::IBV_ODP_SUPPORT_SEND.0;
         /// RECV into ODP memory.
-        const RECV = 1 << 1;
+        const RECV = sys::ibv_odp_transport_cap_bits::IBV_ODP_SUPPORT_RECV.0;
         /// RDMA WRITE targeting ODP memory.
-        const WRITE = 1 << 2;
+        const WRITE = sys::ibv_odp_transport_cap_bits::IBV_ODP_SUPPORT_WRITE.0;
         /// RDMA READ of ODP memory.
-        const READ = 1 << 3;
+        const READ = sys::ibv_odp_transport_cap_bits::IBV_ODP_SUPPORT_READ.0;
         /// Atomics on ODP memory.
-        const ATOMIC = 1 << 4;
+        const ATOMIC = sys::ibv_odp_transport_cap_bits::IBV_ODP_SUPPORT_ATOMIC.0;
         /// SRQ receives into ODP memory.
-        const SRQ_RECV = 1 << 5;
+        const SRQ_RECV = sys::ibv_odp_transport_cap_bits::IBV_ODP_SUPPORT_SRQ_RECV.0;
         /// FLUSH.
-        const FLUSH = 1 << 6;
+        const FLUSH = sys::ibv_odp_transport_cap_bits::IBV_ODP_SUPPORT_FLUSH.0;
         /// ATOMIC WRITE.
-        const ATOMIC_WRITE = 1 << 7;
+        const ATOMIC_WRITE = sys::ibv_odp_transport_cap_bits::IBV_ODP_SUPPORT_ATOMIC_WRITE.0;
         // Bits a newer kernel may report.
         const _ = !0;
     }
@@ -91,8 +95,7 @@ impl DeviceCaps {
         let mut attr: sys::ibv_device_attr_ex = unsafe { std::mem::zeroed() };
         // SAFETY: the context is open; input may be null (no comp_mask); attr is a valid
         // out-pointer whose size the wrapper passes to the provider.
-        let rc = unsafe { sys::ibv_query_device_ex(ctx.as_raw(), std::ptr::null(), &mut attr) };
-        result::pos_errno("ibv_query_device_ex", rc)?;
+        unsafe { result::device::query_device_ex(ctx.as_raw(), &mut attr) }?;
         let o = &attr.orig_attr;
         // SAFETY: fw_ver is a NUL-terminated C string within its 64 bytes (or we stop at the end).
         let fw = {
@@ -145,6 +148,42 @@ impl DmaBufSupport {
             DmaBufSupport::Unsupported(Errno(errno))
         } else {
             DmaBufSupport::Supported
+        }
+    }
+}
+
+impl ProtectionDomain {
+    /// Probes dma-buf MR support the way NCCL and UCX do:
+    /// `ibv_reg_dmabuf_mr(pd, 0, 0, 0, -1, 0)` must fail; `EBADF` means the provider got as
+    /// far as the fd (supported), `EOPNOTSUPP`/`EPROTONOSUPPORT` mean it is not.
+    pub fn dmabuf_support(&self) -> DmaBufSupport {
+        // SAFETY: fd -1 with length 0 registers nothing; the call can only fail. Should a
+        // provider ever accept it, the region is deregistered at once.
+        match unsafe { result::mr::reg_dmabuf_mr(self.as_raw(), 0, 0, 0, -1, 0) } {
+            Ok(mr) => {
+                // SAFETY: `mr` is a region we own and drop at once.
+                let _ = unsafe { result::mr::dereg_mr(mr) };
+                DmaBufSupport::Supported
+            }
+            Err(e) => DmaBufSupport::from_probe_errno(result::errno_of(&e).0),
+        }
+    }
+
+    /// Probes whether `ibv_advise_mr` prefetch works here: registers one ODP page and asks
+    /// for it to be prefetched. `Ok(None)` when it works, `Ok(Some(reason))` when it does not
+    /// (no ODP, or the provider lacks advise_mr, as rdma-core's rxe provider before v57 does).
+    pub fn prefetch_support(&self) -> Result<Option<String>> {
+        if let Err(e) = self.require_odp(false) {
+            return Ok(Some(e.to_string()));
+        }
+        let mr = self.register_odp(crate::HostBuffer::new(4096)?, AccessFlags::LOCAL_WRITE)?;
+        match mr.advise_prefetch(.., true) {
+            Ok(()) => Ok(None),
+            Err(e @ Error::Verb { errno: Errno(libc::EOPNOTSUPP), .. }) => Ok(Some(format!(
+                "{e}: the user-space provider of {} does not implement advise_mr",
+                self.context().name()
+            ))),
+            Err(e) => Err(e),
         }
     }
 }

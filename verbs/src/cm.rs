@@ -7,7 +7,6 @@
 //!
 //! rdma_cm resolves addresses in the network namespace of the calling thread.
 
-use std::ffi::CStr;
 use std::net::{IpAddr, SocketAddr};
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -15,8 +14,8 @@ use std::time::Duration;
 
 use crate::cq::CompletionQueue;
 use crate::device::Context;
-use crate::error::{Error, Result};
-use crate::mr::ProtectionDomain;
+use crate::error::{Errno, Error, Result};
+use crate::pd::ProtectionDomain;
 use crate::qp::QueuePair;
 use crate::srq::SharedReceiveQueue;
 use crate::{library, result, sys};
@@ -73,8 +72,8 @@ struct Channel(NonNull<sys::rdma_event_channel>);
 
 impl Channel {
     fn new() -> Result<Self> {
-        // SAFETY: no preconditions; the channel is destroyed on drop.
-        Ok(Channel(result::ptr("rdma_create_event_channel", unsafe { sys::rdma_create_event_channel() })?))
+        // The channel is destroyed on drop.
+        Ok(Channel(result::cm::create_event_channel()?))
     }
 }
 
@@ -82,7 +81,7 @@ impl Drop for Channel {
     fn drop(&mut self) {
         // SAFETY: destroyed once, after every id on it (CmId holds the channel and destroys
         // its id first).
-        unsafe { sys::rdma_destroy_event_channel(self.0.as_ptr()) };
+        unsafe { result::cm::destroy_event_channel(self.0) };
     }
 }
 
@@ -101,13 +100,10 @@ unsafe impl Sync for CmId {}
 
 impl CmId {
     fn new(channel: Channel) -> Result<Self> {
-        let mut id = std::ptr::null_mut();
-        // SAFETY: the channel is live; `id` is a valid out-pointer.
-        let rc = unsafe {
-            sys::rdma_create_id(channel.0.as_ptr(), &mut id, std::ptr::null_mut(), sys::rdma_port_space::RDMA_PS_TCP)
-        };
-        result::neg_errno("rdma_create_id", rc)?;
-        let id = result::ptr("rdma_create_id", id)?;
+        // SAFETY: the channel is live, and outlives the id (CmId's field order).
+        let id = unsafe {
+            result::cm::create_id(channel.0.as_ptr(), std::ptr::null_mut(), sys::rdma_port_space::RDMA_PS_TCP)
+        }?;
         Ok(CmId { id, has_qp: false, channel })
     }
 
@@ -178,8 +174,7 @@ impl CmId {
         }
         // SAFETY: the id is live and routed through pd's context (checked by the caller); the
         // CQs (and the SRQ) outlive the QP (Connection holds them and destroys the QP first).
-        let rc = unsafe { sys::rdma_create_qp(self.raw(), pd.as_raw(), &mut attr) };
-        result::neg_errno("rdma_create_qp", rc)?;
+        unsafe { result::cm::create_qp(self.raw(), pd.as_raw(), &mut attr) }?;
         self.has_qp = true;
         // SAFETY: rdma_create_qp set id->qp on success.
         let qp = result::ptr("rdma_create_qp", unsafe { (*self.raw()).qp })?;
@@ -204,9 +199,9 @@ impl Drop for CmId {
         // order). rdma_destroy_id waits for this id's unacked events; we ack every event.
         unsafe {
             if self.has_qp {
-                sys::rdma_destroy_qp(self.raw());
+                result::cm::destroy_qp(self.raw());
             }
-            sys::rdma_destroy_id(self.raw());
+            let _ = result::cm::destroy_id(self.id);
         }
     }
 }
@@ -218,13 +213,10 @@ struct Event {
 }
 
 fn event_name(e: u32) -> String {
-    // SAFETY: rdma_event_str returns a static string for every value.
-    let p = unsafe { sys::rdma_event_str(e) };
-    if p.is_null() {
-        return format!("event {e}");
+    match result::cm::event_str(e) {
+        Some(name) => name.to_string_lossy().into_owned(),
+        None => format!("event {e}"),
     }
-    // SAFETY: non-null results are static NUL-terminated strings.
-    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
 }
 
 /// One event of `ch`, as copied out before it was acked.
@@ -242,22 +234,15 @@ fn next_event(ch: &Channel, timeout: Duration) -> Result<Option<RawEvent>> {
     let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
     let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
     loop {
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-            continue;
+        match result::os::poll(std::slice::from_mut(&mut pfd), ms, "poll(rdma_cm channel)") {
+            Err(Error::Verb { errno: Errno(libc::EINTR), .. }) => continue,
+            Err(e) => return Err(e),
+            Ok(0) => return Ok(None),
+            Ok(_) => break,
         }
-        result::neg_errno("poll(rdma_cm channel)", n)?;
-        if n == 0 {
-            return Ok(None);
-        }
-        break;
     }
-    let mut ev: *mut sys::rdma_cm_event = std::ptr::null_mut();
-    // SAFETY: the channel has an event ready; `ev` is a valid out-pointer.
-    let rc = unsafe { sys::rdma_get_cm_event(ch.0.as_ptr(), &mut ev) };
-    result::neg_errno("rdma_get_cm_event", rc)?;
-    let ev = result::ptr("rdma_get_cm_event", ev)?;
+    // SAFETY: the channel is live and has an event ready; it is acked below.
+    let ev = unsafe { result::cm::get_cm_event(ch.0.as_ptr()) }?;
     // SAFETY: the event is valid until acked; we copy what we need first.
     let (kind, status, id, private_data) = unsafe {
         let e = ev.as_ref();
@@ -270,7 +255,7 @@ fn next_event(ch: &Channel, timeout: Duration) -> Result<Option<RawEvent>> {
         (e.event, e.status, e.id, pd)
     };
     // SAFETY: acked once; nothing refers to it afterwards.
-    unsafe { sys::rdma_ack_cm_event(ev.as_ptr()) };
+    let _ = unsafe { result::cm::ack_cm_event(ev) };
     Ok(Some(RawEvent { kind, status, id, private_data }))
 }
 
@@ -407,27 +392,24 @@ impl Connection {
         let ms = i32::try_from(opts.timeout.as_millis()).unwrap_or(i32::MAX);
         let (mut dst_ss, _) = to_sockaddr(&dst);
         // SAFETY: the id is live; `dst_ss` holds a valid sockaddr of its family.
-        let rc = unsafe {
-            sys::rdma_resolve_addr(
+        unsafe {
+            result::cm::resolve_addr(
                 id.raw(),
                 std::ptr::null_mut(),
                 (&mut dst_ss as *mut libc::sockaddr_storage).cast(),
                 ms,
             )
-        };
-        result::neg_errno("rdma_resolve_addr", rc)?;
+        }?;
         id.wait(sys::rdma_cm_event_type::RDMA_CM_EVENT_ADDR_RESOLVED, opts.timeout)?;
         // SAFETY: the id's address is resolved.
-        let rc = unsafe { sys::rdma_resolve_route(id.raw(), ms) };
-        result::neg_errno("rdma_resolve_route", rc)?;
+        unsafe { result::cm::resolve_route(id.raw(), ms) }?;
         id.wait(sys::rdma_cm_event_type::RDMA_CM_EVENT_ROUTE_RESOLVED, opts.timeout)?;
         id.check_pd(pd)?;
         let (qp, send_cq, recv_cq) = id.create_qp(pd, opts)?;
         let mut param = param;
         let established = (|| {
             // SAFETY: the id is routed and has a QP; `param` and its private data outlive the call.
-            let rc = unsafe { sys::rdma_connect(id.raw(), &mut param) };
-            result::neg_errno("rdma_connect", rc)?;
+            unsafe { result::cm::connect(id.raw(), &mut param) }?;
             id.wait(sys::rdma_cm_event_type::RDMA_CM_EVENT_ESTABLISHED, opts.timeout)
         })();
         match established {
@@ -566,7 +548,7 @@ impl Drop for Connection {
         }
         self.pd.context().inner.faults.forget_qp(self.qp.qp_num());
         // SAFETY: the id is live; disconnecting an already disconnected id only fails.
-        unsafe { sys::rdma_disconnect(self.id.raw()) };
+        let _ = unsafe { result::cm::disconnect(self.id.raw()) };
     }
 }
 
@@ -590,11 +572,9 @@ impl Listener {
         let id = CmId::new(Channel::new()?)?;
         let (mut ss, _) = to_sockaddr(&addr);
         // SAFETY: the id is live; `ss` holds a valid sockaddr.
-        let rc = unsafe { sys::rdma_bind_addr(id.raw(), (&mut ss as *mut libc::sockaddr_storage).cast()) };
-        result::neg_errno("rdma_bind_addr", rc)?;
+        unsafe { result::cm::bind_addr(id.raw(), (&mut ss as *mut libc::sockaddr_storage).cast()) }?;
         // SAFETY: the id is bound.
-        let rc = unsafe { sys::rdma_listen(id.raw(), 16) };
-        result::neg_errno("rdma_listen", rc)?;
+        unsafe { result::cm::listen(id.raw(), 16) }?;
         // SAFETY: the id is bound, so route.addr's source holds the bound sockaddr (the shim
         // has no rdma_get_src_port); sin_port and sin6_port sit at the same offset.
         let port = u16::from_be(unsafe { (*id.raw()).route.addr.src_addr_union.src_sin.sin_port });
@@ -654,27 +634,25 @@ impl ConnectRequest<'_> {
         let channel = Channel::new()?;
         // SAFETY: `raw` is a live id whose CONNECT_REQUEST event is acked; moving it to its
         // own channel lets the connection outlive the listener.
-        let rc = unsafe { sys::rdma_migrate_id(raw.as_ptr(), channel.0.as_ptr()) };
-        if let Err(e) = result::neg_errno("rdma_migrate_id", rc) {
+        if let Err(e) = unsafe { result::cm::migrate_id(raw.as_ptr(), channel.0.as_ptr()) } {
             // SAFETY: still ours; reject and destroy it once.
             unsafe {
-                sys::rdma_reject(raw.as_ptr(), std::ptr::null(), 0);
-                sys::rdma_destroy_id(raw.as_ptr());
+                let _ = result::cm::reject(raw.as_ptr());
+                let _ = result::cm::destroy_id(raw);
             }
             return Err(e);
         }
         let mut id = CmId { id: raw, has_qp: false, channel };
         if let Err(e) = id.check_pd(pd) {
             // SAFETY: the id is live and not yet accepted.
-            unsafe { sys::rdma_reject(id.raw(), std::ptr::null(), 0) };
+            let _ = unsafe { result::cm::reject(id.raw()) };
             return Err(e);
         }
         let (qp, send_cq, recv_cq) = id.create_qp(pd, opts)?;
         let mut param = param;
         let established = (|| {
             // SAFETY: the id has a QP; `param` and its data outlive the call.
-            let rc = unsafe { sys::rdma_accept(id.raw(), &mut param) };
-            result::neg_errno("rdma_accept", rc)?;
+            unsafe { result::cm::accept(id.raw(), &mut param) }?;
             id.wait(sys::rdma_cm_event_type::RDMA_CM_EVENT_ESTABLISHED, opts.timeout)
         })();
         match established {
@@ -695,8 +673,8 @@ impl ConnectRequest<'_> {
         if let Some(id) = self.id.take() {
             // SAFETY: the id is live and ours; rejected and destroyed once.
             unsafe {
-                sys::rdma_reject(id.as_ptr(), std::ptr::null(), 0);
-                sys::rdma_destroy_id(id.as_ptr());
+                let _ = result::cm::reject(id.as_ptr());
+                let _ = result::cm::destroy_id(id);
             }
         }
     }

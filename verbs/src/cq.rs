@@ -5,7 +5,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::device::Context;
-use crate::error::{Error, Result, WcStatus};
+use crate::error::{Errno, Error, Result, WcStatus};
 use crate::{result, sys};
 
 /// What a completed work request was.
@@ -28,14 +28,15 @@ pub enum WcOpcode {
 }
 
 impl WcOpcode {
-    fn from_raw(v: u32) -> Self {
+    fn from_raw(v: sys::ibv_wc_opcode::Type) -> Self {
+        use sys::ibv_wc_opcode as op;
         match v {
-            0 => WcOpcode::Send,
-            1 => WcOpcode::RdmaWrite,
-            2 => WcOpcode::RdmaRead,
-            3 | 4 => WcOpcode::Atomic,
-            128 => WcOpcode::Recv,
-            129 => WcOpcode::RecvRdmaWithImm,
+            op::IBV_WC_SEND => WcOpcode::Send,
+            op::IBV_WC_RDMA_WRITE => WcOpcode::RdmaWrite,
+            op::IBV_WC_RDMA_READ => WcOpcode::RdmaRead,
+            op::IBV_WC_COMP_SWAP | op::IBV_WC_FETCH_ADD => WcOpcode::Atomic,
+            op::IBV_WC_RECV => WcOpcode::Recv,
+            op::IBV_WC_RECV_RDMA_WITH_IMM => WcOpcode::RecvRdmaWithImm,
             o => WcOpcode::Other(o),
         }
     }
@@ -78,7 +79,7 @@ impl Default for WorkCompletion {
 
 impl WorkCompletion {
     fn from_raw(wc: &sys::ibv_wc) -> Self {
-        const IBV_WC_WITH_IMM: u32 = 1 << 1;
+        const IBV_WC_WITH_IMM: u32 = sys::ibv_wc_flags::IBV_WC_WITH_IMM.0;
         let status = WcStatus::from_raw(wc.status);
         let imm = if status == WcStatus::Success && wc.wc_flags & IBV_WC_WITH_IMM != 0 {
             // SAFETY: with IBV_WC_WITH_IMM set the union holds the immediate (network order).
@@ -159,12 +160,14 @@ struct CompChannel(NonNull<sys::ibv_comp_channel>);
 impl CompChannel {
     fn new(ctx: &Context) -> Result<Self> {
         // SAFETY: the context is open; the channel is destroyed on drop, after its CQ.
-        let ch = result::ptr("ibv_create_comp_channel", unsafe { sys::ibv_create_comp_channel(ctx.as_raw()) })?;
+        let ch = unsafe { result::cq::create_comp_channel(ctx.as_raw()) }?;
         let ch = CompChannel(ch);
         let fd = ch.fd();
-        // SAFETY: fcntl on the channel's own open fd; only O_NONBLOCK is added.
-        let rc = unsafe { libc::fcntl(fd, libc::F_SETFL, libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK) };
-        result::neg_errno("fcntl(O_NONBLOCK) on a completion channel", rc)?;
+        const WHAT: &str = "fcntl(O_NONBLOCK) on a completion channel";
+        // SAFETY: fcntl on the channel's own open fd; only reads its flags.
+        let fl = unsafe { result::os::fcntl_getfl(fd, WHAT) }?;
+        // SAFETY: as above; only O_NONBLOCK is added (the one sleeper reading it copes with EAGAIN).
+        unsafe { result::os::fcntl_setfl(fd, fl | libc::O_NONBLOCK, WHAT) }?;
         Ok(ch)
     }
 
@@ -178,9 +181,8 @@ impl Drop for CompChannel {
     fn drop(&mut self) {
         // SAFETY: destroyed once, after the CQ that used it (field order in CompletionQueue's
         // drop: the CQ is destroyed in `Drop::drop`, the channel afterwards).
-        let rc = unsafe { sys::ibv_destroy_comp_channel(self.0.as_ptr()) };
-        if rc != 0 {
-            eprintln!("p2pbridge-verbs: ibv_destroy_comp_channel failed ({}); it is leaked", crate::Errno(rc.abs()));
+        if let Err(e) = unsafe { result::cq::destroy_comp_channel(self.0) } {
+            eprintln!("p2pbridge-verbs: ibv_destroy_comp_channel failed ({}); it is leaked", result::errno_of(&e));
         }
     }
 }
@@ -223,9 +225,7 @@ impl CompletionQueue {
         let cqe = i32::try_from(depth).map_err(|_| Error::InvalidArgument(format!("CQ depth {depth} too large")))?;
         let channel = CompChannel::new(ctx)?;
         // SAFETY: the context is open (held by `_ctx`); the channel is live and outlives the CQ.
-        let cq = result::ptr("ibv_create_cq", unsafe {
-            sys::ibv_create_cq(ctx.as_raw(), cqe, std::ptr::null_mut(), channel.0.as_ptr(), 0)
-        })?;
+        let cq = unsafe { result::cq::create_cq(ctx.as_raw(), cqe, std::ptr::null_mut(), channel.0.as_ptr(), 0) }?;
         Ok(CompletionQueue {
             cq,
             depth,
@@ -257,16 +257,13 @@ impl CompletionQueue {
         const BATCH: usize = 32;
         // SAFETY: ibv_wc is plain old data; zeroed values are overwritten by the provider.
         let mut raw: [sys::ibv_wc; BATCH] = unsafe { std::mem::zeroed() };
-        let want = out.len().min(BATCH) as i32;
+        let want = out.len().min(BATCH);
         // SAFETY: `raw` has room for `want` entries and the CQ is live.
-        let n = unsafe { sys::ibv_poll_cq(self.cq.as_ptr(), want, raw.as_mut_ptr()) };
-        if n < 0 {
-            return Err(result::verb_error("ibv_poll_cq", -n));
-        }
-        for (o, r) in out.iter_mut().zip(&raw[..n as usize]) {
+        let n = unsafe { result::cq::poll_cq(self.cq.as_ptr(), &mut raw[..want]) }?;
+        for (o, r) in out.iter_mut().zip(&raw[..n]) {
             *o = WorkCompletion::from_raw(r);
         }
-        Ok(n as usize)
+        Ok(n)
     }
 
     fn lock(&self) -> MutexGuard<'_, Stash> {
@@ -360,9 +357,9 @@ impl CompletionQueue {
     /// Arms the CQ, and sleeps on its channel for up to `nap` unless a completion is already
     /// there (one that came before the arm raises no event: it is looked for after arming).
     fn sleep(&self, nap: Duration) -> Result<()> {
-        // SAFETY: the CQ is live and has a channel; 0: any completion raises the event.
-        let rc = unsafe { sys::ibv_req_notify_cq(self.cq.as_ptr(), 0) };
-        result::pos_errno("ibv_req_notify_cq", rc)?;
+        // SAFETY: the CQ is live and has a channel; not solicited only: any completion raises
+        // the event.
+        unsafe { result::cq::req_notify_cq(self.cq.as_ptr(), false) }?;
         {
             let mut st = self.lock();
             let before = st.reaped.len();
@@ -374,20 +371,17 @@ impl CompletionQueue {
         }
         let mut pfd = libc::pollfd { fd: self.channel.fd(), events: libc::POLLIN, revents: 0 };
         let ms = libc::c_int::try_from(nap.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
-        // SAFETY: one valid pollfd for the call.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if rc < 0 && crate::Errno::last().0 != libc::EINTR {
-            return Err(result::verb_error("poll (completion channel)", crate::Errno::last().0));
-        }
-        if rc > 0 {
-            let mut cq = std::ptr::null_mut();
-            let mut ctx = std::ptr::null_mut();
-            // SAFETY: the channel is live and non-blocking; the out-pointers are valid. Only the
-            // sleeper reads the channel.
-            if unsafe { sys::ibv_get_cq_event(self.channel.0.as_ptr(), &mut cq, &mut ctx) } == 0 {
+        let ready = match result::os::poll(std::slice::from_mut(&mut pfd), ms, "poll (completion channel)") {
+            Ok(n) => n > 0,
+            Err(Error::Verb { errno: Errno(libc::EINTR), .. }) => false,
+            Err(e) => return Err(e),
+        };
+        if ready {
+            // SAFETY: the channel is live and non-blocking. Only the sleeper reads the channel.
+            if unsafe { result::cq::get_cq_event(self.channel.0.as_ptr()) }.is_ok() {
                 // SAFETY: one event of this CQ (the channel's only CQ) was got: ack it, so that
                 // destroying the CQ does not wait for it.
-                unsafe { sys::ibv_ack_cq_events(self.cq.as_ptr(), 1) };
+                unsafe { result::cq::ack_cq_events(self.cq.as_ptr(), 1) };
             }
         }
         Ok(())
@@ -478,9 +472,8 @@ impl Drop for CompletionQueue {
         // SAFETY: destroyed once; QPs using this CQ hold it alive (connections hold it in an
         // Arc and destroy their QP first). Every channel event was acked when it was got. The
         // channel (a field) is destroyed after this.
-        let rc = unsafe { sys::ibv_destroy_cq(self.cq.as_ptr()) };
-        if rc != 0 {
-            eprintln!("p2pbridge-verbs: ibv_destroy_cq failed ({}); the CQ is leaked", crate::Errno(rc.abs()));
+        if let Err(e) = unsafe { result::cq::destroy_cq(self.cq) } {
+            eprintln!("p2pbridge-verbs: ibv_destroy_cq failed ({}); the CQ is leaked", result::errno_of(&e));
         }
     }
 }

@@ -1,6 +1,5 @@
 //! RDMA devices, opened contexts, ports and GIDs.
 
-use std::ffi::CStr;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
@@ -18,28 +17,25 @@ use crate::{library, result, sys};
 /// ```
 pub fn device_names() -> Result<Vec<String>> {
     library::ibverbs()?;
-    let mut n: i32 = 0;
-    // SAFETY: `n` is a valid out-pointer; the list is freed below with ibv_free_device_list.
-    let list = result::ptr("ibv_get_device_list", unsafe { sys::ibv_get_device_list(&mut n) })?;
-    let mut names = Vec::with_capacity(n.max(0) as usize);
-    for i in 0..n.max(0) as usize {
+    // The list is freed below with ibv_free_device_list.
+    let (list, n) = result::device::get_device_list()?;
+    let mut names = Vec::with_capacity(n);
+    for i in 0..n {
         // SAFETY: the list holds `n` valid device pointers.
         let dev = unsafe { *list.as_ptr().add(i) };
         names.push(device_name(dev));
     }
     // SAFETY: `list` came from ibv_get_device_list and is freed once.
-    unsafe { sys::ibv_free_device_list(list.as_ptr()) };
+    unsafe { result::device::free_device_list(list) };
     Ok(names)
 }
 
 fn device_name(dev: *mut sys::ibv_device) -> String {
-    // SAFETY: `dev` is a live ibv_device; the returned name lives as long as the device.
-    let p = unsafe { sys::ibv_get_device_name(dev) };
-    if p.is_null() {
-        return String::from("?");
+    // SAFETY: `dev` is a live ibv_device; the name is copied out before this returns.
+    match unsafe { result::device::get_device_name(dev) } {
+        Some(name) => name.to_string_lossy().into_owned(),
+        None => String::from("?"),
     }
-    // SAFETY: non-null device names are NUL-terminated.
-    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
 }
 
 /// Where a context came from, which decides how it is released.
@@ -49,7 +45,7 @@ enum Origin {
     /// librdmacm's own context for the device (`rdma_get_devices`), shared with every
     /// `rdma_cm_id` routed through that device; the list is freed, the context stays
     /// librdmacm's.
-    Cm(*mut *mut sys::ibv_context),
+    Cm(NonNull<*mut sys::ibv_context>),
 }
 
 pub(crate) struct ContextInner {
@@ -69,12 +65,12 @@ unsafe impl Sync for ContextInner {}
 impl Drop for ContextInner {
     fn drop(&mut self) {
         match self.origin {
-            // SAFETY: we opened this context and no PD, CQ or MR outlives it (they hold an Arc).
-            Origin::Verbs => unsafe {
-                sys::ibv_close_device(self.ctx.as_ptr());
-            },
+            Origin::Verbs => {
+                // SAFETY: we opened this context and no PD, CQ or MR outlives it (they hold an Arc).
+                let _ = unsafe { result::device::close_device(self.ctx) };
+            }
             // SAFETY: the list came from rdma_get_devices and is freed once.
-            Origin::Cm(list) => unsafe { sys::rdma_free_devices(list) },
+            Origin::Cm(list) => unsafe { result::device::rdma_free_devices(list) },
         }
     }
 }
@@ -108,27 +104,31 @@ impl Context {
         if let Some(ctx) = Self::open_from_cm(name) {
             return Ok(ctx);
         }
-        let mut n: i32 = 0;
-        // SAFETY: `n` is a valid out-pointer; the list is freed before returning.
-        let list = result::ptr("ibv_get_device_list", unsafe { sys::ibv_get_device_list(&mut n) })?;
+        // The list is freed before returning.
+        let (list, n) = result::device::get_device_list()?;
         let mut present = Vec::new();
         let mut found = None;
-        for i in 0..n.max(0) as usize {
+        for i in 0..n {
             // SAFETY: the list holds `n` valid device pointers.
             let dev = unsafe { *list.as_ptr().add(i) };
             let dn = device_name(dev);
             if dn == name {
                 // SAFETY: `dev` is a live device from the list; opening it before the list is
                 // freed is what rdma-core requires.
-                found = Some(result::ptr("ibv_open_device", unsafe { sys::ibv_open_device(dev) }));
+                found = Some(unsafe { result::device::open_device(dev) });
             }
             present.push(dn);
         }
         // SAFETY: freed once; opened contexts stay valid after the list is freed.
-        unsafe { sys::ibv_free_device_list(list.as_ptr()) };
+        unsafe { result::device::free_device_list(list) };
         match found {
             Some(ctx) => Ok(Context {
-                inner: Arc::new(ContextInner { ctx: ctx?, name: name.to_string(), origin: Origin::Verbs, faults: Default::default() }),
+                inner: Arc::new(ContextInner {
+                    ctx: ctx?,
+                    name: name.to_string(),
+                    origin: Origin::Verbs,
+                    faults: Default::default(),
+                }),
             }),
             None => Err(Error::NoSuchDevice { name: name.to_string(), present }),
         }
@@ -137,25 +137,26 @@ impl Context {
     /// The context librdmacm uses for `name`, if librdmacm is present and knows the device.
     fn open_from_cm(name: &str) -> Option<Self> {
         library::rdmacm().ok()?;
-        let mut n: i32 = 0;
-        // SAFETY: `n` is a valid out-pointer; the list is kept (and freed) by the Context.
-        let list = unsafe { sys::rdma_get_devices(&mut n) };
-        if list.is_null() {
-            return None;
-        }
-        for i in 0..n.max(0) as usize {
+        // The list is kept (and freed) by the Context.
+        let (list, n) = result::device::rdma_get_devices().ok()?;
+        for i in 0..n {
             // SAFETY: the list holds `n` context pointers.
-            let ctx = unsafe { *list.add(i) };
+            let ctx = unsafe { *list.as_ptr().add(i) };
             // SAFETY: librdmacm's contexts are open and their `device` is valid.
             if !ctx.is_null() && device_name(unsafe { (*ctx).device }) == name {
                 let ctx = NonNull::new(ctx)?;
                 return Some(Context {
-                    inner: Arc::new(ContextInner { ctx, name: name.to_string(), origin: Origin::Cm(list), faults: Default::default() }),
+                    inner: Arc::new(ContextInner {
+                        ctx,
+                        name: name.to_string(),
+                        origin: Origin::Cm(list),
+                        faults: Default::default(),
+                    }),
                 });
             }
         }
         // SAFETY: the list came from rdma_get_devices and is freed once.
-        unsafe { sys::rdma_free_devices(list) };
+        unsafe { result::device::rdma_free_devices(list) };
         None
     }
 
@@ -200,16 +201,15 @@ impl Context {
         // SAFETY: ibv_port_attr is plain old data; all-zero is a valid value.
         let mut attr: sys::ibv_port_attr = unsafe { std::mem::zeroed() };
         // SAFETY: the context is open and `attr` is a valid out-pointer of the right size.
-        let rc = unsafe { sys::ibv_query_port(self.as_raw(), port, &mut attr) };
-        result::pos_errno("ibv_query_port", rc)?;
+        unsafe { result::device::query_port(self.as_raw(), port, &mut attr) }?;
         Ok(PortInfo {
             port,
             state: PortState::from_raw(attr.state),
             active_mtu: mtu_bytes(attr.active_mtu),
             max_mtu: mtu_bytes(attr.max_mtu),
             link_layer: match attr.link_layer {
-                1 => LinkLayer::InfiniBand,
-                2 => LinkLayer::Ethernet,
+                sys::IBV_LINK_LAYER_INFINIBAND => LinkLayer::InfiniBand,
+                sys::IBV_LINK_LAYER_ETHERNET => LinkLayer::Ethernet,
                 _ => LinkLayer::Unspecified,
             },
             gid_table_len: attr.gid_tbl_len.max(0) as u32,
@@ -226,12 +226,9 @@ impl Context {
         }
         // SAFETY: ibv_gid_entry is plain old data; all-zero is valid.
         let mut entries: Vec<sys::ibv_gid_entry> = vec![unsafe { std::mem::zeroed() }; total.max(1)];
-        // SAFETY: `entries` has room for `entries.len()` entries.
-        let n = unsafe { sys::ibv_query_gid_table(self.as_raw(), entries.as_mut_ptr(), entries.len(), 0) };
-        if n < 0 {
-            return Err(result::verb_error("ibv_query_gid_table", (-n) as i32));
-        }
-        Ok(entries[..n as usize]
+        // SAFETY: the context is open; `entries` has room for `entries.len()` entries.
+        let n = unsafe { result::device::query_gid_table(self.as_raw(), &mut entries) }?;
+        Ok(entries[..n]
             .iter()
             .map(|e| GidEntry {
                 // SAFETY: every bit pattern of the 16-byte union is a valid [u8; 16].
@@ -239,9 +236,9 @@ impl Context {
                 index: e.gid_index,
                 port: e.port_num,
                 kind: match e.gid_type {
-                    0 => GidKind::Ib,
-                    1 => GidKind::RoceV1,
-                    2 => GidKind::RoceV2,
+                    sys::IBV_GID_TYPE_IB => GidKind::Ib,
+                    sys::IBV_GID_TYPE_ROCE_V1 => GidKind::RoceV1,
+                    sys::IBV_GID_TYPE_ROCE_V2 => GidKind::RoceV2,
                     _ => GidKind::Other,
                 },
                 ifindex: e.ndev_ifindex,
@@ -250,9 +247,14 @@ impl Context {
     }
 }
 
-fn mtu_bytes(m: u32) -> u32 {
+fn mtu_bytes(m: sys::ibv_mtu::Type) -> u32 {
+    use sys::ibv_mtu as mtu;
     match m {
-        1..=5 => 128 << m,
+        mtu::IBV_MTU_256 => 256,
+        mtu::IBV_MTU_512 => 512,
+        mtu::IBV_MTU_1024 => 1024,
+        mtu::IBV_MTU_2048 => 2048,
+        mtu::IBV_MTU_4096 => 4096,
         _ => 0,
     }
 }
@@ -275,13 +277,14 @@ pub enum PortState {
 }
 
 impl PortState {
-    fn from_raw(v: u32) -> Self {
+    fn from_raw(v: sys::ibv_port_state::Type) -> Self {
+        use sys::ibv_port_state as s;
         match v {
-            1 => PortState::Down,
-            2 => PortState::Init,
-            3 => PortState::Armed,
-            4 => PortState::Active,
-            5 => PortState::ActiveDefer,
+            s::IBV_PORT_DOWN => PortState::Down,
+            s::IBV_PORT_INIT => PortState::Init,
+            s::IBV_PORT_ARMED => PortState::Armed,
+            s::IBV_PORT_ACTIVE => PortState::Active,
+            s::IBV_PORT_ACTIVE_DEFER => PortState::ActiveDefer,
             o => PortState::Other(o),
         }
     }

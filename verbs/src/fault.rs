@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use crate::sys;
+use crate::{result, sys};
 
 /// The cause of a connection's loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -68,6 +68,17 @@ struct RawAsyncEvent {
 
 const _: () = assert!(std::mem::size_of::<RawAsyncEvent>() == std::mem::size_of::<sys::ibv_async_event>());
 
+/// The values of `enum ibv_event_type` read here, as the integers `RawAsyncEvent` holds.
+mod event {
+    use crate::sys::ibv_event_type as t;
+    pub(super) const QP_FATAL: u32 = t::IBV_EVENT_QP_FATAL as u32;
+    pub(super) const QP_REQ_ERR: u32 = t::IBV_EVENT_QP_REQ_ERR as u32;
+    pub(super) const QP_ACCESS_ERR: u32 = t::IBV_EVENT_QP_ACCESS_ERR as u32;
+    pub(super) const DEVICE_FATAL: u32 = t::IBV_EVENT_DEVICE_FATAL as u32;
+    pub(super) const PORT_ACTIVE: u32 = t::IBV_EVENT_PORT_ACTIVE as u32;
+    pub(super) const PORT_ERR: u32 = t::IBV_EVENT_PORT_ERR as u32;
+}
+
 impl DeviceFaults {
     /// Reads every pending asynchronous event of `ctx` (without blocking) and records the
     /// faults among them.
@@ -78,12 +89,11 @@ impl DeviceFaults {
         // SAFETY: the caller's contract; async_fd is the context's event descriptor.
         let fd = unsafe { (*ctx).async_fd };
         if !self.nonblocking.swap(true, Ordering::SeqCst) {
-            // SAFETY: fcntl on a descriptor the context owns; only adds O_NONBLOCK.
-            unsafe {
-                let fl = libc::fcntl(fd, libc::F_GETFL);
-                if fl >= 0 {
-                    libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
-                }
+            const WHAT: &str = "fcntl(O_NONBLOCK) on a device's async event fd";
+            // SAFETY: fcntl on a descriptor the context owns; only reads its flags.
+            if let Ok(fl) = unsafe { result::os::fcntl_getfl(fd, WHAT) } {
+                // SAFETY: as above; only adds O_NONBLOCK.
+                let _ = unsafe { result::os::fcntl_setfl(fd, fl | libc::O_NONBLOCK, WHAT) };
             }
         }
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -91,15 +101,15 @@ impl DeviceFaults {
             let mut ev = RawAsyncEvent { element: 0, event_type: 0 };
             // SAFETY: `ev` has the layout of struct ibv_async_event (checked above); the
             // descriptor is non-blocking, so this returns -1 (EAGAIN) when nothing is pending.
-            let rc = unsafe { sys::ibv_get_async_event(ctx, (&mut ev as *mut RawAsyncEvent).cast()) };
-            if rc != 0 {
+            let got = unsafe { result::device::get_async_event(ctx, (&mut ev as *mut RawAsyncEvent).cast()) };
+            if got.is_err() {
                 return;
             }
             let qp_event = |name| (name, true);
             let (name, is_qp) = match ev.event_type {
-                1 => qp_event("IBV_EVENT_QP_FATAL"),
-                2 => qp_event("IBV_EVENT_QP_REQ_ERR"),
-                3 => qp_event("IBV_EVENT_QP_ACCESS_ERR"),
+                event::QP_FATAL => qp_event("IBV_EVENT_QP_FATAL"),
+                event::QP_REQ_ERR => qp_event("IBV_EVENT_QP_REQ_ERR"),
+                event::QP_ACCESS_ERR => qp_event("IBV_EVENT_QP_ACCESS_ERR"),
                 _ => ("", false),
             };
             if is_qp && ev.element != 0 {
@@ -108,18 +118,18 @@ impl DeviceFaults {
                 st.qps.insert(qpn, name);
             }
             match ev.event_type {
-                8 => st.fatal = true,
+                event::DEVICE_FATAL => st.fatal = true,
                 // The element is the port number (an int in the union's first bytes).
-                10 => {
+                event::PORT_ERR => {
                     st.ports_down.insert(ev.element as u32 as u8);
                 }
-                9 => {
+                event::PORT_ACTIVE => {
                     st.ports_down.remove(&(ev.element as u32 as u8));
                 }
                 _ => {}
             }
             // SAFETY: acked once, as ibv_get_async_event requires.
-            unsafe { sys::ibv_ack_async_event((&mut ev as *mut RawAsyncEvent).cast()) };
+            unsafe { result::device::ack_async_event((&mut ev as *mut RawAsyncEvent).cast()) };
         }
     }
 

@@ -6,10 +6,11 @@
 //! support that". This module asks the dynamic loader directly, once, so that callers get
 //! [`Error::RdmaUnavailable`] with the loader's own message instead.
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
+use crate::result::os;
 
 /// The soname of libibverbs.
 pub const LIBIBVERBS: &str = "libibverbs.so.1";
@@ -21,30 +22,22 @@ fn probe(soname: &'static str) -> Result<(), String> {
     // SAFETY: `c` is a valid NUL-terminated string. RTLD_NOLOAD only returns a handle to a
     // library that is already resident (the shim's constructor loaded it); it loads nothing
     // and runs no constructors.
-    let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_LAZY | libc::RTLD_NOLOAD) };
-    if !h.is_null() {
+    if let Some(h) = unsafe { os::dlopen(&c, libc::RTLD_LAZY | libc::RTLD_NOLOAD) } {
         // SAFETY: `h` came from dlopen above; this drops only the reference NOLOAD added.
-        unsafe { libc::dlclose(h) };
+        unsafe { os::dlclose(h) };
         return Ok(());
     }
     // Not resident: load it once more only to get the loader's reason. Even if this worked
     // (it should not), the shim's function pointers stayed null, so it is still unavailable.
-    // SAFETY: as above; a library that does load is closed again at once.
-    let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL) };
-    if h.is_null() {
-        // SAFETY: dlerror returns a thread-local string or null, valid until the next dl call.
-        let msg = unsafe { libc::dlerror() };
-        let reason = if msg.is_null() {
-            "dlopen failed".to_string()
-        } else {
-            // SAFETY: non-null dlerror results are NUL-terminated C strings.
-            unsafe { CStr::from_ptr(msg) }.to_string_lossy().into_owned()
-        };
-        Err(reason)
-    } else {
-        // SAFETY: `h` is a live handle from dlopen.
-        unsafe { libc::dlclose(h) };
-        Err("present now, but it was missing when the program started".to_string())
+    // SAFETY: as above; a library that does load is closed again at once (loading rdma-core's
+    // library, initialisers included, is what the shim does at start-up anyway).
+    match unsafe { os::dlopen(&c, libc::RTLD_LAZY | libc::RTLD_LOCAL) } {
+        None => Err(os::dlerror().unwrap_or_else(|| "dlopen failed".to_string())),
+        Some(h) => {
+            // SAFETY: `h` is a live handle from dlopen.
+            unsafe { os::dlclose(h) };
+            Err("present now, but it was missing when the program started".to_string())
+        }
     }
 }
 

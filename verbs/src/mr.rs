@@ -1,4 +1,5 @@
-//! Protection domains and memory regions: pinned, ODP, implicit ODP, dma-buf.
+//! Memory regions: registration (pinned, ODP, implicit ODP, dma-buf), the region that owns
+//! its backing, and checked slices of it for work requests.
 
 use std::marker::PhantomData;
 use std::mem::ManuallyDrop;
@@ -7,94 +8,17 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use bitflags::bitflags;
 use vm_memory::VolatileSlice;
 
+use crate::access::AccessFlags;
 use crate::buffer::RegisterableBuffer;
 use crate::caps::DmaBufSupport;
-use crate::device::Context;
-use crate::error::{Errno, Error, Result};
+use crate::error::{Error, Result};
+use crate::pd::{PdInner, ProtectionDomain};
+use crate::remote::RemoteBuf;
 use crate::{result, sys};
 
-bitflags! {
-    /// Access rights of a memory region (`enum ibv_access_flags`).
-    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-    pub struct AccessFlags: u32 {
-        /// The local NIC may write (RDMA READ and RECV targets). Needed by the REMOTE_WRITE
-        /// and REMOTE_ATOMIC rights.
-        const LOCAL_WRITE = 1;
-        /// Peers may RDMA WRITE into the region.
-        const REMOTE_WRITE = 2;
-        /// Peers may RDMA READ from the region.
-        const REMOTE_READ = 4;
-        /// Peers may run atomics on the region.
-        const REMOTE_ATOMIC = 8;
-        /// Memory windows may be bound over the region (`IBV_ACCESS_MW_BIND`): peers then reach
-        /// it through a window's rkey ([`MemoryWindow`](crate::MemoryWindow)), which can be
-        /// revoked on its own.
-        const MW_BIND = sys::ibv_access_flags::IBV_ACCESS_MW_BIND.0;
-        /// On-Demand Paging: pages are faulted in by the NIC, not pinned.
-        const ON_DEMAND = 64;
-        /// PCIe relaxed ordering, where the device and platform allow it (an optional flag:
-        /// ignored where unsupported).
-        const RELAXED_ORDERING = 1 << 20;
-    }
-}
-
-impl AccessFlags {
-    /// LOCAL_WRITE | REMOTE_WRITE | REMOTE_READ: what a buffer that peers read and write needs.
-    pub fn remote_rw() -> Self {
-        AccessFlags::LOCAL_WRITE | AccessFlags::REMOTE_WRITE | AccessFlags::REMOTE_READ
-    }
-}
-
-pub(crate) struct PdInner {
-    pd: NonNull<sys::ibv_pd>,
-    ctx: Context,
-}
-
-// SAFETY: a PD is a kernel object handle; verbs on it are thread-safe.
-unsafe impl Send for PdInner {}
-// SAFETY: as above.
-unsafe impl Sync for PdInner {}
-
-impl Drop for PdInner {
-    fn drop(&mut self) {
-        // SAFETY: every MR, QP and connection holds an Arc to this PD, so none is left.
-        unsafe { sys::ibv_dealloc_pd(self.pd.as_ptr()) };
-    }
-}
-
-/// A protection domain: MRs and QPs in it may be used together.
-#[derive(Clone)]
-pub struct ProtectionDomain {
-    pub(crate) inner: Arc<PdInner>,
-}
-
-impl std::fmt::Debug for ProtectionDomain {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProtectionDomain").field("device", &self.inner.ctx.name()).finish()
-    }
-}
-
 impl ProtectionDomain {
-    /// Allocates a protection domain on `ctx` (`ibv_alloc_pd`).
-    pub fn new(ctx: &Context) -> Result<Self> {
-        // SAFETY: the context is open for as long as the PD holds it.
-        let pd = result::ptr("ibv_alloc_pd", unsafe { sys::ibv_alloc_pd(ctx.as_raw()) })?;
-        Ok(ProtectionDomain { inner: Arc::new(PdInner { pd, ctx: ctx.clone() }) })
-    }
-
-    /// The device context.
-    pub fn context(&self) -> &Context {
-        &self.inner.ctx
-    }
-
-    /// The raw PD, for the `sys` layer.
-    pub fn as_raw(&self) -> *mut sys::ibv_pd {
-        self.inner.pd.as_ptr()
-    }
-
     /// Registers `buf`, which the region then owns until it is deregistered (pinned
     /// registration, `ibv_reg_mr`; with [`AccessFlags::ON_DEMAND`] the pages are not pinned).
     ///
@@ -185,52 +109,17 @@ impl ProtectionDomain {
             return Err(Error::InvalidArgument("cannot register an empty dma-buf range".into()));
         }
         // SAFETY: the PD is live; the caller vouches for the dma-buf.
-        let p =
-            unsafe { sys::ibv_reg_dmabuf_mr(self.as_raw(), offset, len, iova, fd.as_raw_fd(), access.bits() as i32) };
-        match NonNull::new(p) {
-            Some(mr) => Ok(self.wrap(mr, access, Foreign(()))),
-            None => {
-                let e = Errno::last();
-                match DmaBufSupport::from_probe_errno(e.0) {
-                    DmaBufSupport::Unsupported(errno) => {
-                        Err(Error::DmaBufUnsupported { device: self.context().name().to_string(), errno })
-                    }
-                    DmaBufSupport::Supported => Err(result::verb_error("ibv_reg_dmabuf_mr", e.0)),
+        let r = unsafe {
+            result::mr::reg_dmabuf_mr(self.as_raw(), offset, len, iova, fd.as_raw_fd(), access.bits() as i32)
+        };
+        match r {
+            Ok(mr) => Ok(self.wrap(mr, access, Foreign(()))),
+            Err(e) => match DmaBufSupport::from_probe_errno(result::errno_of(&e).0) {
+                DmaBufSupport::Unsupported(errno) => {
+                    Err(Error::DmaBufUnsupported { device: self.context().name().to_string(), errno })
                 }
-            }
-        }
-    }
-
-    /// Probes dma-buf MR support the way NCCL and UCX do:
-    /// `ibv_reg_dmabuf_mr(pd, 0, 0, 0, -1, 0)` must fail; `EBADF` means the provider got as
-    /// far as the fd (supported), `EOPNOTSUPP`/`EPROTONOSUPPORT` mean it is not.
-    pub fn dmabuf_support(&self) -> DmaBufSupport {
-        // SAFETY: fd -1 with length 0 registers nothing; the call can only fail. Should a
-        // provider ever accept it, the region is deregistered at once.
-        let p = unsafe { sys::ibv_reg_dmabuf_mr(self.as_raw(), 0, 0, 0, -1, 0) };
-        if !p.is_null() {
-            // SAFETY: `p` is a region we own and drop at once.
-            unsafe { sys::ibv_dereg_mr(p) };
-            return DmaBufSupport::Supported;
-        }
-        DmaBufSupport::from_probe_errno(Errno::last().0)
-    }
-
-    /// Probes whether `ibv_advise_mr` prefetch works here: registers one ODP page and asks
-    /// for it to be prefetched. `Ok(None)` when it works, `Ok(Some(reason))` when it does not
-    /// (no ODP, or the provider lacks advise_mr, as rdma-core's rxe provider before v57 does).
-    pub fn prefetch_support(&self) -> Result<Option<String>> {
-        if let Err(e) = self.require_odp(false) {
-            return Ok(Some(e.to_string()));
-        }
-        let mr = self.register_odp(crate::HostBuffer::new(4096)?, AccessFlags::LOCAL_WRITE)?;
-        match mr.advise_prefetch(.., true) {
-            Ok(()) => Ok(None),
-            Err(e @ Error::Verb { errno: Errno(libc::EOPNOTSUPP), .. }) => Ok(Some(format!(
-                "{e}: the user-space provider of {} does not implement advise_mr",
-                self.context().name()
-            ))),
-            Err(e) => Err(e),
+                DmaBufSupport::Supported => Err(e),
+            },
         }
     }
 
@@ -239,27 +128,14 @@ impl ProtectionDomain {
         MemoryRegion { mr, pd: self.clone(), access, buf: ManuallyDrop::new(buf), _not_sync_marker: PhantomData }
     }
 
-    fn require_odp(&self, implicit: bool) -> Result<()> {
-        let caps = self.context().caps()?;
-        let what = if implicit {
-            "implicit On-Demand Paging (IBV_ODP_SUPPORT_IMPLICIT)"
-        } else {
-            "On-Demand Paging (IBV_ODP_SUPPORT)"
-        };
-        if !caps.odp.supported || (implicit && !caps.odp.implicit) {
-            return Err(Error::Unsupported { device: self.context().name().to_string(), what: what.to_string() });
-        }
-        Ok(())
-    }
-
+    /// Registers `len` bytes at `addr`, mapped at the same address (iova).
+    ///
     /// # Safety
     /// As [`ProtectionDomain::register_raw`].
     unsafe fn reg_raw(&self, addr: *mut u8, len: usize, access: AccessFlags) -> Result<NonNull<sys::ibv_mr>> {
         // SAFETY: forwarded; ibv_reg_mr_iova2 with iova == addr is ibv_reg_mr that also takes
         // the optional flags (relaxed ordering).
-        result::ptr("ibv_reg_mr", unsafe {
-            sys::ibv_reg_mr_iova2(self.as_raw(), addr.cast(), len, addr as u64, access.bits())
-        })
+        unsafe { result::mr::reg_mr_iova2(self.as_raw(), addr, len, addr as u64, access.bits()) }
     }
 }
 
@@ -401,22 +277,24 @@ impl<B> MemoryRegion<B> {
         } else {
             sys::ib_uverbs_advise_mr_advice::IB_UVERBS_ADVISE_MR_ADVICE_PREFETCH
         };
-        const IBV_ADVISE_MR_FLAG_FLUSH: u32 = 1;
+        // `enum ibv_advise_mr_flag` of verbs.h, which rdma-mummy-sys does not bind.
+        const IBV_ADVISE_MR_FLAG_FLUSH: u32 = 1 << 0;
         // SAFETY: the PD and MR are live; `sge` is one valid entry naming this MR's lkey.
-        let rc = unsafe { sys::ibv_advise_mr(self.pd.as_raw(), advice, IBV_ADVISE_MR_FLAG_FLUSH, &mut sge, 1) };
-        result::pos_errno("ibv_advise_mr", rc)
+        unsafe {
+            result::mr::advise_mr(self.pd.as_raw(), advice, IBV_ADVISE_MR_FLAG_FLUSH, std::slice::from_mut(&mut sge))
+        }
     }
 
     /// Deregisters now and gives the backing back; unlike dropping, reports a failure.
     pub fn deregister(self) -> Result<B> {
         let me = std::mem::ManuallyDrop::new(self);
         // SAFETY: the MR is deregistered exactly once here; Drop will not run.
-        let rc = unsafe { sys::ibv_dereg_mr(me.mr.as_ptr()) };
+        let r = unsafe { result::mr::dereg_mr(me.mr) };
         // SAFETY: we take the fields out of a value whose destructor will not run.
         let (pd, buf) = unsafe { (std::ptr::read(&me.pd), std::ptr::read(&me.buf)) };
         drop(pd);
         // On failure the NIC may still reach the memory: the backing is leaked, not freed.
-        result::pos_errno("ibv_dereg_mr", rc)?;
+        r?;
         Ok(ManuallyDrop::into_inner(buf))
     }
 }
@@ -469,22 +347,22 @@ impl<B> Drop for MemoryRegion<B> {
     fn drop(&mut self) {
         // SAFETY: deregistered exactly once; the buffer is dropped after this, so the NIC
         // loses access before the memory is freed.
-        let rc = unsafe { sys::ibv_dereg_mr(self.mr.as_ptr()) };
-        if rc == 0 {
+        match unsafe { result::mr::dereg_mr(self.mr) } {
             // SAFETY: dropped exactly once, here, after the NIC lost access to it.
-            unsafe { ManuallyDrop::drop(&mut self.buf) };
-        } else {
-            // The NIC may still reach the memory (a provider refuses to deregister a region
-            // with memory windows bound over it, for one): leak it rather than free it.
-            eprintln!(
-                "p2pbridge-verbs: ibv_dereg_mr failed ({}); the region's memory is leaked, not freed, since the NIC may still reach it",
-                Errno(rc.abs())
-            );
+            Ok(()) => unsafe { ManuallyDrop::drop(&mut self.buf) },
+            Err(e) => {
+                // The NIC may still reach the memory (a provider refuses to deregister a region
+                // with memory windows bound over it, for one): leak it rather than free it.
+                eprintln!(
+                    "p2pbridge-verbs: ibv_dereg_mr failed ({}); the region's memory is leaked, not freed, since the NIC may still reach it",
+                    result::errno_of(&e)
+                );
+            }
         }
     }
 }
 
-fn resolve_range(range: impl RangeBounds<u64>, len: u64, what: &'static str) -> Result<(u64, u64)> {
+pub(crate) fn resolve_range(range: impl RangeBounds<u64>, len: u64, what: &'static str) -> Result<(u64, u64)> {
     let start = match range.start_bound() {
         Bound::Included(&s) => s,
         Bound::Excluded(&s) => s.saturating_add(1),
@@ -526,110 +404,9 @@ impl LocalSlice<'_> {
     }
 }
 
-/// What a peer needs to reach a registered region: address, length and rkey.
-///
-/// It travels between hosts (in rdma_cm private data, see [`RemoteBuf::to_bytes`]). The
-/// length is what the peer *claims*; our bounds checks use it, and the NIC checks the real
-/// region.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct RemoteBuf {
-    /// The region's start address on the peer.
-    pub addr: u64,
-    /// Its length in bytes.
-    pub len: u64,
-    /// The peer's rkey for it.
-    pub rkey: u32,
-}
-
-impl RemoteBuf {
-    /// The encoded size: 4-byte magic, 8-byte address, 8-byte length, 4-byte rkey.
-    pub const WIRE_LEN: usize = 24;
-    const MAGIC: [u8; 4] = *b"P2B1";
-
-    /// Encodes the descriptor (little-endian) for a peer.
-    pub fn to_bytes(&self) -> [u8; Self::WIRE_LEN] {
-        let mut b = [0u8; Self::WIRE_LEN];
-        b[0..4].copy_from_slice(&Self::MAGIC);
-        b[4..12].copy_from_slice(&self.addr.to_le_bytes());
-        b[12..20].copy_from_slice(&self.len.to_le_bytes());
-        b[20..24].copy_from_slice(&self.rkey.to_le_bytes());
-        b
-    }
-
-    /// Decodes a descriptor; trailing bytes (rdma_cm pads private data) are ignored.
-    pub fn from_bytes(b: &[u8]) -> Result<Self> {
-        if b.len() < Self::WIRE_LEN || b[0..4] != Self::MAGIC {
-            return Err(Error::InvalidArgument(format!(
-                "not a p2pbridge remote buffer descriptor ({} bytes)",
-                b.len()
-            )));
-        }
-        let u64_at = |i: usize| {
-            let mut x = [0u8; 8];
-            x.copy_from_slice(&b[i..i + 8]);
-            u64::from_le_bytes(x)
-        };
-        let mut k = [0u8; 4];
-        k.copy_from_slice(&b[20..24]);
-        Ok(RemoteBuf { addr: u64_at(4), len: u64_at(12), rkey: u32::from_le_bytes(k) })
-    }
-
-    /// A bounds-checked part of the remote buffer (against the length the peer gave).
-    pub fn slice(&self, range: impl RangeBounds<u64>) -> Result<RemoteSlice> {
-        let (offset, length) = resolve_range(range, self.len, "remote buffer")?;
-        let len = u32::try_from(length).map_err(|_| {
-            Error::InvalidArgument(format!("a work request moves at most 4 GiB - 1, not {length} bytes"))
-        })?;
-        // The descriptor came from a peer: its address may be anything.
-        let addr = self.addr.checked_add(offset).ok_or(Error::OutOfBounds {
-            what: "remote buffer (its address wraps)",
-            offset,
-            length: len as usize,
-            len: self.len,
-        })?;
-        Ok(RemoteSlice { addr, len, rkey: self.rkey })
-    }
-}
-
-/// A part of a remote buffer, for one work request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RemoteSlice {
-    /// Remote address.
-    pub addr: u64,
-    /// Length in bytes.
-    pub len: u32,
-    /// Remote key.
-    pub rkey: u32,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn remote_buf_round_trips_and_rejects_garbage() {
-        let r = RemoteBuf { addr: 0x7f00_1234_5000, len: 64 << 20, rkey: 0xdead_beef };
-        let mut wire = r.to_bytes().to_vec();
-        wire.extend_from_slice(&[0u8; 32]); // rdma_cm pads private data
-        assert_eq!(RemoteBuf::from_bytes(&wire).unwrap(), r);
-        assert!(RemoteBuf::from_bytes(&wire[..10]).is_err());
-        let mut bad = r.to_bytes();
-        bad[0] = b'X';
-        assert!(RemoteBuf::from_bytes(&bad).is_err());
-    }
-
-    #[test]
-    fn remote_slices_are_bounds_checked() {
-        let r = RemoteBuf { addr: 1000, len: 100, rkey: 7 };
-        let s = r.slice(10..30).unwrap();
-        assert_eq!((s.addr, s.len, s.rkey), (1010, 20, 7));
-        assert_eq!(r.slice(..).unwrap().len, 100);
-        assert!(matches!(r.slice(90..101), Err(Error::OutOfBounds { .. })));
-        #[allow(clippy::reversed_empty_ranges)]
-        let rev = r.slice(50..40);
-        assert!(matches!(rev, Err(Error::OutOfBounds { .. })));
-        assert!(matches!(r.slice(..=100), Err(Error::OutOfBounds { .. })));
-    }
 
     #[test]
     fn remote_write_without_local_write_is_refused_before_the_verb() {

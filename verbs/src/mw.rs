@@ -11,7 +11,7 @@
 use std::ptr::NonNull;
 
 use crate::error::Result;
-use crate::mr::ProtectionDomain;
+use crate::pd::ProtectionDomain;
 use crate::{result, sys};
 
 /// A type 2 memory window (`struct ibv_mw`), deallocated on drop.
@@ -42,8 +42,7 @@ impl ProtectionDomain {
     /// with the provider's errno (normally `EOPNOTSUPP`).
     pub fn alloc_mw(&self) -> Result<MemoryWindow> {
         // SAFETY: the PD is live (held by the window for its life).
-        let mw =
-            result::ptr("ibv_alloc_mw", unsafe { sys::ibv_alloc_mw(self.as_raw(), sys::ibv_mw_type::IBV_MW_TYPE_2) })?;
+        let mw = unsafe { result::mw::alloc_mw(self.as_raw(), sys::ibv_mw_type::IBV_MW_TYPE_2) }?;
         // SAFETY: a window just allocated and owned here.
         let rkey = unsafe { mw.as_ref() }.rkey;
         Ok(MemoryWindow { mw, rkey, _pd: self.clone() })
@@ -69,8 +68,7 @@ impl MemoryWindow {
     /// The rkey the next bind will carry (`ibv_inc_rkey`: same index, next key byte), so that a
     /// key of an earlier bind is refused.
     pub(crate) fn next_rkey(&self) -> u32 {
-        // SAFETY: a pure function of its argument.
-        unsafe { sys::ibv_inc_rkey(self.rkey) }
+        result::mw::inc_rkey(self.rkey)
     }
 
     /// Records the rkey of a bind that completed successfully.
@@ -84,19 +82,18 @@ impl MemoryWindow {
     pub fn dealloc(self) -> Result<()> {
         let me = std::mem::ManuallyDrop::new(self);
         // SAFETY: deallocated exactly once; Drop will not run.
-        let rc = unsafe { sys::ibv_dealloc_mw(me.mw.as_ptr()) };
+        let r = unsafe { result::mw::dealloc_mw(me.mw) };
         // SAFETY: taken out of a value whose destructor does not run.
         drop(unsafe { std::ptr::read(&me._pd) });
-        result::pos_errno("ibv_dealloc_mw", rc)
+        r
     }
 }
 
 impl Drop for MemoryWindow {
     fn drop(&mut self) {
         // SAFETY: deallocated exactly once.
-        let rc = unsafe { sys::ibv_dealloc_mw(self.mw.as_ptr()) };
-        if rc != 0 {
-            eprintln!("p2pbridge-verbs: ibv_dealloc_mw failed ({}); the window is leaked", crate::Errno(rc.abs()));
+        if let Err(e) = unsafe { result::mw::dealloc_mw(self.mw) } {
+            eprintln!("p2pbridge-verbs: ibv_dealloc_mw failed ({}); the window is leaked", result::errno_of(&e));
         }
     }
 }

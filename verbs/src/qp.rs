@@ -6,9 +6,12 @@ use std::sync::Arc;
 
 use bitflags::bitflags;
 
+use crate::access::AccessFlags;
 use crate::error::{Error, Result};
-use crate::mr::{AccessFlags, LocalSlice, MemoryRegion, PdInner, ProtectionDomain, RemoteSlice};
+use crate::mr::{LocalSlice, MemoryRegion};
 use crate::mw::MemoryWindow;
+use crate::pd::{PdInner, ProtectionDomain};
+use crate::remote::RemoteSlice;
 use crate::{result, sys};
 
 bitflags! {
@@ -16,14 +19,14 @@ bitflags! {
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
     pub struct SendFlags: u32 {
         /// Wait for earlier RDMA READs and atomics before this one.
-        const FENCE = 1;
+        const FENCE = sys::ibv_send_flags::IBV_SEND_FENCE.0;
         /// Generate a completion (otherwise only errors complete).
-        const SIGNALED = 2;
+        const SIGNALED = sys::ibv_send_flags::IBV_SEND_SIGNALED.0;
         /// Solicited event at the receiver.
-        const SOLICITED = 4;
+        const SOLICITED = sys::ibv_send_flags::IBV_SEND_SOLICITED.0;
         /// Copy the payload into the WQE (up to the QP's inline limit): the buffer may be
         /// reused as soon as the post returns.
-        const INLINE = 8;
+        const INLINE = sys::ibv_send_flags::IBV_SEND_INLINE.0;
     }
 }
 
@@ -125,18 +128,16 @@ impl QueuePair {
         // SAFETY: as above.
         let mut init: sys::ibv_qp_init_attr = unsafe { std::mem::zeroed() };
         // SAFETY: the QP is live; the out-pointers are valid.
-        let rc = unsafe {
-            sys::ibv_query_qp(self.qp.as_ptr(), &mut attr, sys::ibv_qp_attr_mask::IBV_QP_STATE.0 as i32, &mut init)
-        };
-        result::pos_errno("ibv_query_qp", rc)?;
+        unsafe { result::qp::query_qp(self.qp.as_ptr(), &mut attr, sys::ibv_qp_attr_mask::IBV_QP_STATE, &mut init) }?;
+        use sys::ibv_qp_state as s;
         Ok(match attr.qp_state {
-            0 => QpState::Reset,
-            1 => QpState::Init,
-            2 => QpState::Rtr,
-            3 => QpState::Rts,
-            4 => QpState::Sqd,
-            5 => QpState::Sqe,
-            6 => QpState::Error,
+            s::IBV_QPS_RESET => QpState::Reset,
+            s::IBV_QPS_INIT => QpState::Init,
+            s::IBV_QPS_RTR => QpState::Rtr,
+            s::IBV_QPS_RTS => QpState::Rts,
+            s::IBV_QPS_SQD => QpState::Sqd,
+            s::IBV_QPS_SQE => QpState::Sqe,
+            s::IBV_QPS_ERR => QpState::Error,
             o => QpState::Unknown(o),
         })
     }
@@ -192,8 +193,7 @@ impl QueuePair {
         // SAFETY: the QP is live; `wr` and `sge` outlive the call (the provider copies them
         // into the send queue); the local range lies in a registered MR of this QP's PD
         // (checked by the caller), so the NIC touches only registered memory.
-        let rc = unsafe { sys::ibv_post_send(self.qp.as_ptr(), &mut wr, &mut bad) };
-        result::pos_errno("ibv_post_send", rc)
+        unsafe { result::qp::post_send(self.qp.as_ptr(), &mut wr, &mut bad, "ibv_post_send") }
     }
 
     /// Posts an RDMA WRITE of `local` to `remote` (lengths must match).
@@ -251,8 +251,7 @@ impl QueuePair {
         let mut bad: *mut sys::ibv_recv_wr = std::ptr::null_mut();
         // SAFETY: the QP is live; `wr` and `sge` outlive the call; the range lies in a
         // registered, locally writable MR of this PD (checked above).
-        let rc = unsafe { sys::ibv_post_recv(self.qp.as_ptr(), &mut wr, &mut bad) };
-        result::pos_errno("ibv_post_recv", rc)
+        unsafe { result::qp::post_recv(self.qp.as_ptr(), &mut wr, &mut bad, "ibv_post_recv") }
     }
 }
 
@@ -353,8 +352,7 @@ impl QueuePair {
         // SAFETY: the QP is live; the chained requests and their scatter entries outlive the
         // call (the provider copies them into the send queue); every local range lies in a
         // registered MR of this QP's PD with the rights its op needs (checked above).
-        let rc = unsafe { sys::ibv_post_send(self.qp.as_ptr(), base, &mut bad) };
-        match result::pos_errno("ibv_post_send (a list)", rc) {
+        match unsafe { result::qp::post_send(self.qp.as_ptr(), base, &mut bad, "ibv_post_send (a list)") } {
             Ok(()) => Ok(()),
             Err(error) => {
                 // `bad` is the first request not posted; those before it were.
@@ -383,8 +381,8 @@ impl QueuePair {
         let mut bad: *mut sys::ibv_recv_wr = std::ptr::null_mut();
         // SAFETY: the QP is live; the list and its scatter entries outlive the call; every
         // range lies in a registered, locally writable MR of this PD (checked above).
-        let rc = unsafe { sys::ibv_post_recv(self.qp.as_ptr(), list.head(), &mut bad) };
-        result::pos_errno("ibv_post_recv (a list)", rc).map_err(|error| list.partial(bad, error))
+        unsafe { result::qp::post_recv(self.qp.as_ptr(), list.head(), &mut bad, "ibv_post_recv (a list)") }
+            .map_err(|error| list.partial(bad, error))
     }
 }
 
@@ -501,8 +499,7 @@ impl QueuePair {
         let mut bad: *mut sys::ibv_send_wr = std::ptr::null_mut();
         // SAFETY: the QP, window and region are live and of one PD (checked); `wr` outlives the
         // call; the caller keeps the region registered while the window may be bound.
-        let rc = unsafe { sys::ibv_post_send(self.qp.as_ptr(), &mut wr, &mut bad) };
-        result::pos_errno("ibv_post_send (IBV_WR_BIND_MW)", rc)?;
+        unsafe { result::qp::post_send(self.qp.as_ptr(), &mut wr, &mut bad, "ibv_post_send (IBV_WR_BIND_MW)") }?;
         Ok(rkey)
     }
 
@@ -519,9 +516,14 @@ impl QueuePair {
         let mut attr: sys::ibv_qp_attr = unsafe { std::mem::zeroed() };
         attr.qp_state = sys::ibv_qp_state::IBV_QPS_ERR;
         // SAFETY: the QP is live; `attr` is valid for the call.
-        let rc =
-            unsafe { sys::ibv_modify_qp(self.qp.as_ptr(), &mut attr, sys::ibv_qp_attr_mask::IBV_QP_STATE.0 as i32) };
-        result::pos_errno("ibv_modify_qp (to IBV_QPS_ERR)", rc)
+        unsafe {
+            result::qp::modify_qp(
+                self.qp.as_ptr(),
+                &mut attr,
+                sys::ibv_qp_attr_mask::IBV_QP_STATE,
+                "ibv_modify_qp (to IBV_QPS_ERR)",
+            )
+        }
     }
 }
 
@@ -533,4 +535,18 @@ fn check_same_len(local: &LocalSlice<'_>, remote: &RemoteSlice) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn send_flag_bits_are_rdma_cores() {
+        // The values of rdma-core's verbs.h, which the flags take from the bindings.
+        assert_eq!(SendFlags::FENCE.bits(), 1);
+        assert_eq!(SendFlags::SIGNALED.bits(), 2);
+        assert_eq!(SendFlags::SOLICITED.bits(), 4);
+        assert_eq!(SendFlags::INLINE.bits(), 8);
+    }
 }

@@ -3,8 +3,10 @@
 use std::ptr::NonNull;
 use std::sync::Arc;
 
+use crate::access::AccessFlags;
 use crate::error::{Error, Result};
-use crate::mr::{AccessFlags, LocalSlice, PdInner, ProtectionDomain};
+use crate::mr::LocalSlice;
+use crate::pd::{PdInner, ProtectionDomain};
 use crate::qp::{PostListError, RecvList};
 use crate::{result, sys};
 
@@ -40,7 +42,7 @@ impl SharedReceiveQueue {
         attr.attr.max_wr = max_wr;
         attr.attr.max_sge = 1;
         // SAFETY: the PD is live (held by `pd`, and by the returned value); `attr` is valid.
-        let srq = result::ptr("ibv_create_srq", unsafe { sys::ibv_create_srq(pd.as_raw(), &mut attr) })?;
+        let srq = unsafe { result::srq::create_srq(pd.as_raw(), &mut attr) }?;
         Ok(SharedReceiveQueue { srq, pd: pd.inner.clone(), max_wr })
     }
 
@@ -79,17 +81,16 @@ impl SharedReceiveQueue {
         let mut bad: *mut sys::ibv_recv_wr = std::ptr::null_mut();
         // SAFETY: the SRQ is live; the list and its scatter entries outlive the call; every
         // range lies in a registered, locally writable MR of the SRQ's PD (checked above).
-        let rc = unsafe { sys::ibv_post_srq_recv(self.srq.as_ptr(), list.head(), &mut bad) };
-        result::pos_errno("ibv_post_srq_recv", rc).map_err(|error| list.partial(bad, error))
+        unsafe { result::srq::post_srq_recv(self.srq.as_ptr(), list.head(), &mut bad) }
+            .map_err(|error| list.partial(bad, error))
     }
 }
 
 impl Drop for SharedReceiveQueue {
     fn drop(&mut self) {
         // SAFETY: destroyed once; connections using it hold it (Arc) and destroy their QP first.
-        let rc = unsafe { sys::ibv_destroy_srq(self.srq.as_ptr()) };
-        if rc != 0 {
-            eprintln!("p2pbridge-verbs: ibv_destroy_srq failed ({}); the SRQ is leaked", crate::Errno(rc.abs()));
+        if let Err(e) = unsafe { result::srq::destroy_srq(self.srq) } {
+            eprintln!("p2pbridge-verbs: ibv_destroy_srq failed ({}); the SRQ is leaked", result::errno_of(&e));
         }
     }
 }

@@ -208,7 +208,7 @@ fn pair<A, B, E>(
     ours: impl FnOnce() -> Result<A, E>,
     theirs: impl FnOnce() -> Result<B, E>,
 ) -> Result<(A, B), E> {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         let o = ours()?;
         Ok((o, theirs()?))
     } else {
@@ -424,8 +424,8 @@ fn report(a: &Args, rows: &[RowResult], setting: &str) -> std::io::Result<()> {
         a.pairs, a.seconds
     );
     println!(
-        "{:<44} {:>10} {:>10} {:>8} {:>15} {:>7}  {}",
-        "row", "ours", "theirs", "ratio", "spread", "target", "setting"
+        "{:<44} {:>10} {:>10} {:>8} {:>15} {:>7}  setting",
+        "row", "ours", "theirs", "ratio", "spread", "target"
     );
     let mut csv = String::from("row,pair,ours,theirs,unit,ratio\n");
     let mut series = Vec::new();

@@ -1,13 +1,37 @@
-//! The middle layer: rdma-core's return conventions turned into `Result`.
+//! The middle layer: every foreign call of the crate, each turned into `Result`.
+//!
+//! Each function here wraps exactly one foreign function (a verb of libibverbs, a call of
+//! librdmacm, or one of libc's, for the descriptors and the loader), and nothing else: it
+//! passes its arguments through and converts the return convention into [`Result`], naming
+//! the call so that every error says which one failed. Functions whose call has preconditions
+//! (live objects behind raw pointers, descriptors the caller owns) are `unsafe`, with a
+//! `# Safety` section stating what the caller must uphold; the safe types (the crate's other
+//! modules) call only these, never `sys` directly, and justify each call with a `// SAFETY:`
+//! comment. The few calls without preconditions ([`device::get_device_list`],
+//! [`mw::inc_rkey`], [`cm::event_str`], [`os::poll`], ...) are safe functions.
 //!
 //! rdma-core reports failure three ways: a null pointer with errno set (`ibv_alloc_pd`), `-1`
 //! with errno set (`rdma_*`, `ibv_query_gid`), or the errno itself as a positive return
 //! (`ibv_dereg_mr`, `ibv_modify_qp`, `ibv_post_send`, `ibv_advise_mr`). Each helper here names the
-//! verb so that every error says which call failed.
+//! verb so that every error says which call failed: [`ptr`], [`neg_errno`], [`pos_errno`].
+//!
+//! The modules follow the objects: [`device`] (device lists, contexts, ports, GIDs, device
+//! attributes, asynchronous events), [`pd`], [`mr`], [`mw`], [`cq`] (and completion
+//! channels), [`qp`], [`srq`], [`cm`] (rdma_cm), and [`os`] (libc).
 
 use std::ptr::NonNull;
 
 use crate::error::{Errno, Error, Result};
+
+pub(crate) mod cm;
+pub(crate) mod cq;
+pub(crate) mod device;
+pub(crate) mod mr;
+pub(crate) mod mw;
+pub(crate) mod os;
+pub(crate) mod pd;
+pub(crate) mod qp;
+pub(crate) mod srq;
 
 /// The hint we know for an errno from a given verb.
 fn hint(verb: &'static str, errno: i32) -> Option<&'static str> {
@@ -50,6 +74,14 @@ pub fn neg_errno(verb: &'static str, rc: i32) -> Result<()> {
         Err(verb_error(verb, if e != 0 { e } else { -rc }))
     } else {
         Ok(())
+    }
+}
+
+/// The errno an error carries: a failed verb's ([`Error::Verb`]), else 0.
+pub fn errno_of(e: &Error) -> Errno {
+    match e {
+        Error::Verb { errno, .. } => *errno,
+        _ => Errno(0),
     }
 }
 
