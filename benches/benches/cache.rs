@@ -1,5 +1,8 @@
 //! Registration cache: hit lookup, invalidation of one range among 100k entries, and
-//! free-to-invalidated latency through the host backend's notices.
+//! free-to-invalidated latency through the host backend's notices. Also (issue 13) hits among
+//! 100k page-strided entries of ONE domain, by domain (`lookup`) and by address (`lookup_at`,
+//! the `Bridge::register` hit path without the NIC; `bridge_reg --hits` measures the bridge
+//! itself on an RDMA device).
 //!
 //! `cargo bench -p p2pbridge-benches --bench cache`. Targets (issue 4): hit lookup <= 50 ns
 //! median; invalidation among 100k entries <= 2 us. These measure the cache and the notice
@@ -34,7 +37,34 @@ fn full_cache() -> RegCache<u64> {
     c
 }
 
+/// 100k 4 KiB entries at a 2-page stride in one allocation, declared for lookups by address.
+fn one_domain() -> (RegCache<u64>, Domain, u64) {
+    let c = RegCache::new(CachePolicy { max_entries: 2 * N as usize, max_bytes: u64::MAX, ..CachePolicy::default() });
+    let (d, base) = (key(1_000_000), 0x7e00_0000_0000u64);
+    for i in 0..N {
+        let start = base + i * 8192;
+        c.insert(d, start..start + 4096, 7, Cost::Pinned, i).unwrap();
+    }
+    c.declare(d, base..base + N * 8192);
+    (c, d, base)
+}
+
 fn benches(c: &mut Criterion) {
+    let (one, d, base) = one_domain();
+    let mut rng = p2pbridge_test_support::Rng(0x9e37_79b9_7f4a_7c15);
+    c.bench_function("cache hit lookup, random entry of 100k in one domain", |b| {
+        b.iter(|| {
+            let start = base + rng.below(N) * 8192;
+            black_box(one.lookup(d, black_box(start..start + 4096), 7))
+        })
+    });
+    c.bench_function("cache hit lookup_at (by address), random entry of 100k in one domain", |b| {
+        b.iter(|| {
+            let start = base + rng.below(N) * 8192;
+            black_box(one.lookup_at(black_box(start..start + 4096), 7))
+        })
+    });
+    drop(one);
     let cache = full_cache();
     let hot = 0x7f00_0000_0000 + 42 * 0x2_0000 + 4096;
     c.bench_function("cache hit lookup, hot entry (100k entries)", |b| {

@@ -171,12 +171,20 @@ impl Bridge {
         // The exported-bytes budget: the smallest BAR1 among the backends' GPUs, unless the
         // caller set one.
         let mut cache_policy = opts.cache;
-        let mut exported_budget = (cache_policy.max_exported_bytes_per_device, "CachePolicy::max_exported_bytes_per_device".to_string());
-        if cache_policy.max_exported_bytes_per_device == CachePolicy::default().max_exported_bytes_per_device {
+        let defaults = CachePolicy::default();
+        let mut exported_budget =
+            (cache_policy.max_exported_bytes_per_device, "CachePolicy::max_exported_bytes_per_device".to_string());
+        if cache_policy.max_exported_bytes_per_device == defaults.max_exported_bytes_per_device {
             if let Some(b) = backends.iter().filter_map(|b| b.export_budget()).min_by_key(|(n, _)| *n) {
                 cache_policy.max_exported_bytes_per_device = b.0;
                 exported_budget = b;
             }
+        }
+        // The entry limit, where left at its default, follows the budgets this bridge keeps
+        // (the caller's pinned budget, the GPU's BAR1), as the default follows the process's.
+        if cache_policy.max_entries == defaults.max_entries {
+            cache_policy.max_entries =
+                CachePolicy::entries_for(cache_policy.max_pinned_bytes, cache_policy.max_exported_bytes_per_device);
         }
         let core = Arc::new(Core {
             pd: pd.clone(),
@@ -283,6 +291,27 @@ impl Bridge {
     /// outlives its memory is dead: its operations fail with [`Error::Revoked`].
     pub fn register(&self, addr: u64, len: u64, access: AccessFlags) -> Result<Registered> {
         check_range(addr, len)?;
+        let access = access | AccessFlags::LOCAL_WRITE;
+        // The hit path: no identification, one read lock. The cache finds the allocation by
+        // address among those declared to it, and only allocations whose backend announces their
+        // free are declared (`MemoryBackend::notifies`): their registrations are revoked before
+        // the memory goes and none is made after (the miss path below refuses one that raced the
+        // free), so an entry found is over live memory of that allocation, however old the
+        // declaration. Memory a backend only identifies (CUDA memory of other allocators) may
+        // be freed and its addresses reused without a notice: it is never declared, and takes
+        // the path below, which identifies first, so a new allocation at the same addresses
+        // (another id) never finds the old one's registrations. See docs/decisions.md, "The
+        // register hit path".
+        if let Some(handle) = self.inner.core.cache.lookup_at(addr..addr + len, access.bits()) {
+            return Ok(Registered { handle, addr, len, access });
+        }
+        self.register_identified(addr, len, access)
+    }
+
+    /// [`register`](Self::register) past its hit path: identify the memory, then look up,
+    /// then register on a miss. Out of line, so that the hit path stays a small function.
+    #[inline(never)]
+    fn register_identified(&self, addr: u64, len: u64, access: AccessFlags) -> Result<Registered> {
         for _ in 0..RACE_RETRIES {
             let (backend, info) = self.identify(addr)?;
             info.check(addr - info.base, len)?;
@@ -290,23 +319,29 @@ impl Bridge {
             // Before the second identification below: a free of this allocation that runs
             // after it is seen by the epoch.
             let epoch = self.inner.core.cache.epoch(domain);
-            let access = access | AccessFlags::LOCAL_WRITE;
             if let Some(handle) = self.inner.core.cache.lookup(domain, addr..addr + len, access.bits()) {
                 return Ok(Registered { handle, addr, len, access });
             }
             // A miss: be told before this allocation goes, then make sure it did not start going
             // before we listened.
             self.subscribe(&backend, info.key, info.len);
+            // Dying first, then identified again: a free whose notices went out before we
+            // subscribed shows as dying until the memory is released (`notifies` backends keep
+            // it so), and one that is over by then no longer identifies as this allocation.
+            let dying = backend.notices().is_dying(info.key);
             let (_, again) = self.identify(addr)?;
-            // A free whose notices went out before we subscribed (a backend that notifies
-            // before it lets the allocation go, as CUDA's does) shows as dying.
-            if again.key != info.key || backend.notices().is_dying(info.key) {
+            if dying || again.key != info.key || backend.notices().is_dying(info.key) {
                 std::thread::yield_now();
                 continue;
             }
             self.note_allocation(&info);
             let kind = MemoryKind::Backend(backend.kind());
+            let notifies = backend.notifies(&info);
             if let Some(r) = self.register_in(epoch, domain, kind, Some(backend), addr, len, access)? {
+                if notifies {
+                    // From now on its hits take the path above (until its last entry goes).
+                    self.inner.core.cache.declare(domain, info.base..info.base.saturating_add(info.len));
+                }
                 return Ok(r);
             }
         }

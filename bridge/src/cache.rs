@@ -6,7 +6,12 @@
 //! plain values), so its logic is checked against a reference model without a NIC.
 //!
 //! - **Lookup** (the hit path) takes only a shared read lock and bumps the entry's LRU stamp
-//!   with an atomic store: concurrent lookups never wait for each other.
+//!   with an atomic store: concurrent lookups never wait for each other. It is two map look-ups
+//!   (the domain, then one `O(log n)` range query per access set the domain has).
+//! - **Lookup by address** ([`RegCache::lookup_at`]): the owner may *declare* which domain an
+//!   address range belongs to ([`RegCache::declare`]), for domains whose entries it guarantees
+//!   never outlive their memory; a hit then needs no identification of the memory, under the
+//!   same read lock. A declaration lasts while its domain has entries.
 //! - Entries of one (domain, access) never overlap: an insert that overlaps or touches
 //!   existing entries replaces them with one entry covering the union (the caller registers
 //!   that union), where [`CachePolicy::merge`] allows.
@@ -26,7 +31,7 @@ use rustc_hash::FxHashMap as HashMap;
 use std::hash::Hash;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
 /// Where a range lives: one allocation of a backend, or the process's host address space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -52,13 +57,16 @@ pub enum Cost {
 }
 
 /// One cached registration.
+// In this order (what a hit reads and writes first, next to the reference counts; the
+// registration, which may be large, last), so that a hit touches one cache line of it.
+#[repr(C)]
 pub struct Entry<V> {
-    domain: Domain,
-    access: u32,
-    cost: Cost,
     range: Range<u64>,
-    generation: u64,
     last_use: AtomicU64,
+    access: u32,
+    domain: Domain,
+    cost: Cost,
+    generation: u64,
     value: V,
 }
 
@@ -95,7 +103,14 @@ pub type Handle<V> = Arc<Entry<V>>;
 /// Limits and behaviour of a cache.
 #[derive(Debug, Clone)]
 pub struct CachePolicy {
-    /// Most entries kept.
+    /// Most entries kept. The default is sized from the byte budgets, not fixed
+    /// ([`CachePolicy::entries_for`]): as many entries as the pinned budget holds host pages, or
+    /// as the exported budget holds 64 KiB GPU pages, whichever is more, within
+    /// [`MIN_DEFAULT_ENTRIES`]..=[`MAX_DEFAULT_ENTRIES`]. A pool of small blocks (a KV cache,
+    /// one registration per block) fits as long as its bytes fit the budgets; the byte limits
+    /// are what bound the memory held down. A [`Bridge`](crate::Bridge) whose policy keeps the
+    /// default recomputes it from the budgets it keeps (the policy's pinned budget, a GPU's
+    /// BAR1 for the exported one).
     pub max_entries: usize,
     /// Most bytes kept registered, over all domains.
     pub max_bytes: u64,
@@ -109,28 +124,172 @@ pub struct CachePolicy {
     pub merge: bool,
 }
 
+/// The fewest entries a default policy allows (the old fixed default): small budgets
+/// (`RLIMIT_MEMLOCK` of a few MiB) still cache this many unpinned (ODP) registrations.
+pub const MIN_DEFAULT_ENTRIES: usize = 4096;
+
+/// The most entries a default policy allows (about a million): each costs a few hundred bytes
+/// here with its registration, plus the NIC's own state for the memory region, and eviction
+/// sorts the unused entries; NICs' memory-region limits are of this order.
+pub const MAX_DEFAULT_ENTRIES: usize = 1 << 20;
+
+/// The unit the pinned budget is divided by for the default entry count: a host page.
+const HOST_PAGE: u64 = 4096;
+
+/// The unit the exported budget is divided by: a GPU page (CUDA's 64 KiB granularity).
+const GPU_PAGE: u64 = 64 << 10;
+
+impl CachePolicy {
+    /// The default entry limit for these budgets: one entry per host page of the pinned budget
+    /// or per 64 KiB GPU page of the exported budget (whichever gives more), within
+    /// [`MIN_DEFAULT_ENTRIES`]..=[`MAX_DEFAULT_ENTRIES`].
+    pub fn entries_for(max_pinned_bytes: u64, max_exported_bytes_per_device: u64) -> usize {
+        let n = (max_pinned_bytes / HOST_PAGE).max(max_exported_bytes_per_device / GPU_PAGE);
+        usize::try_from(n).unwrap_or(usize::MAX).clamp(MIN_DEFAULT_ENTRIES, MAX_DEFAULT_ENTRIES)
+    }
+}
+
 impl Default for CachePolicy {
     fn default() -> Self {
+        let max_pinned_bytes = crate::budget::pinned().bytes;
+        let max_exported_bytes_per_device = DEFAULT_EXPORTED_BYTES;
         CachePolicy {
-            max_entries: 4096,
+            max_entries: Self::entries_for(max_pinned_bytes, max_exported_bytes_per_device),
             max_bytes: 16 << 30,
-            max_pinned_bytes: crate::budget::pinned().bytes,
-            max_exported_bytes_per_device: 8 << 30,
+            max_pinned_bytes,
+            max_exported_bytes_per_device,
             merge: true,
         }
     }
 }
 
+/// The exported-bytes limit per device where no backend reports its BAR1 size.
+const DEFAULT_EXPORTED_BYTES: u64 = 8 << 30;
+
 type Slot = (Domain, u32);
 
 /// Buckets of invalidation epochs.
 const EPOCH_BUCKETS: usize = 256;
-type Intervals<V> = BTreeMap<u64, Arc<Entry<V>>>;
+
+/// The entries of one (domain, access), which never overlap: by start address in a B-tree (range
+/// queries: hits inside an entry, overlaps, neighbours), and in a hash map by exact start, so
+/// that a hit at an entry's own start (the same buffer registered again: the common case) is
+/// one probe rather than a walk down a tree of 100k entries (a cache miss per level). The tree
+/// holds the entries; the hash map holds weak references to the same ones, so that an entry no
+/// handle holds still has a strong count of 1.
+struct Intervals<V> {
+    tree: BTreeMap<u64, Arc<Entry<V>>>,
+    exact: HashMap<u64, Weak<Entry<V>>>,
+}
+
+impl<V> Default for Intervals<V> {
+    fn default() -> Self {
+        Intervals { tree: BTreeMap::new(), exact: HashMap::default() }
+    }
+}
+
+impl<V> Intervals<V> {
+    fn insert(&mut self, e: Arc<Entry<V>>) {
+        self.exact.insert(e.range.start, Arc::downgrade(&e));
+        self.tree.insert(e.range.start, e);
+    }
+
+    fn remove(&mut self, start: u64) -> Option<Arc<Entry<V>>> {
+        self.exact.remove(&start);
+        self.tree.remove(&start)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.tree.is_empty()
+    }
+
+    /// The entries, in address order.
+    fn values(&self) -> impl Iterator<Item = &Arc<Entry<V>>> {
+        self.tree.values()
+    }
+
+    fn into_values(self) -> impl Iterator<Item = Arc<Entry<V>>> {
+        self.tree.into_values()
+    }
+
+    /// A hold on the entry starting at `addr`, else on the last one starting before it.
+    fn at_or_before(&self, addr: u64) -> Option<Arc<Entry<V>>> {
+        // Every weak reference has its entry in the tree (they come and go together), so the
+        // upgrade succeeds; were it not to, the tree answers.
+        if let Some(e) = self.exact.get(&addr).and_then(Weak::upgrade) {
+            return Some(e);
+        }
+        self.tree.range(..=addr).next_back().map(|(_, e)| e.clone())
+    }
+
+    /// The start of the last entry starting at or before `addr`.
+    fn start_at_or_before(&self, addr: u64) -> Option<u64> {
+        self.tree.range(..=addr).next_back().map(|(&s, _)| s)
+    }
+
+    /// The entries starting within `r`, in address order.
+    fn starting_in(&self, r: impl std::ops::RangeBounds<u64>) -> impl Iterator<Item = &Arc<Entry<V>>> {
+        self.tree.range(r).map(|(_, e)| e)
+    }
+}
+
+/// Declared address ranges (see [`RegCache::declare`]): sorted by start, never overlapping,
+/// each naming a domain that has entries. They are few (one per allocation with
+/// registrations), so a sorted vector searched by bisection: cheaper than a tree to search.
+#[derive(Default)]
+struct Directory {
+    ranges: Vec<(u64, u64, Domain)>,
+    /// Each declared domain's range.
+    of: HashMap<Domain, Range<u64>>,
+}
+
+impl Directory {
+    /// The domain declared at `addr`.
+    fn at(&self, addr: u64) -> Option<Domain> {
+        let i = self.ranges.partition_point(|&(start, _, _)| start <= addr);
+        let &(_, end, d) = self.ranges.get(i.checked_sub(1)?)?;
+        (addr < end).then_some(d)
+    }
+
+    /// Drops `d`'s declaration, if any.
+    fn remove(&mut self, d: Domain) {
+        if let Some(r) = self.of.remove(&d) {
+            let i = self.ranges.partition_point(|&(start, _, _)| start < r.start);
+            if self.ranges.get(i).is_some_and(|&(_, _, dd)| dd == d) {
+                self.ranges.remove(i);
+            }
+        }
+    }
+
+    /// Declares `range` as `d`'s, dropping `d`'s earlier declaration and those it overlaps.
+    fn declare(&mut self, d: Domain, range: Range<u64>) {
+        self.remove(d);
+        let over: Vec<Domain> = self
+            .ranges
+            .iter()
+            .filter(|&&(start, end, _)| start < range.end && range.start < end)
+            .map(|&(_, _, dd)| dd)
+            .collect();
+        for dd in over {
+            self.remove(dd);
+        }
+        let i = self.ranges.partition_point(|&(start, _, _)| start < range.start);
+        self.ranges.insert(i, (range.start, range.end, d));
+        self.of.insert(d, range);
+    }
+
+    fn clear(&mut self) {
+        self.ranges.clear();
+        self.of.clear();
+    }
+}
 
 struct Index<V> {
     /// Per domain, per access: start -> entry; the entries of one (domain, access) never
     /// overlap.
     maps: HashMap<Domain, BTreeMap<u32, Intervals<V>>>,
+    /// Declared address ranges; a domain's declaration goes with its last entry.
+    directory: Directory,
     entries: usize,
     bytes: u64,
     /// Bytes per cost class (Unpinned included).
@@ -157,11 +316,12 @@ impl<V> Index<V> {
     fn remove(&mut self, (d, a): Slot, start: u64) -> Option<Arc<Entry<V>>> {
         let by_access = self.maps.get_mut(&d)?;
         let m = by_access.get_mut(&a)?;
-        let e = m.remove(&start)?;
+        let e = m.remove(start)?;
         if m.is_empty() {
             by_access.remove(&a);
             if by_access.is_empty() {
                 self.maps.remove(&d);
+                self.directory.remove(d);
             }
         }
         self.entries -= 1;
@@ -174,7 +334,24 @@ impl<V> Index<V> {
         self.entries += 1;
         self.bytes += e.range.end - e.range.start;
         *self.by_cost.entry(e.cost).or_default() += e.range.end - e.range.start;
-        self.maps.entry(e.domain).or_default().entry(e.access).or_default().insert(e.range.start, e);
+        self.maps.entry(e.domain).or_default().entry(e.access).or_default().insert(e);
+    }
+
+    /// The entry of `domain` covering `range` with at least `access` (the one with the fewest
+    /// rights where several do).
+    fn find(&self, domain: Domain, range: &Range<u64>, access: u32) -> Option<Handle<V>> {
+        let mut best: Option<Handle<V>> = None;
+        for (&acc, m) in self.maps.get(&domain)? {
+            if acc & access != access || best.as_ref().is_some_and(|b| acc.count_ones() >= b.access.count_ones()) {
+                continue;
+            }
+            if let Some(e) = m.at_or_before(range.start) {
+                if e.range.end >= range.end {
+                    best = Some(e);
+                }
+            }
+        }
+        best
     }
 
     fn all(&self) -> impl Iterator<Item = &Arc<Entry<V>>> {
@@ -316,6 +493,7 @@ impl<V> RegCache<V> {
         RegCache {
             index: RwLock::new(Index {
                 maps: HashMap::default(),
+                directory: Directory::default(),
                 entries: 0,
                 bytes: 0,
                 by_cost: HashMap::default(),
@@ -350,21 +528,43 @@ impl<V> RegCache<V> {
     /// An entry of `domain` covering `range` with at least `access`, if cached (a hit).
     pub fn lookup(&self, domain: Domain, range: Range<u64>, access: u32) -> Option<Handle<V>> {
         let idx = self.read();
-        let mut best: Option<&Arc<Entry<V>>> = None;
-        for (&acc, m) in idx.maps.get(&domain)?.iter() {
-            if acc & access != access {
-                continue;
-            }
-            if let Some((_, e)) = m.range(..=range.start).next_back() {
-                if e.range.end >= range.end && best.is_none_or(|b| e.access.count_ones() < b.access.count_ones()) {
-                    best = Some(e);
-                }
-            }
+        idx.find(domain, &range, access).map(|e| self.touch(e))
+    }
+
+    /// [`lookup`](Self::lookup) in the domain declared ([`declare`](Self::declare)) at
+    /// `range.start`, under the same read lock: a hit found by address alone. `None` where no
+    /// declared domain lies there, or it has no entry covering `range` with `access`.
+    pub fn lookup_at(&self, range: Range<u64>, access: u32) -> Option<Handle<V>> {
+        let idx = self.read();
+        let domain = idx.directory.at(range.start)?;
+        idx.find(domain, &range, access).map(|e| self.touch(e))
+    }
+
+    /// Declares that the addresses `range` are `domain`'s (its allocation's extent), so that
+    /// [`lookup_at`](Self::lookup_at) finds its entries by address. Declarations of other
+    /// domains overlapping `range` are dropped, as is `domain`'s earlier one. Nothing is
+    /// declared unless `domain` has entries now; the declaration goes with its last entry
+    /// (invalidated, evicted, merged away), so it never outlives them.
+    ///
+    /// The cache trusts a declaration only as a place to look: the caller declares only
+    /// domains whose entries are all removed ([`remove_overlapping`](Self::remove_overlapping))
+    /// before their memory goes, so that a found entry is always over live memory of `domain`,
+    /// however old the declaration.
+    pub fn declare(&self, domain: Domain, range: Range<u64>) {
+        if self.read().directory.of.get(&domain) == Some(&range) {
+            return; // already (the common case: a miss in a domain that has hits)
         }
-        best.map(|e| {
-            e.last_use.store(self.clock.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
-            e.clone()
-        })
+        let mut idx = self.write();
+        if !idx.maps.contains_key(&domain) || range.start >= range.end {
+            return;
+        }
+        idx.directory.declare(domain, range);
+    }
+
+    /// Stamps `e` as just used, for LRU eviction.
+    fn touch(&self, e: Handle<V>) -> Handle<V> {
+        e.last_use.store(self.clock.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+        e
     }
 
     /// The range an insert of `range` would register: `range` widened by every overlapping or
@@ -445,6 +645,8 @@ impl<V> RegCache<V> {
             None => Vec::new(),
         };
         let evict = make_room(&idx, &self.policy, &merged, cost, len)?;
+        // The domain's declaration survives its entries being replaced by this one.
+        let declared = idx.directory.of.get(&domain).cloned();
         let merged: Vec<u64> = merged.iter().map(|e| e.range.start).collect();
         let replaced: Vec<Handle<V>> = merged.into_iter().filter_map(|s| idx.remove(slot, s)).collect();
         // Unheld retired entries are done with; the replaced ones are retired (the caller drops
@@ -454,6 +656,11 @@ impl<V> RegCache<V> {
         removed.extend(replaced);
         removed.extend(evict.into_iter().filter_map(|(vslot, s)| idx.remove(vslot, s)));
         idx.insert(entry.clone());
+        if let Some(r) = declared {
+            if !idx.directory.of.contains_key(&domain) {
+                idx.directory.declare(domain, r);
+            }
+        }
         Ok(Ok(Inserted { handle: entry, removed }))
     }
 
@@ -515,6 +722,7 @@ impl<V> RegCache<V> {
             e.fetch_add(1, Ordering::SeqCst);
         }
         let maps = std::mem::take(&mut idx.maps);
+        idx.directory.clear();
         idx.retired.extend(maps.into_values().flat_map(|by| by.into_values().flat_map(|m| m.into_values())));
         idx.entries = 0;
         idx.bytes = 0;
@@ -533,9 +741,7 @@ impl<V> RegCache<V> {
         let idx = self.read();
         idx.maps.get(&domain).is_some_and(|by| {
             by.values().any(|m| {
-                m.range(..=range.start)
-                    .next_back()
-                    .is_some_and(|(_, e)| e.generation == generation && e.range.end >= range.end)
+                m.at_or_before(range.start).is_some_and(|e| e.generation == generation && e.range.end >= range.end)
             })
         })
     }
@@ -549,24 +755,18 @@ fn prune_retired<V>(retired: &mut Vec<Arc<Entry<V>>>) -> Vec<Arc<Entry<V>>> {
 }
 
 /// Entries of `m` that overlap `r`.
-fn overlapping<'a, V>(
-    m: &'a BTreeMap<u64, Arc<Entry<V>>>,
-    r: &Range<u64>,
-) -> impl Iterator<Item = &'a Arc<Entry<V>>> + 'a {
-    let first = m.range(..r.start.saturating_add(1)).next_back().map(|(&s, _)| s).unwrap_or(r.start);
+fn overlapping<'a, V>(m: &'a Intervals<V>, r: &Range<u64>) -> impl Iterator<Item = &'a Arc<Entry<V>>> + 'a {
+    let first = m.start_at_or_before(r.start).unwrap_or(r.start);
     let end = r.end;
     let start = r.start;
-    m.range(first..end).map(|(_, e)| e).filter(move |e| e.range.end > start && e.range.start < end)
+    m.starting_in(first..end.max(first)).filter(move |e| e.range.end > start && e.range.start < end)
 }
 
 /// Entries of `m` that overlap or touch `r`.
-fn neighbours<'a, V>(
-    m: &'a BTreeMap<u64, Arc<Entry<V>>>,
-    r: &Range<u64>,
-) -> impl Iterator<Item = &'a Arc<Entry<V>>> + 'a {
-    let first = m.range(..=r.start).next_back().map(|(&s, _)| s).unwrap_or(r.start);
+fn neighbours<'a, V>(m: &'a Intervals<V>, r: &Range<u64>) -> impl Iterator<Item = &'a Arc<Entry<V>>> + 'a {
+    let first = m.start_at_or_before(r.start).unwrap_or(r.start);
     let (start, end) = (r.start, r.end);
-    m.range(first..=end).map(|(_, e)| e).filter(move |e| e.range.end >= start && e.range.start <= end)
+    m.starting_in(first..=end.max(first)).filter(move |e| e.range.end >= start && e.range.start <= end)
 }
 
 #[cfg(test)]
@@ -680,6 +880,77 @@ mod tests {
             vec!["x"],
             "unheld retired entries are pruned"
         );
+    }
+
+    fn alloc(id: u64) -> Domain {
+        Domain::Alloc(p2pbridge_gpu::AllocationKey { backend: p2pbridge_gpu::BackendKind::Host, device: 0, id })
+    }
+
+    #[test]
+    fn lookups_by_address_find_declared_domains_only_while_they_have_entries() {
+        let c = cache(10);
+        let (a, b) = (alloc(1), alloc(2));
+        // Nothing declared, or declared without entries: no hit by address.
+        c.declare(a, 0..1000);
+        c.insert(a, 100..200, 3, Cost::Unpinned, "a").unwrap();
+        assert!(c.lookup_at(100..200, 3).is_none(), "a declaration made without entries was kept");
+        c.declare(a, 0..1000);
+        assert_eq!(*c.lookup_at(100..200, 3).unwrap().value(), "a");
+        assert_eq!(*c.lookup_at(150..160, 1).unwrap().value(), "a", "a sub-range, fewer rights");
+        assert!(c.lookup_at(150..260, 3).is_none(), "past the entry");
+        assert!(c.lookup_at(150..160, 4).is_none(), "more rights than registered");
+        assert!(c.lookup_at(2000..2100, 3).is_none(), "outside the declaration");
+        // An entry of an undeclared domain at the same addresses is not found by address.
+        c.insert(b, 300..400, 3, Cost::Unpinned, "b").unwrap();
+        assert!(c.lookup_at(300..400, 3).is_none());
+        assert!(c.lookup(b, 300..400, 3).is_some());
+        // Replacing the domain's only entry by a merged one keeps the declaration.
+        let m = c.merged_range(a, 200..250, 3);
+        assert_eq!(m, 100..250);
+        drop(c.insert(a, m, 3, Cost::Unpinned, "a2").unwrap());
+        assert_eq!(*c.lookup_at(100..250, 3).unwrap().value(), "a2");
+        // Its last entry invalidated, the declaration goes, and a new entry does not bring it back.
+        drop(c.remove_overlapping(a, 0..u64::MAX));
+        c.insert(a, 100..200, 3, Cost::Unpinned, "a3").unwrap();
+        assert!(c.lookup_at(100..200, 3).is_none(), "a declaration outlived its domain's entries");
+        assert!(c.lookup(a, 100..200, 3).is_some());
+        // A declaration over another's addresses replaces it.
+        c.declare(a, 0..1000);
+        c.declare(b, 0..500);
+        assert!(c.lookup_at(100..200, 3).is_none(), "the overlapped declaration was kept");
+        assert_eq!(*c.lookup_at(300..400, 3).unwrap().value(), "b");
+        assert!(c.drain().len() >= 2);
+        assert!(c.lookup_at(300..400, 3).is_none());
+    }
+
+    #[test]
+    fn hits_at_an_entry_start_and_inside_it_agree() {
+        let c = cache(1000);
+        for i in 0..500u64 {
+            c.insert(Domain::HostVa, i * 8192..i * 8192 + 4096, 3, Cost::Unpinned, "x").unwrap();
+        }
+        for i in 0..500u64 {
+            let at = c.lookup(Domain::HostVa, i * 8192..i * 8192 + 4096, 3).unwrap();
+            let inside = c.lookup(Domain::HostVa, i * 8192 + 100..i * 8192 + 200, 3).unwrap();
+            assert!(Arc::ptr_eq(&at, &inside));
+            assert!(c.lookup(Domain::HostVa, i * 8192 + 4096..i * 8192 + 4097, 3).is_none(), "a gap hit");
+            assert!(c.is_live(Domain::HostVa, i * 8192..i * 8192 + 4096, at.generation()));
+        }
+        // Handles held by lookups leave entries held; dropped, they are evictable again.
+        let held = c.lookup(Domain::HostVa, 0..4096, 3).unwrap();
+        assert_eq!(Arc::strong_count(&held), 2, "the index holds an entry once");
+    }
+
+    #[test]
+    fn the_default_entry_limit_follows_the_budgets() {
+        assert_eq!(CachePolicy::entries_for(0, 0), MIN_DEFAULT_ENTRIES);
+        assert_eq!(CachePolicy::entries_for(8 << 20, 0), MIN_DEFAULT_ENTRIES, "an 8 MiB memlock");
+        assert_eq!(CachePolicy::entries_for(1 << 30, 0), 1 << 18, "a page per entry");
+        assert_eq!(CachePolicy::entries_for(0, 16 << 30), 1 << 18, "a 64 KiB GPU page per entry");
+        assert_eq!(CachePolicy::entries_for(u64::MAX, u64::MAX), MAX_DEFAULT_ENTRIES);
+        let d = CachePolicy::default();
+        assert_eq!(d.max_entries, CachePolicy::entries_for(d.max_pinned_bytes, d.max_exported_bytes_per_device));
+        assert!(d.max_entries >= 131_072, "the default exported budget alone allows 128Ki entries");
     }
 
     #[test]

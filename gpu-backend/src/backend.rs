@@ -78,6 +78,20 @@ pub trait MemoryBackend: Send + Sync {
     /// Where to subscribe for invalidation notices.
     fn notices(&self) -> &NoticeHub;
 
+    /// Whether `info` (as [`identify`](Self::identify) returned it) is an allocation whose free
+    /// always goes through [`notices`](Self::notices): subscribers are told before the memory
+    /// goes, and the allocation stays dying ([`NoticeHub::is_dying`]) or no longer identifies
+    /// as itself from its notices until it is freed. True for allocations this backend made
+    /// (freed by dropping their [`DeviceBuffer`]); false (the default) for memory it only
+    /// identifies, such as CUDA memory of other allocators, freed without a notice.
+    ///
+    /// The bridge relies on it to serve cache hits by address alone, without identifying the
+    /// memory: registrations of such an allocation never outlive it.
+    fn notifies(&self, info: &AllocationInfo) -> bool {
+        let _ = info;
+        false
+    }
+
     /// How many bytes of this device's memory a NIC can reach at once (a GPU's BAR1
     /// aperture), and where the number comes from; `None` where there is no such limit (host
     /// memory) or it cannot be read.

@@ -13,7 +13,7 @@
 //! - NIC writes are flushed with `cuFlushGPUDirectRDMAWrites` unless
 //!   `CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WRITES_ORDERING` says the device orders them itself.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -55,8 +55,9 @@ struct CudaInner {
     ctx: Arc<CudaContext>,
     ordinal: u32,
     hub: NoticeHub,
-    /// Our allocations' base addresses (what `release` may free).
-    ours: Mutex<BTreeSet<u64>>,
+    /// Our allocations: base address -> buffer id (what `release` may free; what
+    /// [`MemoryBackend::notifies`] answers for).
+    ours: Mutex<BTreeMap<u64, u64>>,
     /// How this device makes NIC writes visible: fixed per device, so read once, on the first
     /// flush, instead of on every one.
     flush: OnceLock<FlushPlan>,
@@ -118,7 +119,7 @@ impl CudaBackend {
                 ctx,
                 ordinal: ordinal as u32,
                 hub: NoticeHub::default(),
-                ours: Mutex::new(BTreeSet::new()),
+                ours: Mutex::new(BTreeMap::new()),
                 flush: OnceLock::new(),
             }),
         })
@@ -349,7 +350,7 @@ impl MemoryBackend for CudaBackend {
                 return Err(e);
             }
         };
-        self.inner.ours.lock().unwrap_or_else(|e| e.into_inner()).insert(info.base);
+        self.inner.ours.lock().unwrap_or_else(|e| e.into_inner()).insert(info.base, info.key.id);
         Ok(DeviceBuffer::new(info, self.inner.clone()))
     }
 
@@ -508,16 +509,29 @@ impl MemoryBackend for CudaBackend {
     fn notices(&self) -> &NoticeHub {
         &self.inner.hub
     }
+
+    fn notifies(&self, info: &AllocationInfo) -> bool {
+        // Ours (buffer ids are never reused), freed only through `release`, which keeps it dying
+        // until cuMemFree has returned. Memory of other allocators is freed without a notice.
+        info.key.backend == BackendKind::Cuda
+            && info.key.device == self.inner.ordinal
+            && self.inner.ours.lock().unwrap_or_else(|e| e.into_inner()).get(&info.base) == Some(&info.key.id)
+    }
 }
 
 impl Release for CudaInner {
     fn release(&self, info: &AllocationInfo) -> Result<()> {
-        self.hub.invalidate(info.key, 0..info.len, InvalidationReason::Free);
-        if !self.ours.lock().unwrap_or_else(|e| e.into_inner()).remove(&info.base) {
-            return Ok(());
-        }
-        self.ctx.bind_to_thread().map_err(cuda_err("cuCtxSetCurrent"))?;
-        // SAFETY: our allocation (it was in `ours`), freed once.
-        unsafe { result::free_sync(info.base) }.map_err(cuda_err("cuMemFree"))
+        // The pointer identifies as this allocation until cuMemFree returns: it stays dying
+        // (`NoticeHub::is_dying`) until then, so that a registration racing the free sees either
+        // the notice or the free, never neither (see `MemoryBackend::notifies`).
+        let (_, freed) = self.hub.invalidate_then(info.key, 0..info.len, InvalidationReason::Free, || {
+            if self.ours.lock().unwrap_or_else(|e| e.into_inner()).remove(&info.base).is_none() {
+                return Ok(());
+            }
+            self.ctx.bind_to_thread().map_err(cuda_err("cuCtxSetCurrent"))?;
+            // SAFETY: our allocation (it was in `ours`), freed once.
+            unsafe { result::free_sync(info.base) }.map_err(cuda_err("cuMemFree"))
+        });
+        freed
     }
 }

@@ -251,6 +251,12 @@ impl MemoryBackend for HostBackend {
     fn notices(&self) -> &NoticeHub {
         &self.inner.hub
     }
+
+    fn notifies(&self, info: &AllocationInfo) -> bool {
+        // Every allocation it identifies is its own, and `release` takes it out of the table
+        // (so it no longer identifies) before the notices go out.
+        self.read().get(&info.base).is_some_and(|a| a.info.key == info.key)
+    }
 }
 
 impl Release for HostInner {

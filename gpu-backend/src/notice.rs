@@ -160,6 +160,20 @@ impl NoticeHub {
     /// Notifies every subscriber whose range overlaps `range` of `key` and waits until all
     /// have acknowledged. Returns how many were notified.
     pub fn invalidate(&self, key: AllocationKey, range: Range<u64>, reason: InvalidationReason) -> usize {
+        self.invalidate_then(key, range, reason, || ()).0
+    }
+
+    /// [`invalidate`](Self::invalidate), then `release` (the free itself), with `key` counted
+    /// as dying ([`is_dying`](Self::is_dying)) until `release` has returned. A backend whose
+    /// allocation stays identifiable until it is freed uses this, so that a subscriber that
+    /// checks `is_dying` and then identifies the memory sees either the notice or the free.
+    pub fn invalidate_then<R>(
+        &self,
+        key: AllocationKey,
+        range: Range<u64>,
+        reason: InvalidationReason,
+        release: impl FnOnce() -> R,
+    ) -> (usize, R) {
         let targets: Vec<(Callback, Range<u64>)> = {
             let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
             *s.dying.entry(key).or_default() += 1;
@@ -170,6 +184,7 @@ impl NoticeHub {
                 .collect()
         };
         let n = self.notify(key, reason, targets);
+        let r = release();
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = s.dying.get_mut(&key) {
             *c -= 1;
@@ -177,7 +192,7 @@ impl NoticeHub {
                 s.dying.remove(&key);
             }
         }
-        n
+        (n, r)
     }
 
     /// Whether an invalidation of `key` is under way: a subscriber that subscribed during it
@@ -228,6 +243,12 @@ mod tests {
         assert_eq!(hub.invalidate(key(3), 0..10, InvalidationReason::Free), 1);
         assert!(seen.load(Ordering::SeqCst), "not dying while its notice was out");
         assert!(!hub.is_dying(key(3)), "still dying after the invalidation ended");
+        // With invalidate_then, until the release has run too.
+        let h3 = hub.clone();
+        let (n, during) = hub.invalidate_then(key(3), 0..10, InvalidationReason::Free, || h3.is_dying(key(3)));
+        assert_eq!(n, 1);
+        assert!(during, "not dying while the memory was being released");
+        assert!(!hub.is_dying(key(3)));
     }
 
     #[test]
