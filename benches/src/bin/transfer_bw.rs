@@ -86,7 +86,16 @@ fn conn_opts(cq: Option<Arc<CompletionQueue>>) -> ConnectionOptions {
     }
 }
 
-/// What one measurement moved, counting only completions reaped before its deadline.
+/// How long a measurement runs.
+#[derive(Debug, Clone, Copy)]
+enum Limit {
+    /// Until a deadline: only transfers reaped done before it count.
+    Seconds(f64),
+    /// Until this many descriptors have completed: all count, and the time runs to the last.
+    Descriptors(u64),
+}
+
+/// What one measurement moved.
 #[derive(Debug, Clone, Copy, Default)]
 struct Moved {
     bytes: f64,
@@ -128,19 +137,22 @@ fn drive(
     size: u64,
     depth: usize,
     group: usize,
-    secs: f64,
+    limit: Limit,
 ) -> p2pbridge::Result<Moved> {
     let slots = (reg.len() / size).max(1);
-    let deadline = Duration::from_secs_f64(secs);
+    let (deadline, total) = match limit {
+        Limit::Seconds(s) => (Duration::from_secs_f64(s), u64::MAX),
+        Limit::Descriptors(n) => (Duration::MAX, n),
+    };
     let (t0, c0) = (Instant::now(), cpu_time());
     let mut inflight: Vec<VecDeque<Transfer<'_>>> = conns.iter().map(|_| VecDeque::new()).collect();
     let mut next = 0u64;
     let mut done = 0u64;
     loop {
-        let live = t0.elapsed() < deadline;
+        let live = t0.elapsed() < deadline && next < total;
         let mut any = false;
         for (c, q) in conns.iter().zip(inflight.iter_mut()) {
-            while live && q.len() * group < depth {
+            while live && next < total && q.len() * group < depth {
                 let mut b = Batch::new();
                 for _ in 0..group {
                     let at = (next % slots) * size;
@@ -168,6 +180,8 @@ fn drive(
             break;
         }
     }
+    // A deadline: the time up to it (what came after is not counted). A fixed amount: the
+    // time until its last completion.
     let secs = deadline.as_secs_f64().min(t0.elapsed().as_secs_f64());
     Ok(Moved { bytes: done as f64 * size as f64, ops: done as f64, secs, cpu_secs: cpu_time() - c0 })
 }
@@ -271,7 +285,7 @@ fn run(a: &Args, fabric: &SoftRoce) -> p2pbridge::Result<Vec<RowResult>> {
         for i in 0..a.pairs {
             let (ours, theirs) = pair(
                 i,
-                || drive(&direct.bridge, &one, &direct.reg, read, size, depth, 1, a.seconds),
+                || drive(&direct.bridge, &one, &direct.reg, read, size, depth, 1, Limit::Seconds(a.seconds)),
                 || {
                     perftest::run(fabric, tool, size as usize, &p)
                         .map_err(|e| p2pbridge::Error::InvalidArgument(format!("{tool}: {e}")))
@@ -294,16 +308,18 @@ fn run(a: &Args, fabric: &SoftRoce) -> p2pbridge::Result<Vec<RowResult>> {
     if want("bounce") {
         for size in [1u64 << 20, 4 << 20] {
             let mut pairs = Vec::new();
-            // The engine runs a transfer's bounce WRITEs as one pipeline of `depth` chunks; a
-            // transfer blocks until its last chunk is done (and counts only then), so both
-            // sides get at least 4 s to keep that granularity small.
-            let group = depth;
-            let secs = a.seconds.max(4.0);
+            // The engine runs a transfer's bounce WRITEs as one pipeline of `depth` chunks in
+            // flight, drained at the transfer's end: transfers of 4 x depth descriptors keep
+            // that drain to one in four depths. A bounce transfer is done only when its last
+            // chunk is: counted against a deadline, a whole transfer would be lost at it. So
+            // both sides move the same fixed amount, 512 MiB, timed to its last completion.
+            let group = 4 * depth;
+            let n = Limit::Descriptors(((512u64 << 20) / size).next_multiple_of(group as u64));
             for i in 0..a.pairs {
                 let (b, d) = pair(
                     i,
-                    || drive(&bounce.bridge, &one, &bounce.reg, false, size, depth, group, secs),
-                    || drive(&direct.bridge, &one, &direct.reg, false, size, depth, 1, secs),
+                    || drive(&bounce.bridge, &one, &bounce.reg, false, size, depth, group, n),
+                    || drive(&direct.bridge, &one, &direct.reg, false, size, depth, 1, n),
                 )?;
                 eprintln!(
                     "bounce {}: pair {}: bounce {:.1}, direct {:.1} MiB/s",
@@ -383,8 +399,8 @@ fn connections(
                 let per = (a.depth / n).max(1);
                 let (m, o) = pair(
                     i,
-                    || drive(&client.bridge, &many, &client.reg, false, size, per, 1, a.seconds),
-                    || drive(&client.bridge, &one, &client.reg, false, size, a.depth, 1, a.seconds),
+                    || drive(&client.bridge, &many, &client.reg, false, size, per, 1, Limit::Seconds(a.seconds)),
+                    || drive(&client.bridge, &one, &client.reg, false, size, a.depth, 1, Limit::Seconds(a.seconds)),
                 )?;
                 eprintln!(
                     "{n} connections: pair {}: {:.1} MiB/s, 1 connection {:.1} MiB/s",
