@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::key::RemoteKey;
 use crate::keys::KeyLedger;
 use crate::registration::{Mr, Registered, Registration};
-use crate::strategy::{plan, HostCaps, MemoryKind, Policy, SkipReason, Strategy};
+use crate::strategy::{plan, AppliesTo, Failure, HostCaps, MemoryKind, Policy, SkipReason, Strategy};
 
 /// How often a registration that raced an invalidation is tried again before giving up.
 const RACE_RETRIES: usize = 64;
@@ -157,7 +157,7 @@ impl Bridge {
     pub fn new(pd: &ProtectionDomain, backends: Vec<Arc<dyn MemoryBackend>>, opts: BridgeOptions) -> Result<Self> {
         let caps = HostCaps::probe(pd)?;
         let monitor_host = opts.monitor_host;
-        let windows = opts.windows && caps.mem_windows;
+        let windows = opts.windows && caps.nic.mem_windows.is_yes();
         let system = crate::budget::pinned();
         let pinned_budget = if opts.cache.max_pinned_bytes == system.bytes {
             system
@@ -255,7 +255,7 @@ impl Bridge {
     pub fn key_windows(&self) -> std::result::Result<(), &'static str> {
         if self.inner.windows {
             Ok(())
-        } else if !self.inner.caps.mem_windows {
+        } else if !self.inner.caps.nic.mem_windows.is_yes() {
             Err("the device has no type 2 memory windows: keys are the region's rkey, revoked with the whole registration")
         } else {
             Err("disabled by BridgeOptions::windows: keys are the region's rkey, revoked with the whole registration")
@@ -571,8 +571,8 @@ impl Bridge {
                     "exported bytes of the device" => self.inner.exported_budget.1.clone(),
                     _ => "CachePolicy".into(),
                 };
-                skipped.push((s, SkipReason::OverBudget { limit: full.to_string(), fix: fix.clone() }));
-                over_budget.get_or_insert((full.to_string(), source, fix));
+                over_budget.get_or_insert((full.to_string(), source.clone(), fix.clone()));
+                skipped.push((s, SkipReason::OverBudget { limit: full, source, fix }));
                 continue;
             }
             let attempt: Result<(Mr, Option<p2pbridge_gpu::DmaBufExport>)> = match s {
@@ -580,7 +580,7 @@ impl Bridge {
                     let b = backend.as_ref().ok_or_else(|| Error::InvalidArgument("dma-buf needs a backend".into()))?;
                     match b.export_dmabuf(range.start, range.end - range.start) {
                         Err(e) => {
-                            skipped.push((s, SkipReason::ExportUnsupported { reason: e.to_string() }));
+                            skipped.push((s, SkipReason::ExportUnsupported(Failure::from(&e))));
                             continue;
                         }
                         // SAFETY: the exporter keeps the memory valid until it notifies us
@@ -607,12 +607,7 @@ impl Bridge {
                         .map_err(Error::from)
                 }
                 Strategy::Bounce if backend.is_none() => {
-                    skipped.push((
-                        s,
-                        SkipReason::NotForThisMemory {
-                            applies_to: "memory of a backend (plain host memory has none to copy staging with)",
-                        },
-                    ));
+                    skipped.push((s, SkipReason::NotForThisMemory { applies_to: AppliesTo::BackendMemory }));
                     continue;
                 }
                 Strategy::Bounce => HostBuffer::new(len)
@@ -625,7 +620,7 @@ impl Bridge {
                     let prefetch = (s == Strategy::Odp).then(|| self.prefetch(&mr, access));
                     return Ok(Registration::new(s, skipped, windowed, prefetch, backend.clone(), mr, export));
                 }
-                Err(e) => skipped.push((s, SkipReason::Failed { error: e.to_string() })),
+                Err(e) => skipped.push((s, SkipReason::Failed(Failure::from(&e)))),
             }
         }
         match over_budget {
@@ -637,7 +632,9 @@ impl Bridge {
     /// Faults an ODP registration's pages into the NIC now (`ibv_advise_mr`, for writing where
     /// peers may write), so that the first transfers do not pay for the faults; or says why not.
     fn prefetch(&self, mr: &Mr, access: AccessFlags) -> std::result::Result<(), String> {
-        self.inner.caps.prefetch.clone()?;
+        if let Some(why) = self.inner.caps.nic.advise_mr.unsupported() {
+            return Err(why.to_string());
+        }
         match mr {
             Mr::Direct(m) => m
                 .advise_prefetch(.., access.intersects(AccessFlags::LOCAL_WRITE | AccessFlags::REMOTE_WRITE))
