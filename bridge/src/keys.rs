@@ -28,10 +28,10 @@ use p2pbridge_verbs::{AccessFlags, Connection, HostBuffer, SendFlags};
 use crate::bridge::Core;
 
 use crate::cache::Handle;
+use crate::completion::{next_wr_id, reap, reap_on};
 use crate::error::{Error, Result};
 use crate::key::RemoteKey;
 use crate::registration::{Bound, Registered, Registration};
-use crate::completion::{next_wr_id, reap, reap_on};
 
 /// Keys handed out: (generation, rkey) -> the registration.
 #[derive(Default)]
@@ -228,6 +228,30 @@ impl KeyLedger {
 }
 
 impl crate::Bridge {
+    /// Hands `range` (offsets within `reg`) to the peer at the other end of `conn`, and
+    /// returns the key to send it. With memory windows ([`Bridge::key_windows`]) the key
+    /// reaches exactly `range`, only over `conn`, with the remote rights `reg` was registered
+    /// with; it is refused by the NIC once the memory goes or [`Bridge::revoke_key`] is called.
+    ///
+    /// For bounce registrations the key names the staging buffer: the owner calls
+    /// [`Bridge::publish`] before peers read and [`Bridge::flush`] after they write.
+    pub fn hand_out(&self, conn: &Connection, reg: &Registered, range: Range<u64>) -> Result<RemoteKey> {
+        let access = reg.access;
+        self.inner.core.keys.hand_out(&self.inner.core, conn, reg, range, access)
+    }
+
+    /// `Ok` while a key this bridge handed out still reaches its memory; [`Error::StaleKey`]
+    /// once it was revoked (memory freed, unmapped or invalidated, or the key revoked).
+    pub fn check_key(&self, key: &RemoteKey) -> Result<()> {
+        self.inner.core.keys.check(key)
+    }
+
+    /// Revokes one key handed out with memory windows: the NIC refuses it from the moment this
+    /// returns. Other keys of the same registration stay valid.
+    pub fn revoke_key(&self, key: &RemoteKey) -> Result<()> {
+        self.inner.core.keys.revoke(key)
+    }
+
     /// Sends `key` to the peer over `conn` itself (a SEND of its wire form), so that no other
     /// channel is needed. The peer receives it with [`recv_key`](Self::recv_key); its receive
     /// must be posted before the SEND arrives, or the SEND is retried on RNR as

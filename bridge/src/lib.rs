@@ -31,6 +31,9 @@
 
 pub mod bounce;
 mod bridge;
+mod invalidate;
+mod options;
+mod register;
 pub mod budget;
 pub mod cache;
 mod error;
@@ -47,7 +50,8 @@ pub mod transfer;
 mod uffd;
 
 pub use bounce::{BounceConfig, BounceEngine, Piece};
-pub use bridge::{Bridge, BridgeOptions};
+pub use bridge::Bridge;
+pub use options::BridgeOptions;
 pub use error::{Error, Result};
 pub use key::RemoteKey;
 pub use metadata::Metadata;
