@@ -1,4 +1,5 @@
 //! Shared pieces of p2pbridge's benchmarks and harness.
 
+pub mod cli;
 pub mod perftest;
 pub mod plot;

@@ -4,7 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use p2pbridge_verbs::fabric::SoftRoce;
+use p2pbridge_test_support::fabric::SoftRoce;
 
 /// Bandwidth and message rate.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

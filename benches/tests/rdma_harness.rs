@@ -1,13 +1,17 @@
 //! The harness in each of its modes, on the Soft-RoCE fabric, with small sizes: it must
 //! finish, and write a CSV with a row per strategy, operation and size, and the plot.
 
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use p2pbridge_test_support::fabric::SoftRoce;
+use p2pbridge_test_support::process::{KillOnDrop, Lines};
 
 const BIN: &str = env!("CARGO_BIN_EXE_p2pbridge-bench");
 const SMALL: [&str; 7] = ["--min", "64", "--max", "4KiB", "--seconds", "0.05", "--no-perftest"];
 
-fn fabric() -> p2pbridge_verbs::fabric::SoftRoce {
-    p2pbridge_verbs::fabric::SoftRoce::from_env().expect("run under scripts/softroce")
+fn fabric() -> SoftRoce {
+    SoftRoce::from_env().expect("run under scripts/softroce")
 }
 
 fn check_out(dir: &std::path::Path, setting: &str) {
@@ -66,18 +70,27 @@ fn rdma_harness_in_loopback_on_one_device() {
 fn rdma_harness_as_server_and_client_processes() {
     let f = fabric();
     let out = out_dir("two-processes");
-    let addr = format!("{}:7479", f.b.addr);
-    let mut server = Command::new("ip")
-        .args(["netns", "exec", &f.b.netns, BIN, "--max", "4KiB", "--server", &addr])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_secs(2));
+    // Port 0: the server picks a free one and says which ("... listening on ADDR ..."). Killed
+    // and reaped if anything below fails, so that it never waits for a client for ever.
+    let mut server = KillOnDrop::new(
+        Command::new("ip")
+            .args(["netns", "exec", &f.b.netns, BIN, "--max", "4KiB", "--server", &format!("{}:0", f.b.addr)])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut said = Lines::new(server.child().stdout.take().unwrap());
+    let addr = said
+        .wait_for(Duration::from_secs(120), |l| {
+            l.split_once("listening on ").and_then(|(_, rest)| rest.split_whitespace().next()).map(str::to_string)
+        })
+        .unwrap_or_else(|e| panic!("the server did not say where it listens: {e}"));
     ok(Command::new("ip")
         .args(["netns", "exec", &f.a.netns, BIN])
         .args(SMALL)
         .args(["--client", &addr, "--device", &f.a.device, "--out"])
         .arg(&out));
-    assert!(server.wait().unwrap().success(), "the server ends when its client disconnects");
+    let status = server.wait().unwrap();
+    assert!(status.success(), "the server ends when its client disconnects ({status}):\n{}", said.all());
     check_out(&out, "server");
 }

@@ -756,15 +756,37 @@ mod tests {
         .expect("mmap") as u64
     }
 
-    /// The monitor, or the reason this test cannot run (printed, and the test is skipped).
+    /// Whether `test` can run: the monitor needs userfaultfd(2) with the non-cooperative
+    /// events, and opening one needs privilege (root's CAP_SYS_PTRACE, or
+    /// vm.unprivileged_userfaultfd=1). Where that is missing (EPERM: not root, or a seccomp
+    /// filter) or the kernel has no userfaultfd (ENOSYS) or lacks the events, the test is
+    /// skipped by name with the reason; anything else, or a monitor that does not start where
+    /// userfaultfd works, fails the test.
     fn need_monitor(test: &str) -> bool {
-        match monitor_available() {
-            Ok(()) => true,
-            Err(why) => {
-                eprintln!("SKIPPED {test}: no userfaultfd here: {why}");
-                false
+        // SAFETY: a descriptor only asked what it offers, then closed; nothing is registered.
+        let fd = match unsafe { rustix::mm::userfaultfd(rustix::mm::UserfaultfdFlags::CLOEXEC) } {
+            Ok(fd) => fd,
+            Err(Errno::PERM) => {
+                eprintln!(
+                    "SKIPPED {test}: needs root (userfaultfd(2): EPERM; it takes CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1, and no seccomp filter against it)"
+                );
+                return false;
             }
+            Err(Errno::NOSYS) => {
+                eprintln!("SKIPPED {test}: this kernel has no userfaultfd(2) (CONFIG_USERFAULTFD)");
+                return false;
+            }
+            Err(e) => panic!("{test}: userfaultfd(2): {}", std::io::Error::from(e)),
+        };
+        let offered = api(&fd, 0).unwrap_or_else(|e| panic!("{test}: {e}"));
+        if offered & FEATURES != FEATURES {
+            eprintln!("SKIPPED {test}: this kernel's userfaultfd lacks the UNMAP/REMOVE/REMAP events (Linux >= 4.11)");
+            return false;
         }
+        if let Err(why) = monitor_available() {
+            panic!("{test}: userfaultfd works here, yet the monitor does not start: {why}");
+        }
+        true
     }
 
     fn events() -> (mpsc::Receiver<Range<u64>>, Watch) {

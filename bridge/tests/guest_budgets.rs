@@ -8,9 +8,9 @@
 use std::sync::Arc;
 
 use p2pbridge::gpu::{HostBackend, MemoryBackend};
-use p2pbridge::verbs::fabric::SoftRoce;
 use p2pbridge::verbs::{AccessFlags, Context, ProtectionDomain};
 use p2pbridge::{Bridge, BridgeOptions, Error, Policy, SkipReason, Strategy};
+use p2pbridge_test_support::fabric::SoftRoce;
 
 const LIMIT: u64 = 1 << 20;
 

@@ -18,9 +18,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use p2pbridge::verbs::fabric::{kernel_count, SoftRoce};
 use p2pbridge::verbs::{AccessFlags, Context, ProtectionDomain};
 use p2pbridge::{Bridge, BridgeOptions, Error, Registered};
+use p2pbridge_test_support::fabric::{kernel_count, SoftRoce};
 
 fn page() -> u64 {
     rustix::param::page_size() as u64

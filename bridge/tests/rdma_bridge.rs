@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use p2pbridge::gpu::{BackendKind, DeviceBuffer, HostBackend, MemoryBackend};
 use p2pbridge::strategy::plan;
-use p2pbridge::verbs::fabric::{Side, SoftRoce};
 use p2pbridge::verbs::{AccessFlags, ConnectionOptions, Error as VerbsError, OdpTransportCaps, WcStatus};
 use p2pbridge::{Bridge, BridgeOptions, Error, MemoryKind, Policy, Registered, RemoteKey, SkipReason, Strategy};
+use p2pbridge_test_support::fabric::{Side, SoftRoce};
 
 fn fabric() -> SoftRoce {
     SoftRoce::from_env().expect("this test needs the Soft-RoCE fabric: run it through scripts/test or scripts/softroce")
@@ -29,18 +29,14 @@ fn side(
     policy: Policy,
     len: usize,
     fill: Option<u8>,
-) -> p2pbridge::verbs::Result<Host> {
+) -> p2pbridge::Result<Host> {
     let mem = HostBackend::new();
-    let bridge = Bridge::new(pd, vec![Arc::new(mem.clone())], BridgeOptions { policy, ..Default::default() })
-        .map_err(|e| p2pbridge::verbs::Error::InvalidArgument(e.to_string()))?;
-    let buf = mem.alloc(len).map_err(|e| p2pbridge::verbs::Error::InvalidArgument(e.to_string()))?;
+    let bridge = Bridge::new(pd, vec![Arc::new(mem.clone())], BridgeOptions { policy, ..Default::default() })?;
+    let buf = mem.alloc(len)?;
     if let Some(seed) = fill {
-        mem.copy_to_device(&buf, 0, &pattern(len, seed))
-            .map_err(|e| p2pbridge::verbs::Error::InvalidArgument(e.to_string()))?;
+        mem.copy_to_device(&buf, 0, &pattern(len, seed))?;
     }
-    let reg = bridge
-        .register(buf.addr(), len as u64, AccessFlags::remote_rw())
-        .map_err(|e| p2pbridge::verbs::Error::InvalidArgument(e.to_string()))?;
+    let reg = bridge.register(buf.addr(), len as u64, AccessFlags::remote_rw())?;
     Ok(Host { bridge, mem, buf: Some(buf), reg: Some(reg) })
 }
 
@@ -85,10 +81,6 @@ fn connect(
     (client.join().unwrap(), server.join().unwrap())
 }
 
-fn err(e: Error) -> p2pbridge::verbs::Error {
-    p2pbridge::verbs::Error::InvalidArgument(e.to_string())
-}
-
 /// `len` bytes of fresh private anonymous memory, never touched.
 fn fresh_map(len: usize) -> u64 {
     // SAFETY: a fresh private anonymous mapping.
@@ -111,17 +103,12 @@ struct VaServer {
     p: u64,
 }
 
-fn va_server(
-    pd: &p2pbridge::verbs::ProtectionDomain,
-    strategy: Strategy,
-    len: usize,
-) -> p2pbridge::verbs::Result<VaServer> {
+fn va_server(pd: &p2pbridge::verbs::ProtectionDomain, strategy: Strategy, len: usize) -> p2pbridge::Result<VaServer> {
     let bridge =
-        Bridge::new(pd, vec![], BridgeOptions { policy: Policy::default().require(strategy), ..Default::default() })
-            .map_err(err)?;
+        Bridge::new(pd, vec![], BridgeOptions { policy: Policy::default().require(strategy), ..Default::default() })?;
     let p = fresh_map(len);
     // SAFETY: mapped; the tests unmap it only through the monitor's watch (or after dropping).
-    let reg = unsafe { bridge.register_host(p, len as u64, AccessFlags::remote_rw()) }.map_err(err)?;
+    let reg = unsafe { bridge.register_host(p, len as u64, AccessFlags::remote_rw()) }?;
     Ok(VaServer { bridge, reg: Some(reg), p })
 }
 
@@ -290,10 +277,10 @@ fn rdma_untouched_registered_memory_is_reachable_by_the_peer_with_the_monitor_on
         let srv = &s.state;
         srv.bridge.host_monitor().expect("the userfaultfd monitor runs on the fabric");
         // ODP registrations are prefetched where advise_mr works, and say why not elsewhere.
-        match (strategy, srv.reg.as_ref().unwrap().prefetch(), &srv.bridge.caps().prefetch) {
+        match (strategy, srv.reg.as_ref().unwrap().prefetch(), srv.bridge.caps().nic.advise_mr.as_result()) {
             (Strategy::Odp, Some(Ok(())), Ok(())) => {}
             (Strategy::Odp, Some(Err(why)), Err(probe)) => {
-                assert_eq!(why, probe, "the registration's reason is the probe's");
+                assert_eq!(why, probe.to_string(), "the registration's reason is the probe's");
                 eprintln!("SKIPPED prefetch of {strategy} registrations: {why}");
             }
             (Strategy::PinnedHost, None, _) => {}
@@ -428,9 +415,9 @@ fn rdma_without_windows_a_free_deregisters_at_once_and_the_old_key_is_refused() 
             move |pd| {
                 let mem = HostBackend::new();
                 let opts = BridgeOptions { windows: false, ..Default::default() };
-                let bridge = Bridge::new(pd, vec![Arc::new(mem.clone())], opts).map_err(err)?;
-                let buf = mem.alloc(len).map_err(|e| err(e.into()))?;
-                let reg = bridge.register(buf.addr(), len as u64, AccessFlags::remote_rw()).map_err(err)?;
+                let bridge = Bridge::new(pd, vec![Arc::new(mem.clone())], opts)?;
+                let buf = mem.alloc(len)?;
+                let reg = bridge.register(buf.addr(), len as u64, AccessFlags::remote_rw())?;
                 Ok((Host { bridge, mem, buf: Some(buf), reg: Some(reg) }, Vec::new()))
             },
         )
@@ -548,20 +535,27 @@ fn rdma_dmabuf_and_peermem_are_skipped_with_the_probes_reasons() {
         assert_eq!(reg.strategy(), Strategy::Odp, "{:?}", reg.skipped());
         let dmabuf = reg.skipped().iter().find(|(s, _)| *s == Strategy::DmaBuf).expect("dma-buf has a reason");
         match &dmabuf.1 {
-            SkipReason::CapabilityAbsent { capability, .. } => {
-                assert!(capability.contains("EOPNOTSUPP") && capability.contains(&a.device), "{capability}")
-            }
+            SkipReason::Unsupported(u) => match u.reason() {
+                p2pbridge::strategy::Reason::DmaBufMrRefused { device, errno } => {
+                    assert_eq!((device.as_str(), errno.name()), (a.device.as_str(), "EOPNOTSUPP"), "{u}")
+                }
+                other => panic!("dma-buf skipped for {other:?}"),
+            },
             other => panic!("dma-buf skipped for {other:?}"),
         }
-        assert!(reg
-            .skipped()
-            .contains(&(Strategy::PeerMem, SkipReason::NotForThisMemory { applies_to: "device memory" })));
+        assert_eq!(dmabuf.1, SkipReason::Unsupported(bridge.caps().nic.dmabuf_mr.unsupported().unwrap().clone()));
+        assert!(reg.skipped().contains(&(
+            Strategy::PeerMem,
+            SkipReason::NotForThisMemory { applies_to: p2pbridge::strategy::AppliesTo::DeviceMemory }
+        )));
         // What device memory would get on this host: the same probe, no peer-memory module.
         let p =
             plan(MemoryKind::Backend(BackendKind::Cuda), OdpTransportCaps::WRITE, &Policy::default(), bridge.caps());
         assert_eq!(p.candidates, vec![Strategy::Bounce]);
         assert!(
-            p.skipped.iter().any(|(s, r)| *s == Strategy::PeerMem && matches!(r, SkipReason::ModuleMissing { .. })),
+            p.skipped.iter().any(|(s, r)| *s == Strategy::PeerMem
+                && matches!(r, SkipReason::Unsupported(u)
+                    if matches!(u.reason(), p2pbridge::strategy::Reason::PeerMemMissing { .. }))),
             "{:?}",
             p.skipped
         );
@@ -586,7 +580,7 @@ fn rdma_dmabuf_and_peermem_are_skipped_with_the_probes_reasons() {
 }
 
 fn kernel_mr_count(device: &str) -> usize {
-    p2pbridge::verbs::fabric::kernel_count(device, "mr").unwrap()
+    p2pbridge_test_support::fabric::kernel_count(device, "mr").unwrap()
 }
 
 #[test]
@@ -667,18 +661,27 @@ fn rdma_pipelined_bounce_engine_moves_odd_sizes_through_a_small_ring() {
         let back = c.state.mem.to_vec(cbuf).unwrap();
         assert!(&back[..n as usize] == pattern(n as usize, seed).as_slice(), "bounce READ of {n} B");
     }
-    // Out of the remote key's range: refused before anything is posted, and the connection
-    // still carries the next transfer.
+    // Out of the remote key's range: refused by the key's own bounds check, before anything is
+    // posted (exactly that refusal: 16 B at the key's end, against its length)...
     // SAFETY: as above.
     let e = unsafe { engine.write(&c.conn, cbuf.addr(), 16, &key, len as u64) };
-    assert!(
-        matches!(e, Err(Error::Verbs(VerbsError::OutOfBounds { offset, length: 16, .. })) if offset == len as u64),
-        "{e:?}"
-    );
-    c.state.mem.copy_to_device(cbuf, 0, &pattern(4096, 9)).unwrap();
+    match e {
+        Err(Error::Verbs(VerbsError::OutOfBounds { what: "remote buffer", offset, length: 16, len: of }))
+            if offset == len as u64 && of == len as u64 => {}
+        other => panic!("expected the remote key's bounds refusal (16 B at {len} of {len} B), got {other:?}"),
+    }
+    // ...so the queue pair is untouched: still ready to send, nothing of the refused transfer on
+    // its completion queue, and the same connection carries the next transfer.
+    assert_eq!(c.conn.qp().state().unwrap(), p2pbridge::verbs::QpState::Rts);
+    let mut left = [p2pbridge::verbs::WorkCompletion::default(); 16];
+    assert_eq!(c.conn.send_cq().poll(&mut left).unwrap(), 0, "completions of a refused transfer: {:?}", &left[..]);
+    // (The whole client buffer changes, so that a WRITE of more than its 4096 B would show.)
+    c.state.mem.copy_to_device(cbuf, 0, &pattern(len, 9)).unwrap();
     // SAFETY: as above.
     unsafe { engine.write(&c.conn, cbuf.addr(), 4096, &key, 0) }.unwrap();
-    assert!(s.state.mem.to_vec(s.state.buf.as_ref().unwrap()).unwrap()[..4096] == pattern(4096, 9)[..]);
+    let server = s.state.mem.to_vec(s.state.buf.as_ref().unwrap()).unwrap();
+    assert!(server[..4096] == pattern(4096, 9)[..], "the WRITE after the refusal, on the same connection");
+    assert!(server[4096..len] == pattern(len, 4)[4096..], "the WRITE after the refusal went beyond its 4096 B");
 }
 
 #[test]

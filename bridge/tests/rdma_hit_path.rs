@@ -8,9 +8,9 @@ use std::sync::Arc;
 use p2pbridge::gpu::{
     AllocationInfo, BackendKind, DeviceBuffer, DmaBufExport, FlushOutcome, HostBackend, MemoryBackend, NoticeHub,
 };
-use p2pbridge::verbs::fabric::SoftRoce;
 use p2pbridge::verbs::{AccessFlags, Context, ProtectionDomain};
 use p2pbridge::{Bridge, BridgeOptions, Policy, Strategy};
+use p2pbridge_test_support::fabric::SoftRoce;
 
 /// The host backend, counting identifications. `announced`: frees reach the bridge (the host
 /// backend's own notices, and `notifies` as it says); otherwise the bridge subscribes to a hub

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use p2pbridge::gpu::{DeviceBuffer, HostBackend, MemoryBackend};
-use p2pbridge::verbs::fabric::{Side, SoftRoce};
 use p2pbridge::verbs::{
     AccessFlags, CompletionQueue, Connection, ConnectionOptions, Listener, ProtectionDomain, QpState, WcStatus,
 };
 use p2pbridge::{Batch, Bridge, BridgeOptions, Error, Policy, Registered, RemoteKey, Status, Strategy};
+use p2pbridge_test_support::fabric::{Side, SoftRoce};
 use p2pbridge_test_support::pattern;
 
 const BLK: u64 = 4096;
@@ -24,10 +24,6 @@ fn opts() -> ConnectionOptions {
     ConnectionOptions { timeout: Duration::from_secs(30), rnr_retry_count: 7, ..Default::default() }
 }
 
-fn err(e: impl std::fmt::Display) -> p2pbridge::verbs::Error {
-    p2pbridge::verbs::Error::InvalidArgument(e.to_string())
-}
-
 /// One side: a bridge over a host backend, a buffer filled with `pattern(len, seed)`, and its
 /// registration.
 struct Host {
@@ -38,19 +34,13 @@ struct Host {
 }
 
 impl Host {
-    fn new(
-        pd: &ProtectionDomain,
-        policy: Policy,
-        len: usize,
-        seed: u8,
-        timeout: Duration,
-    ) -> p2pbridge::verbs::Result<Host> {
+    fn new(pd: &ProtectionDomain, policy: Policy, len: usize, seed: u8, timeout: Duration) -> p2pbridge::Result<Host> {
         let mem = HostBackend::new();
         let o = BridgeOptions { policy, completion_timeout: timeout, ..Default::default() };
-        let bridge = Bridge::new(pd, vec![Arc::new(mem.clone())], o).map_err(err)?;
-        let buf = mem.alloc(len).map_err(err)?;
-        mem.copy_to_device(&buf, 0, &pattern(len, seed)).map_err(err)?;
-        let reg = bridge.register(buf.addr(), len as u64, AccessFlags::remote_rw()).map_err(err)?;
+        let bridge = Bridge::new(pd, vec![Arc::new(mem.clone())], o)?;
+        let buf = mem.alloc(len)?;
+        mem.copy_to_device(&buf, 0, &pattern(len, seed))?;
+        let reg = bridge.register(buf.addr(), len as u64, AccessFlags::remote_rw())?;
         Ok(Host { bridge, mem, buf: Some(buf), reg: Some(reg) })
     }
 

@@ -16,13 +16,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use p2pbridge::verbs::fabric::{Side, SoftRoce};
 use p2pbridge::verbs::{
     AccessFlags, Connection, ConnectionOptions, Context, Error as VerbsError, HostBuffer, Listener, ProtectionDomain,
     SendFlags,
 };
 use p2pbridge::{Bridge, BridgeOptions};
 use p2pbridge_gpu::{CudaBackend, HostBackend, MemoryBackend};
+use p2pbridge_test_support::fabric::{Side, SoftRoce};
 
 /// What the examples' halves return: any error, which can cross threads.
 pub type Res<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -36,23 +36,12 @@ pub fn pick_backend() -> (Arc<dyn MemoryBackend>, String) {
     }
 }
 
-/// A reproducible byte pattern for block or buffer `seed`.
-pub fn pattern(len: usize, seed: u32) -> Vec<u8> {
-    (0..len as u32).map(|i| (i.wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(0x9E37_79B9)).to_le_bytes()[1]).collect()
-}
-
 /// One side of an example: the backend ([`pick_backend`]), a bridge on `pd` that knows it, and
-/// the line saying which memory it is. Errors come as verbs errors, which is what
-/// `SoftRoce::connect_pair`'s set-up closures return.
-pub fn bridged(pd: &ProtectionDomain) -> p2pbridge::verbs::Result<(Arc<dyn MemoryBackend>, Bridge, String)> {
+/// the line saying which memory it is.
+pub fn bridged(pd: &ProtectionDomain) -> Res<(Arc<dyn MemoryBackend>, Bridge, String)> {
     let (mem, what) = pick_backend();
-    let bridge = Bridge::new(pd, vec![mem.clone()], BridgeOptions::default()).map_err(verbs_err)?;
+    let bridge = Bridge::new(pd, vec![mem.clone()], BridgeOptions::default())?;
     Ok((mem, bridge, what))
-}
-
-/// Any error as a verbs error (for `connect_pair`'s set-up closures).
-pub fn verbs_err(e: impl std::fmt::Display) -> p2pbridge::verbs::Error {
-    p2pbridge::verbs::Error::InvalidArgument(e.to_string())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -159,8 +148,8 @@ pub fn conn_opts() -> ConnectionOptions {
 
 /// A set-up closure: given the side's protection domain, before connecting, it returns the
 /// side's state and the private data to send with the connect request or the accept.
-pub trait Setup<T>: Fn(&ProtectionDomain) -> p2pbridge::verbs::Result<(T, Vec<u8>)> + Send + Sync + 'static {}
-impl<T, F: Fn(&ProtectionDomain) -> p2pbridge::verbs::Result<(T, Vec<u8>)> + Send + Sync + 'static> Setup<T> for F {}
+pub trait Setup<T>: Fn(&ProtectionDomain) -> Res<(T, Vec<u8>)> + Send + Sync + 'static {}
+impl<T, F: Fn(&ProtectionDomain) -> Res<(T, Vec<u8>)> + Send + Sync + 'static> Setup<T> for F {}
 
 /// Runs an example in `mode`: the client half (`client`, on a connection set up with
 /// `client_setup`) and/or the server half (`server`, once per client, each on a connection set

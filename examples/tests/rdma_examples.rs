@@ -2,10 +2,11 @@
 //! two hosts (each must finish with "ok"), the client/server ones also as a `--server` process
 //! on host B and a `--client` process on host A, and cache_loop in loopback on one device.
 
-use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
-use p2pbridge_verbs::fabric::SoftRoce;
+use p2pbridge_test_support::fabric::SoftRoce;
+use p2pbridge_test_support::process::{KillOnDrop, Lines};
 
 fn fabric() -> SoftRoce {
     SoftRoce::from_env().expect("run under scripts/softroce")
@@ -75,47 +76,36 @@ fn rdma_example_cache_loop_on_one_device() {
 
 /// Runs `bin --server` in host B's namespace (on port 0: the port it prints) and `bin --client
 /// ADDR --device DEV` in host A's, both with `args`; asserts both exit 0, the client's last
-/// line being "ok". Returns (client's stdout, server's stdout).
+/// line being "ok". Returns (client's stdout, server's stdout). The server is killed and reaped
+/// however this ends (it would wait for a client for ever).
 fn server_and_client(bin: &str, args: &[&str]) -> (String, String) {
     let f = fabric();
-    let mut server = Command::new("ip")
-        .args(["netns", "exec", &f.b.netns, bin, "--server", &format!("{}:0", f.b.addr)])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(server.stdout.take().unwrap());
-    let mut head = String::new();
-    let addr = loop {
-        let mut line = String::new();
-        if lines.read_line(&mut line).unwrap() == 0 {
-            let mut err = String::new();
-            server.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-            panic!("the server ended before listening ({}):\n{head}\n{err}", server.wait().unwrap());
-        }
-        head.push_str(&line);
-        if let Some(a) = line.trim().strip_prefix("listening on ") {
-            break a.to_string();
-        }
-    };
+    let mut server = KillOnDrop::new(
+        Command::new("ip")
+            .args(["netns", "exec", &f.b.netns, bin, "--server", &format!("{}:0", f.b.addr)])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut out = Lines::new(server.child().stdout.take().unwrap());
+    let err = Lines::new(server.child().stderr.take().unwrap());
+    let addr =
+        match out.wait_for(Duration::from_secs(120), |l| l.trim().strip_prefix("listening on ").map(str::to_string)) {
+            Ok(a) => a,
+            Err(e) => panic!("{bin} --server did not say where it listens: {e}\nstderr:\n{}", err.all()),
+        };
     let client = Command::new("ip")
         .args(["netns", "exec", &f.a.netns, bin, "--client", &addr, "--device", &f.a.device])
         .args(args)
         .output()
         .unwrap();
-    if !client.status.success() {
-        // It would wait for a client for ever.
-        let _ = server.kill();
-    }
-    let status = server.wait().unwrap();
-    let mut rest = String::new();
-    lines.read_to_string(&mut rest).unwrap();
-    let mut err = String::new();
-    server.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-    let server_out = head + &rest;
-    let client_out = ok(&format!("{bin} --client (server: {status}\n{server_out}\n{err})"), &client);
-    assert!(status.success(), "{bin} --server failed ({status}):\n{server_out}\n{err}");
+    // A client that failed may never have connected: the server would wait for ever.
+    let status = if client.status.success() { server.wait() } else { server.kill() }.unwrap();
+    let (server_out, server_err) = (out.all(), err.all());
+    let client_out = ok(&format!("{bin} --client (server: {status}\n{server_out}\n{server_err})"), &client);
+    assert!(status.success(), "{bin} --server failed ({status}):\n{server_out}\n{server_err}");
     (client_out, server_out)
 }
 

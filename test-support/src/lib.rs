@@ -1,5 +1,11 @@
 //! What p2pbridge's tests, benches and soak runs share, kept out of the library crates: seeded
-//! randomness and the byte patterns that data is checked against.
+//! randomness, the byte patterns that data is checked against, the Soft-RoCE test fabric
+//! ([`fabric`]), and child processes that never outlive a test ([`process`]).
+//!
+//! Not library API: the library crates take it as a dev-dependency only.
+
+pub mod fabric;
+pub mod process;
 
 /// xorshift64*: small, seeded, reproducible; not for cryptography.
 #[derive(Debug, Clone)]

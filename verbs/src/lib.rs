@@ -40,7 +40,6 @@ pub mod cm;
 mod cq;
 mod device;
 mod error;
-pub mod fabric;
 mod fault;
 pub mod library;
 mod mr;

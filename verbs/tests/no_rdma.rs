@@ -1,6 +1,6 @@
 //! A host without rdma-core: binaries still start and say what is missing.
 
-use p2pbridge_verbs::fabric::without_rdma_core;
+use p2pbridge_test_support::fabric::without_rdma_core;
 
 #[test]
 fn host_without_libibverbs_reports_rdma_unavailable() {

@@ -2,9 +2,9 @@
 
 mod common;
 
-use p2pbridge_verbs::fabric::kernel_count;
+use p2pbridge_test_support::fabric::kernel_count;
 
-use common::{connect_pair, TIMEOUT};
+use common::{connect_pair, pattern, TIMEOUT};
 use p2pbridge_verbs::{
     AccessFlags, Connection, ConnectionOptions, Context, DmaBufSupport, Error, GidKind, HostBuffer, LinkLayer,
     MemoryRegion, PortState, ProtectionDomain, QpState, RemoteBuf, SendFlags, WcStatus,
@@ -12,16 +12,35 @@ use p2pbridge_verbs::{
 
 type Pair = (common::Side<MemoryRegion<HostBuffer>>, common::Side<MemoryRegion<HostBuffer>>);
 
+const LEN: usize = 4096;
+/// The client's source buffer holds `pattern(LEN, CLIENT)`; the server's buffer starts as
+/// `pattern(LEN, SERVER)`: a stray or partial write of the client's bytes would show.
+const CLIENT: u8 = 0x5c;
+const SERVER: u8 = 0xa3;
+
+/// A `LEN`-byte host buffer holding `pattern(LEN, seed)`.
+fn filled(seed: u8) -> p2pbridge_verbs::Result<HostBuffer> {
+    let mut buf = HostBuffer::new(LEN)?;
+    buf.as_mut_slice().copy_from_slice(&pattern(LEN, seed));
+    Ok(buf)
+}
+
 fn pair(server_access: AccessFlags) -> Pair {
     connect_pair(
         ConnectionOptions::default(),
-        |pd| Ok((pd.register(HostBuffer::new(4096)?, AccessFlags::LOCAL_WRITE)?, Vec::new())),
+        |pd| Ok((pd.register(filled(CLIENT)?, AccessFlags::LOCAL_WRITE)?, Vec::new())),
         move |pd| {
-            let mr = pd.register(HostBuffer::new(4096)?, server_access)?;
+            let mr = pd.register(filled(SERVER)?, server_access)?;
             let d = mr.remote().to_bytes().to_vec();
             Ok((mr, d))
         },
     )
+}
+
+/// Asserts that the server's buffer still holds what it started with: nothing of the client's
+/// refused `what` reached it.
+fn assert_server_unchanged(server: &common::Side<MemoryRegion<HostBuffer>>, what: &str) {
+    assert!(server.state.to_vec() == pattern(LEN, SERVER), "{what} changed the server's memory");
 }
 
 /// Posts one signaled WRITE to `remote` and returns its completion error; checks the QP is in
@@ -56,7 +75,7 @@ fn wrong_rkey_is_a_remote_access_error() {
     let good = RemoteBuf::from_bytes(client.conn.remote_private_data()).unwrap();
     let bad = RemoteBuf { rkey: good.rkey ^ 0x5a5a_0000, ..good };
     assert_eq!(write_fails_with(&client, bad, 64), WcStatus::RemoteAccess);
-    assert!(server.state.to_vec().iter().all(|&b| b == 0), "a write with a wrong rkey changed memory");
+    assert_server_unchanged(&server, "a write with a wrong rkey");
 }
 
 #[test]
@@ -69,7 +88,7 @@ fn out_of_bounds_remote_range_is_a_remote_access_error() {
     // ...and a peer that lies about the length is refused by the NIC.
     let lying = RemoteBuf { addr: good.addr + 4000, len: 4096, ..good };
     assert_eq!(write_fails_with(&client, lying, 200), WcStatus::RemoteAccess);
-    assert!(server.state.to_vec().iter().all(|&b| b == 0));
+    assert_server_unchanged(&server, "a write past the region's end");
 }
 
 #[test]
@@ -78,7 +97,7 @@ fn write_to_a_region_without_remote_write_is_a_remote_access_error() {
     let (client, server) = pair(AccessFlags::LOCAL_WRITE | AccessFlags::REMOTE_READ);
     let remote = RemoteBuf::from_bytes(client.conn.remote_private_data()).unwrap();
     assert_eq!(write_fails_with(&client, remote, 64), WcStatus::RemoteAccess);
-    assert!(server.state.to_vec().iter().all(|&b| b == 0));
+    assert_server_unchanged(&server, "a write to a region without REMOTE_WRITE");
 }
 
 #[test]
@@ -103,10 +122,14 @@ fn local_misuse_is_refused_before_posting() {
     let big = client.state.slice(0..4096).unwrap();
     let e = qp.post_write(1, &big, &remote.slice(..).unwrap(), SendFlags::INLINE | SendFlags::SIGNALED);
     assert!(matches!(e, Err(Error::InvalidArgument(ref m)) if m.contains("inline")), "{e:?}");
-    // The QP is still usable after all that.
+    // Nothing of the refused requests reached the server.
+    assert_server_unchanged(&server, "a request refused before posting");
+    // The QP is still usable after all that: the next WRITE lands.
     qp.post_write(5, &client.state.slice(0..16).unwrap(), &remote.slice(0..16).unwrap(), SendFlags::SIGNALED).unwrap();
     assert_eq!(client.conn.send_cq().wait_one(TIMEOUT).unwrap().wr_id, 5);
     assert_eq!(qp.state().unwrap(), QpState::Rts);
+    let (now, client_bytes, server_bytes) = (server.state.to_vec(), pattern(LEN, CLIENT), pattern(LEN, SERVER));
+    assert!(now[..16] == client_bytes[..16] && now[16..] == server_bytes[16..], "the WRITE after the refusals");
 }
 
 #[test]

@@ -19,16 +19,50 @@
 //! ```text
 //! scripts/softroce --mem 6144 target/release/bridge_reg --hits 100000
 //! ```
+//!
+//! Exit status: 0 done; 1 a failure while running (printed as `bridge_reg: ERROR`), a hit
+//! that missed included; 2 a usage error (bad arguments, or neither `--device` nor a
+//! Soft-RoCE fabric).
 
 use std::hint::black_box;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
+use clap::Parser;
 use p2pbridge::cache::{Cost, Domain, RegCache};
 use p2pbridge::gpu::{HostBackend, MemoryBackend};
-use p2pbridge::verbs::{fabric::SoftRoce, AccessFlags, Context, ProtectionDomain};
+use p2pbridge::verbs::{AccessFlags, Context, ProtectionDomain};
 use p2pbridge::{Bridge, BridgeOptions, Policy, Strategy};
+use p2pbridge_benches::cli::{exit_status, fabric_or_usage_error, parse_count, Res, EXIT_CODES};
 use p2pbridge_test_support::Rng;
+
+/// Cold registration cost through the bridge, 4 KiB to 1 GiB, per strategy the device supports
+/// (pinned host, ODP), with the cache-hit cost beside it; or, with --hits, the hit path against
+/// a bare cache lookup.
+#[derive(Parser, Debug)]
+#[command(name = "bridge_reg", version, after_help = EXIT_CODES)]
+struct Args {
+    /// The RDMA device (default: host A's, under scripts/softroce)
+    #[arg(long, value_name = "NAME")]
+    device: Option<String>,
+    /// Measure the hit path instead: N page-strided 4 KiB registrations, then random hits
+    /// (N: 100000 when not given)
+    #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "100000", value_parser = parse_count)]
+    hits: Option<usize>,
+    /// With --hits: how the N ranges are registered
+    #[arg(long, value_enum, default_value_t = HitStrategy::Pinned)]
+    strategy: HitStrategy,
+}
+
+/// How `--hits` registers its ranges.
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+enum HitStrategy {
+    /// Pinned host memory
+    Pinned,
+    /// On-Demand Paging
+    Odp,
+}
 
 /// Hits per timed round.
 const BATCH: usize = 20_000;
@@ -49,7 +83,7 @@ fn median(v: &mut [f64]) -> f64 {
 
 /// `--hits`: N page-strided registrations of one allocation, then random hits through the
 /// bridge and through a bare cache of the same ranges.
-fn hits(pd: &ProtectionDomain, device: &str, n: usize, strategy: Strategy) -> p2pbridge::Result<()> {
+fn hits(pd: &ProtectionDomain, device: &str, n: usize, strategy: Strategy) -> Res {
     let mem = HostBackend::new();
     let defaults = BridgeOptions::default();
     let mut cache = defaults.cache.clone();
@@ -76,23 +110,21 @@ fn hits(pd: &ProtectionDomain, device: &str, n: usize, strategy: Strategy) -> p2
     // afterwards (its entries packed together: fewer cache and TLB misses, whatever the path).
     let (beside, packed): (RegCache<()>, RegCache<()>) =
         (RegCache::new(bridge.cache_policy().clone()), RegCache::new(bridge.cache_policy().clone()));
-    let insert = |c: &RegCache<()>, a: u64| {
-        if let Err(e) = c.insert(domain, a..a + page, bits, Cost::Pinned, ()) {
-            eprintln!("bridge_reg: bare cache insert: {e}");
-            std::process::exit(1);
-        }
+    let insert = |c: &RegCache<()>, a: u64| -> Res {
+        c.insert(domain, a..a + page, bits, Cost::Pinned, ()).map_err(|e| format!("bare cache insert: {e}"))?;
+        Ok(())
     };
     let t = Instant::now();
     let mut regs = Vec::with_capacity(n);
     for i in 0..n as u64 {
         let a = buf.addr() + i * stride;
         regs.push(bridge.register(a, page, access)?);
-        insert(&beside, a);
+        insert(&beside, a)?;
     }
     let made = t.elapsed();
     drop(regs); // unheld: the cache keeps them (within its limits)
     for i in 0..n as u64 {
-        insert(&packed, buf.addr() + i * stride);
+        insert(&packed, buf.addr() + i * stride)?;
     }
     for c in [&beside, &packed] {
         c.declare(domain, buf.addr()..buf.addr() + buf.len());
@@ -103,8 +135,7 @@ fn hits(pd: &ProtectionDomain, device: &str, n: usize, strategy: Strategy) -> p2
         made.as_secs_f64() * 1e6 / n as f64
     );
     if entries != n {
-        eprintln!("bridge_reg: expected {n} cache entries, found {entries} (merged or evicted?)");
-        std::process::exit(1);
+        return Err(format!("expected {n} cache entries, found {entries} (merged or evicted?)").into());
     }
     const SIDES: [&str; 4] = [
         "Bridge::register hit",
@@ -132,8 +163,7 @@ fn hits(pd: &ProtectionDomain, device: &str, n: usize, strategy: Strategy) -> p2
                     _ => packed.lookup(domain, black_box(a)..a + page, bits).map(used).is_some(),
                 };
                 if !hit {
-                    eprintln!("bridge_reg: a hit at {a:#x} failed ({})", SIDES[side]);
-                    std::process::exit(1);
+                    return Err(format!("a hit at {a:#x} failed ({})", SIDES[side]).into());
                 }
             }
             let ns = t.elapsed().as_secs_f64() * 1e9 / BATCH as f64;
@@ -144,8 +174,7 @@ fn hits(pd: &ProtectionDomain, device: &str, n: usize, strategy: Strategy) -> p2
     }
     let (entries_after, _) = bridge.cache_usage();
     if entries_after != n {
-        eprintln!("bridge_reg: the hits changed the cache ({n} -> {entries_after} entries): some missed");
-        std::process::exit(1);
+        return Err(format!("the hits changed the cache ({n} -> {entries_after} entries): some missed").into());
     }
     println!("  {ROUNDS} rounds x {BATCH} random hits among {n} entries of one domain, ns per hit:");
     let mut medians = [0f64; SIDES.len()];
@@ -164,68 +193,52 @@ fn hits(pd: &ProtectionDomain, device: &str, n: usize, strategy: Strategy) -> p2
     Ok(())
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let device = match args.iter().position(|a| a == "--device") {
-        Some(i) => args.get(i + 1).cloned().unwrap_or_default(),
-        None => match SoftRoce::from_env() {
-            Some(f) => f.a.device,
-            None => {
-                eprintln!("bridge_reg: give --device NAME, or run under scripts/softroce");
-                std::process::exit(2)
-            }
-        },
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let device = match &args.device {
+        Some(d) => d.clone(),
+        None => fabric_or_usage_error::<Args>("give --device NAME, or run under scripts/softroce").a.device,
     };
-    let hits_n = args
-        .iter()
-        .position(|a| a == "--hits")
-        .map(|i| args.get(i + 1).and_then(|v| v.parse::<usize>().ok()).unwrap_or(100_000));
-    let strategy = match args.iter().position(|a| a == "--strategy").and_then(|i| args.get(i + 1)).map(|s| s.as_str()) {
-        None | Some("pinned") => Strategy::PinnedHost,
-        Some("odp") => Strategy::Odp,
-        Some(other) => {
-            eprintln!("bridge_reg: --strategy takes pinned or odp, not {other}");
-            std::process::exit(2)
-        }
-    };
-    let run = || -> p2pbridge::Result<()> {
-        let pd = ProtectionDomain::new(&Context::open(&device)?)?;
-        if let Some(n) = hits_n {
-            return hits(&pd, &device, n.max(1), strategy);
-        }
-        let mem = HostBackend::new();
-        println!("cold registration through the bridge on {device} (register + first lookup; then a cache hit)");
-        for strategy in [Strategy::PinnedHost, Strategy::Odp] {
-            let bridge = Bridge::new(
-                &pd,
-                vec![Arc::new(mem.clone())],
-                BridgeOptions { policy: Policy::default().require(strategy), ..Default::default() },
-            )?;
-            let mut size = 4096usize;
-            while size <= 1 << 30 {
-                let buf = mem.alloc(size)?;
-                if strategy == Strategy::PinnedHost {
-                    // Fault the pages in first: the cost measured is the registration's.
-                    mem.copy_to_device(&buf, 0, &vec![1u8; size])?;
-                }
-                let t = Instant::now();
-                let reg = bridge.register(buf.addr(), buf.len(), AccessFlags::remote_rw())?;
-                let cold = t.elapsed();
-                let t = Instant::now();
-                let hit = bridge.register(buf.addr(), buf.len(), AccessFlags::remote_rw())?;
-                let warm = t.elapsed();
-                println!("  {strategy:<7} {size:>11} B: cold {cold:>12.2?}  hit {warm:>9.2?}");
-                drop((reg, hit));
-                let t = Instant::now();
-                drop(buf); // notice -> invalidate -> deregister -> unmap
-                println!("  {strategy:<7} {size:>11} B: free-to-invalidated (with deregistration) {:.2?}", t.elapsed());
-                size *= 4;
-            }
-        }
-        Ok(())
-    };
-    if let Err(e) = run() {
-        eprintln!("bridge_reg: {e}");
-        std::process::exit(1);
+    exit_status("bridge_reg", run(&args, &device))
+}
+
+fn run(args: &Args, device: &str) -> Res {
+    let pd = ProtectionDomain::new(&Context::open(device)?)?;
+    if let Some(n) = args.hits {
+        let strategy = match args.strategy {
+            HitStrategy::Pinned => Strategy::PinnedHost,
+            HitStrategy::Odp => Strategy::Odp,
+        };
+        return hits(&pd, device, n, strategy);
     }
+    let mem = HostBackend::new();
+    println!("cold registration through the bridge on {device} (register + first lookup; then a cache hit)");
+    for strategy in [Strategy::PinnedHost, Strategy::Odp] {
+        let bridge = Bridge::new(
+            &pd,
+            vec![Arc::new(mem.clone())],
+            BridgeOptions { policy: Policy::default().require(strategy), ..Default::default() },
+        )?;
+        let mut size = 4096usize;
+        while size <= 1 << 30 {
+            let buf = mem.alloc(size)?;
+            if strategy == Strategy::PinnedHost {
+                // Fault the pages in first: the cost measured is the registration's.
+                mem.copy_to_device(&buf, 0, &vec![1u8; size])?;
+            }
+            let t = Instant::now();
+            let reg = bridge.register(buf.addr(), buf.len(), AccessFlags::remote_rw())?;
+            let cold = t.elapsed();
+            let t = Instant::now();
+            let hit = bridge.register(buf.addr(), buf.len(), AccessFlags::remote_rw())?;
+            let warm = t.elapsed();
+            println!("  {strategy:<7} {size:>11} B: cold {cold:>12.2?}  hit {warm:>9.2?}");
+            drop((reg, hit));
+            let t = Instant::now();
+            drop(buf); // notice -> invalidate -> deregister -> unmap
+            println!("  {strategy:<7} {size:>11} B: free-to-invalidated (with deregistration) {:.2?}", t.elapsed());
+            size *= 4;
+        }
+    }
+    Ok(())
 }

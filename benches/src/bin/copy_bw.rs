@@ -8,10 +8,37 @@
 //! With a CUDA GPU it measures `cuMemcpyHtoD`/`DtoH` and prints the ratio to PCIe Gen5 x16's
 //! 63 GB/s per direction. Without one it says so and measures the host backend instead
 //! (memcpy into memfd memory: what a CPU-only node's bounce path costs).
+//!
+//! Exit status: 0 done; 1 a failure while running (printed as `copy_bw: ERROR`); 2 a usage
+//! error.
 
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use clap::Parser;
+use p2pbridge_benches::cli::{exit_status, parse_seconds, Res, EXIT_CODES};
 use p2pbridge_gpu::{CudaBackend, DeviceBuffer, HostBackend, MemoryBackend};
+
+/// Host<->device copy bandwidth, 4 KiB to --max, from pinned and pageable host memory (CUDA
+/// device 0; without a GPU, the host backend)
+#[derive(Parser, Debug)]
+#[command(name = "copy_bw", version, after_help = EXIT_CODES)]
+struct Args {
+    /// The largest copy, in MiB (256 or 256MiB)
+    #[arg(long, value_name = "NMiB", default_value = "256MiB", value_parser = parse_mib)]
+    max: usize,
+    /// The least time per measurement, in seconds
+    #[arg(long, value_name = "S", default_value = "0.3", value_parser = parse_seconds)]
+    seconds: f64,
+}
+
+/// A size in MiB, with or without the `MiB` suffix (1 to 1048576), in bytes.
+fn parse_mib(v: &str) -> Result<usize, String> {
+    match v.trim_end_matches("MiB").parse::<usize>() {
+        Ok(m) if m > 0 && m <= 1 << 20 => Ok(m << 20),
+        _ => Err(format!("'{v}' is not a size in MiB such as 256MiB")),
+    }
+}
 
 const PCIE5_X16_GBS: f64 = 63.0;
 
@@ -74,45 +101,26 @@ impl AsMut<[u8]> for Pinned {
     }
 }
 
-fn main() {
-    let mut max = 256usize << 20;
-    let mut secs = 0.3f64;
-    let mut it = std::env::args().skip(1);
-    let usage = |why: String| -> ! {
-        eprintln!("copy_bw: {why}\nusage: copy_bw [--max NMiB] [--seconds S]");
-        std::process::exit(2)
-    };
-    while let Some(k) = it.next() {
-        let v = it.next().unwrap_or_else(|| usage(format!("{k} needs a value")));
-        match k.as_str() {
-            "--max" => match v.trim_end_matches("MiB").parse::<usize>() {
-                Ok(m) if m > 0 && m <= 1 << 20 => max = m << 20,
-                _ => usage(format!("--max {v}: expected a size in MiB such as 256MiB")),
-            },
-            "--seconds" => match v.parse::<f64>() {
-                Ok(s) if s > 0.0 && s.is_finite() => secs = s,
-                _ => usage(format!("--seconds {v}: expected a positive number")),
-            },
-            _ => usage(format!("unknown argument {k}")),
-        }
-    }
-    let min = Duration::from_secs_f64(secs);
-    let r = match CudaBackend::new(0) {
+fn main() -> ExitCode {
+    let args = Args::parse();
+    exit_status("copy_bw", run(&args))
+}
+
+fn run(args: &Args) -> Res {
+    let (max, min) = (args.max, Duration::from_secs_f64(args.seconds));
+    match CudaBackend::new(0) {
         Ok(gpu) => {
             println!("CUDA device 0: copies through cuMemcpyHtoD/DtoH; ratio to {PCIE5_X16_GBS} GB/s (PCIe Gen5 x16, per direction)");
             let g2 = gpu.clone();
             sweep(&gpu, max, min, &mut |n| {
                 g2.alloc_pinned_host(n).ok().map(|p| Box::new(Pinned(p)) as Box<dyn AsMut<[u8]>>)
-            })
+            })?;
         }
         Err(e) => {
             println!("CUDA: {e}");
             println!("measuring the host backend instead (memcpy into memfd memory; no pinned/pageable distinction on the host)");
-            sweep(&HostBackend::new(), max, min, &mut |_| None)
+            sweep(&HostBackend::new(), max, min, &mut |_| None)?;
         }
-    };
-    if let Err(e) = r {
-        eprintln!("copy_bw: {e}");
-        std::process::exit(1);
     }
+    Ok(())
 }

@@ -15,16 +15,38 @@
 //!   1 MiB: the same buffers, size, depth (16) and no inline on both sides; `--pairs` (7) pairs, each
 //!   `--seconds` long per side, the first of each pair alternating between the two keys; only completions reaped before the
 //!   deadline count; the median ratio and its spread.
+//!
+//! Exit status: 0 done; 1 a failure while running (printed as `keys: ERROR`), a freed
+//! buffer's key that survived its free included; 2 a usage error (bad arguments, or no
+//! Soft-RoCE fabric).
 
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use p2pbridge::gpu::{HostBackend, MemoryBackend};
-use p2pbridge::verbs::fabric::SoftRoce;
 use p2pbridge::verbs::{AccessFlags, Connection, ConnectionOptions, SendFlags, WorkCompletion};
 use p2pbridge::{Bridge, BridgeOptions, Policy, Registered, RemoteKey, Strategy};
+use p2pbridge_benches::cli::{exit_status, fabric_or_usage_error, parse_count, parse_seconds, Res, EXIT_CODES};
+use p2pbridge_test_support::fabric::SoftRoce;
 
-type Res<T> = Result<T, Box<dyn std::error::Error>>;
+/// What revocable keys cost, across the two Soft-RoCE hosts of scripts/softroce: revocation
+/// latency (from munmap and from a backend free), hand-out cost with and without a memory
+/// window, and WRITE bandwidth through a window's key against the region's own key.
+#[derive(Parser, Debug)]
+#[command(name = "keys", version, after_help = EXIT_CODES)]
+struct Args {
+    /// Rounds of each latency and hand-out measurement
+    #[arg(long, value_name = "N", default_value_t = 200, value_parser = parse_count)]
+    rounds: usize,
+    /// Seconds per bandwidth measurement (each side of a pair)
+    #[arg(long, value_name = "S", default_value = "1", value_parser = parse_seconds)]
+    seconds: f64,
+    /// Alternating pairs per bandwidth row
+    #[arg(long, value_name = "N", default_value_t = 7, value_parser = parse_count)]
+    pairs: usize,
+}
 
 fn pinned(windows: bool, monitor: bool) -> BridgeOptions {
     BridgeOptions {
@@ -73,38 +95,28 @@ fn write_bw(conn: &Connection, local: &Registered, key: &RemoteKey, size: u64, s
     Ok((counted * size) as f64 / secs / (1 << 20) as f64)
 }
 
-fn main() -> Res<()> {
-    let mut rounds = 200usize;
-    let mut secs = 1.0f64;
-    let mut pairs = 7usize;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--rounds" => rounds = args.next().ok_or("--rounds N")?.parse()?,
-            "--seconds" => secs = args.next().ok_or("--seconds S")?.parse()?,
-            "--pairs" => pairs = args.next().ok_or("--pairs N")?.parse::<usize>()?.max(1),
-            "--help" | "-h" => {
-                println!("keys [--rounds N] [--seconds S] [--pairs N]: revocation latency, hand-out cost, window vs region key bandwidth (under scripts/softroce)");
-                return Ok(());
-            }
-            other => return Err(format!("unknown argument {other} (see --help)").into()),
-        }
-    }
-    let fabric = SoftRoce::from_env().ok_or("run it under scripts/softroce (two Soft-RoCE hosts)")?;
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let fabric = fabric_or_usage_error::<Args>("run `scripts/softroce target/release/keys` (two Soft-RoCE hosts)");
+    exit_status("keys", run(&args, &fabric))
+}
+
+fn run(args: &Args, fabric: &SoftRoce) -> Res {
+    let (rounds, secs, pairs) = (args.rounds, args.seconds, args.pairs);
     let max = 1usize << 20;
     let (client, server) = fabric.connect_pair(
         ConnectionOptions { timeout: Duration::from_secs(60), ..Default::default() },
         move |pd| {
             let mem = HostBackend::new();
-            let bridge = Bridge::new(pd, vec![Arc::new(mem.clone())], pinned(true, true)).map_err(|e| err(&e))?;
-            let buf = mem.alloc(max).map_err(|e| err(&e))?;
-            let reg = bridge.register(buf.addr(), buf.len(), AccessFlags::remote_rw()).map_err(|e| err(&e))?;
+            let bridge = Bridge::new(pd, vec![Arc::new(mem.clone())], pinned(true, true))?;
+            let buf = mem.alloc(max)?;
+            let reg = bridge.register(buf.addr(), buf.len(), AccessFlags::remote_rw())?;
             Ok(((mem, bridge, buf, reg), Vec::new()))
         },
         move |pd| {
             let mem = HostBackend::new();
-            let windowed = Bridge::new(pd, vec![Arc::new(mem.clone())], pinned(true, true)).map_err(|e| err(&e))?;
-            let plain = Bridge::new(pd, vec![Arc::new(mem.clone())], pinned(false, false)).map_err(|e| err(&e))?;
+            let windowed = Bridge::new(pd, vec![Arc::new(mem.clone())], pinned(true, true))?;
+            let plain = Bridge::new(pd, vec![Arc::new(mem.clone())], pinned(false, false))?;
             Ok(((mem, windowed, plain), Vec::new()))
         },
     )?;
@@ -208,8 +220,4 @@ fn main() -> Res<()> {
     }
     drop(client);
     Ok(())
-}
-
-fn err(e: &dyn std::fmt::Display) -> p2pbridge::verbs::Error {
-    p2pbridge::verbs::Error::InvalidArgument(e.to_string())
 }

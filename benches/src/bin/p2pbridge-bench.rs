@@ -16,33 +16,74 @@
 //!
 //! Where perftest is installed, `ib_write_bw`/`ib_read_bw` run on the same link, and our ratio
 //! to them is printed. Options: `--min SIZE --max SIZE --seconds S --out DIR --chunk SIZE
-//! --ring N --no-perftest` (sizes like 64, 4KiB, 256MiB).
+//! --ring N --no-perftest` (sizes like 64, 4KiB, 256MiB); `--loopback IP --device NAME` (one
+//! device, in this process), `--server IP:PORT` and `--client IP:PORT --device NAME` (across
+//! two machines). `--help` lists them.
+//!
+//! Exit status: 0 done; 1 a failure while running (printed as `p2pbridge-bench: ERROR`); 2 a
+//! usage error (bad arguments, or no Soft-RoCE fabric and no `--loopback`/`--server`/`--client`).
 
 use std::io::{IsTerminal, Write};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use p2pbridge::gpu::{DeviceBuffer, HostBackend, MemoryBackend};
-use p2pbridge::verbs::fabric::SoftRoce;
 use p2pbridge::verbs::{
     AccessFlags, Connection, ConnectionOptions, Context, Listener, ProtectionDomain, SendFlags, WorkCompletion,
 };
 use p2pbridge::{BounceConfig, BounceEngine, Bridge, BridgeOptions, Policy, Registered, RemoteKey, Strategy};
+use p2pbridge_benches::cli::{
+    exit_status, fabric_or_usage_error, parse_count, parse_seconds, parse_size, usage_error, Res, EXIT_CODES,
+};
 use p2pbridge_benches::perftest;
 use p2pbridge_benches::plot::{svg, Series};
+use p2pbridge_test_support::fabric::{Host, SoftRoce};
 
-const USAGE: &str = "usage: p2pbridge-bench [--min SIZE] [--max SIZE] [--seconds S] [--out DIR] [--chunk SIZE] [--ring N] [--no-perftest]\n       [--loopback IP --device NAME | --server IP:PORT [--max SIZE] | --client IP:PORT --device NAME]\n(default: across the Soft-RoCE hosts, under scripts/softroce)";
-
+/// Direct registration against bounce buffers, measured: for each size and each strategy the
+/// host supports, RDMA WRITE and READ bandwidth, message rate, latency, registration and flush
+/// cost; a CSV and a plot. By default across the two Soft-RoCE hosts of scripts/softroce.
+#[derive(Parser, Debug)]
+#[command(name = "p2pbridge-bench", version, after_help = EXIT_CODES)]
 struct Args {
+    /// The smallest size measured (64, 4KiB, 256MiB); sizes go up by 4x
+    #[arg(long, value_name = "SIZE", default_value = "64", value_parser = parse_size)]
     min: usize,
+    /// The largest size measured (and the buffers' size)
+    #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
     max: usize,
+    /// Seconds per bandwidth measurement (latency: half of it)
+    #[arg(long, value_name = "S", default_value = "0.5", value_parser = parse_seconds)]
     seconds: f64,
+    /// Where results.csv and bandwidth.svg go
+    #[arg(long, value_name = "DIR", default_value = "target/p2pbridge-bench")]
     out: PathBuf,
+    /// The bounce engine's chunk size
+    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
     chunk: usize,
+    /// The bounce engine's ring: chunks in flight
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = parse_count)]
     ring: usize,
-    perftest: bool,
-    mode: Mode,
+    /// Do not run perftest for comparison
+    #[arg(long)]
+    no_perftest: bool,
+    /// Both ends in this process on one device, connecting to this address of it (needs
+    /// --device)
+    #[arg(long, value_name = "IP", requires = "device", conflicts_with_all = ["server", "client"])]
+    loopback: Option<IpAddr>,
+    /// Serve a buffer of --max bytes at IP:PORT (port 0: any, printed) until the client
+    /// disconnects
+    #[arg(long, value_name = "IP:PORT", conflicts_with = "client")]
+    server: Option<SocketAddr>,
+    /// Measure against a server at IP:PORT (needs --device)
+    #[arg(long, value_name = "IP:PORT", requires = "device")]
+    client: Option<SocketAddr>,
+    /// The RDMA device, with --loopback or --client (`ibv_devices`, `p2pbridge probe`)
+    #[arg(long, value_name = "NAME")]
+    device: Option<String>,
 }
 
 /// Where the two ends run.
@@ -50,76 +91,27 @@ enum Mode {
     /// Across the Soft-RoCE hosts (scripts/softroce).
     Fabric,
     /// Client and server on one device, in this process.
-    Loopback { device: String, addr: std::net::IpAddr },
+    Loopback { device: String, addr: IpAddr },
     /// This process serves its buffer at ADDR until the client is done.
-    Server { addr: std::net::SocketAddr },
+    Server { addr: SocketAddr },
     /// This process measures against a server at ADDR, through DEVICE.
-    Client { addr: std::net::SocketAddr, device: String },
+    Client { addr: SocketAddr, device: String },
 }
 
-fn parse_size(s: &str) -> Option<usize> {
-    let (n, m) = match s {
-        s if s.ends_with("GiB") => (&s[..s.len() - 3], 1 << 30),
-        s if s.ends_with("MiB") => (&s[..s.len() - 3], 1 << 20),
-        s if s.ends_with("KiB") => (&s[..s.len() - 3], 1 << 10),
-        s => (s, 1),
-    };
-    n.parse::<usize>().ok()?.checked_mul(m).filter(|&v| v > 0)
-}
-
-fn args() -> Result<Args, String> {
-    let mut a = Args {
-        min: 64,
-        max: 256 << 20,
-        seconds: 0.5,
-        out: PathBuf::from("target/p2pbridge-bench"),
-        chunk: 1 << 20,
-        ring: 4,
-        perftest: true,
-        mode: Mode::Fabric,
-    };
-    let (mut device, mut loopback, mut server, mut client): (
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-    ) = (None, None, None, None);
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        let mut v = || it.next().ok_or(format!("{k} needs a value"));
-        match k.as_str() {
-            "--min" => a.min = parse_size(&v()?).ok_or("--min: a size")?,
-            "--max" => a.max = parse_size(&v()?).ok_or("--max: a size")?,
-            "--seconds" => a.seconds = v()?.parse().map_err(|_| "--seconds: a number")?,
-            "--out" => a.out = PathBuf::from(v()?),
-            "--chunk" => a.chunk = parse_size(&v()?).ok_or("--chunk: a size")?,
-            "--ring" => a.ring = v()?.parse().map_err(|_| "--ring: a number")?,
-            "--no-perftest" => a.perftest = false,
-            "--device" => device = Some(v()?),
-            "--loopback" => loopback = Some(v()?),
-            "--server" => server = Some(v()?),
-            "--client" => client = Some(v()?),
-            "-h" | "--help" => return Err(USAGE.into()),
-            o => return Err(format!("unknown argument {o}")),
+impl Args {
+    /// The mode asked for; a usage error (exit 2) where the arguments do not make one.
+    fn mode(&self) -> Mode {
+        if self.min > self.max {
+            usage_error::<Args>(format!("--min ({}) is larger than --max ({})", self.min, self.max));
+        }
+        match (self.loopback, self.server, self.client, &self.device) {
+            (Some(addr), None, None, Some(device)) => Mode::Loopback { device: device.clone(), addr },
+            (None, Some(addr), None, None) => Mode::Server { addr },
+            (None, None, Some(addr), Some(device)) => Mode::Client { addr, device: device.clone() },
+            (None, None, None, None) => Mode::Fabric,
+            _ => usage_error::<Args>("--device goes with --loopback IP or --client IP:PORT"),
         }
     }
-    a.mode = match (loopback, server, client) {
-        (None, None, None) => Mode::Fabric,
-        (Some(ip), None, None) => Mode::Loopback {
-            device: device.ok_or("--loopback IP needs --device NAME (the device with that address)")?,
-            addr: ip.parse().map_err(|e| format!("--loopback: {e}"))?,
-        },
-        (None, Some(sa), None) => Mode::Server { addr: sa.parse().map_err(|e| format!("--server IP:PORT: {e}"))? },
-        (None, None, Some(sa)) => Mode::Client {
-            addr: sa.parse().map_err(|e| format!("--client IP:PORT: {e}"))?,
-            device: device.ok_or("--client needs --device NAME (see p2pbridge probe)")?,
-        },
-        _ => return Err("--loopback, --server and --client exclude each other".into()),
-    };
-    if a.min > a.max || a.seconds <= 0.0 || a.ring == 0 {
-        return Err("need --min <= --max, --seconds > 0, --ring > 0".into());
-    }
-    Ok(a)
 }
 
 #[derive(Default, Clone)]
@@ -298,14 +290,12 @@ type ServerState = (HostBackend, DeviceBuffer, Bridge, Registered);
 /// The server's half: `max` bytes of host memory registered (pinned) for remote access; its
 /// key is handed out once the connection is up ([`Bridge::hand_out`] binds a memory window to
 /// the connection's queue pair where the device has them).
-fn serve_buffer(pd: &ProtectionDomain, max: usize) -> p2pbridge::verbs::Result<ServerState> {
-    let err = |e: p2pbridge::Error| p2pbridge::verbs::Error::InvalidArgument(e.to_string());
+fn serve_buffer(pd: &ProtectionDomain, max: usize) -> p2pbridge::Result<ServerState> {
     let mem = HostBackend::new();
     let policy = Policy::default().require(Strategy::PinnedHost);
-    let bridge =
-        Bridge::new(pd, vec![Arc::new(mem.clone())], BridgeOptions { policy, ..Default::default() }).map_err(err)?;
-    let buf = mem.alloc(max).map_err(|e| p2pbridge::verbs::Error::InvalidArgument(e.to_string()))?;
-    let reg = bridge.register(buf.addr(), buf.len(), AccessFlags::remote_rw()).map_err(err)?;
+    let bridge = Bridge::new(pd, vec![Arc::new(mem.clone())], BridgeOptions { policy, ..Default::default() })?;
+    let buf = mem.alloc(max)?;
+    let reg = bridge.register(buf.addr(), buf.len(), AccessFlags::remote_rw())?;
     Ok((mem, buf, bridge, reg))
 }
 
@@ -316,14 +306,14 @@ fn conn_opts() -> ConnectionOptions {
 }
 
 /// The client's memory: `max` bytes from the host backend.
-fn client_buffer(max: usize) -> p2pbridge::verbs::Result<(HostBackend, DeviceBuffer)> {
+fn client_buffer(max: usize) -> p2pbridge::Result<(HostBackend, DeviceBuffer)> {
     let mem = HostBackend::new();
-    let buf = mem.alloc(max).map_err(|e| p2pbridge::verbs::Error::InvalidArgument(e.to_string()))?;
+    let buf = mem.alloc(max)?;
     Ok((mem, buf))
 }
 
 /// Both ends in this process, on the fabric's two hosts (or one host twice: loopback).
-fn run_pair(a: &Args, fabric: &SoftRoce) -> p2pbridge::Result<Vec<Row>> {
+fn run_pair(a: &Args, fabric: &SoftRoce) -> Res<Vec<Row>> {
     let max = a.max;
     let (client, server) = fabric.connect_pair(
         conn_opts(),
@@ -333,16 +323,15 @@ fn run_pair(a: &Args, fabric: &SoftRoce) -> p2pbridge::Result<Vec<Row>> {
     let (_, _, sbridge, sreg) = &server.state;
     let key = sbridge.hand_out(&server.conn, sreg, 0..max as u64)?;
     let (mem, buf) = &client.state;
-    sweep(a, &client.conn, &client.pd, mem, buf, &key)
+    Ok(sweep(a, &client.conn, &client.pd, mem, buf, &key)?)
 }
 
 /// This process serves its buffer to one client at `addr`, until that client disconnects.
-fn serve(a: &Args, addr: std::net::SocketAddr) -> p2pbridge::Result<()> {
+fn serve(a: &Args, addr: SocketAddr) -> Res {
     let listener = Listener::bind(addr)?;
     println!("p2pbridge-bench server: listening on {} with {} of host memory", listener.local_addr(), size_name(a.max));
     let req = listener.get_request(Duration::from_secs(3600))?;
-    let dev =
-        req.device_name().ok_or_else(|| p2pbridge::Error::InvalidArgument("request on an unknown device".into()))?;
+    let dev = req.device_name().ok_or("a connection request on an unknown device")?;
     let pd = ProtectionDomain::new(&Context::open(&dev)?)?;
     let (_mem, _buf, bridge, reg) = serve_buffer(&pd, a.max)?;
     let conn = req.accept(&pd, &conn_opts())?;
@@ -354,18 +343,15 @@ fn serve(a: &Args, addr: std::net::SocketAddr) -> p2pbridge::Result<()> {
 }
 
 /// This process measures against a server at `addr`, through `device`.
-fn run_client(a: &Args, addr: std::net::SocketAddr, device: &str) -> p2pbridge::Result<Vec<Row>> {
+fn run_client(a: &Args, addr: SocketAddr, device: &str) -> Res<Vec<Row>> {
     let pd = ProtectionDomain::new(&Context::open(device)?)?;
     let (mem, buf) = client_buffer(a.max)?;
     let conn = Connection::connect(&pd, addr, &conn_opts())?;
     let key = Bridge::new(&pd, Vec::new(), BridgeOptions::default())?.recv_key(&conn, Duration::from_secs(60))?;
     if key.len < a.max as u64 {
-        return Err(p2pbridge::Error::InvalidArgument(format!(
-            "the server's buffer ({} B) is smaller than --max",
-            key.len
-        )));
+        return Err(format!("the server's buffer ({} B) is smaller than --max ({} B)", key.len, a.max).into());
     }
-    sweep(a, &conn, &pd, &mem, &buf, &key)
+    Ok(sweep(a, &conn, &pd, &mem, &buf, &key)?)
 }
 
 /// The measurements: every strategy, every size, WRITE and READ.
@@ -460,41 +446,33 @@ fn sweep(
     Ok(rows)
 }
 
-fn main() {
-    let a = args().unwrap_or_else(|e| {
-        eprintln!("p2pbridge-bench: {e}");
-        std::process::exit(2)
-    });
-    let fail = |e: p2pbridge::Error| -> ! {
-        eprintln!("p2pbridge-bench: {e}");
-        std::process::exit(1)
-    };
-    let (rows, fabric, setting) = match &a.mode {
-        Mode::Fabric => {
-            let Some(fabric) = SoftRoce::from_env() else {
-                eprintln!("p2pbridge-bench: no Soft-RoCE fabric here. Run `scripts/softroce target/release/p2pbridge-bench`, or give --loopback IP --device NAME, or --server/--client (see --help)");
-                std::process::exit(2)
-            };
-            let setting = format!("Soft-RoCE {} -> {} (kernel {})", fabric.a.device, fabric.b.device, fabric.kernel);
-            (run_pair(&a, &fabric).unwrap_or_else(|e| fail(e)), Some(fabric), setting)
-        }
-        Mode::Loopback { device, addr } => {
-            let host = p2pbridge::verbs::fabric::Host { netns: String::new(), addr: *addr, device: device.clone() };
-            let one = SoftRoce { a: host.clone(), b: host, kernel: String::new() };
-            (run_pair(&a, &one).unwrap_or_else(|e| fail(e)), None, format!("loopback on {device} ({addr})"))
-        }
-        Mode::Server { addr } => {
-            serve(&a, *addr).unwrap_or_else(|e| fail(e));
-            return;
-        }
-        Mode::Client { addr, device } => {
-            (run_client(&a, *addr, device).unwrap_or_else(|e| fail(e)), None, format!("{device} -> server {addr}"))
-        }
-    };
-    report(&a, rows, fabric.as_ref(), &setting);
+fn main() -> ExitCode {
+    let a = Args::parse();
+    let mode = a.mode();
+    exit_status("p2pbridge-bench", run(&a, mode))
 }
 
-fn report(a: &Args, mut rows: Vec<Row>, fabric: Option<&SoftRoce>, setting: &str) {
+fn run(a: &Args, mode: Mode) -> Res {
+    let (rows, fabric, setting) = match mode {
+        Mode::Fabric => {
+            let fabric = fabric_or_usage_error::<Args>(
+                "run `scripts/softroce target/release/p2pbridge-bench`, or give --loopback IP --device NAME, or --server/--client (see --help)",
+            );
+            let setting = format!("Soft-RoCE {} -> {} (kernel {})", fabric.a.device, fabric.b.device, fabric.kernel);
+            (run_pair(a, &fabric)?, Some(fabric), setting)
+        }
+        Mode::Loopback { device, addr } => {
+            let host = Host { netns: String::new(), addr, device: device.clone() };
+            let one = SoftRoce { a: host.clone(), b: host, kernel: String::new() };
+            (run_pair(a, &one)?, None, format!("loopback on {device} ({addr})"))
+        }
+        Mode::Server { addr } => return serve(a, addr),
+        Mode::Client { addr, device } => (run_client(a, addr, &device)?, None, format!("{device} -> server {addr}")),
+    };
+    report(a, rows, fabric.as_ref(), &setting)
+}
+
+fn report(a: &Args, mut rows: Vec<Row>, fabric: Option<&SoftRoce>, setting: &str) -> Res {
     println!(
         "{:<8} {:<5} {:>10} {:>12} {:>10} {:>10} {:>10} {:>11} {:>9} {:>9} {:>8}",
         "strategy",
@@ -526,7 +504,7 @@ fn report(a: &Args, mut rows: Vec<Row>, fabric: Option<&SoftRoce>, setting: &str
         );
     }
     // perftest on the same link, for scale (across the fabric's hosts).
-    if let Some(fabric) = fabric.filter(|_| a.perftest && perftest::available("ib_write_bw")) {
+    if let Some(fabric) = fabric.filter(|_| !a.no_perftest && perftest::available("ib_write_bw")) {
         let p = perftest::Params { seconds: 1.0, depth: 16, cq_mod: 1 };
         for size in [64usize << 10, 1 << 20].into_iter().filter(|s| *s >= a.min && *s <= a.max) {
             for (tool, op) in [("ib_write_bw", "write"), ("ib_read_bw", "read")] {
@@ -589,13 +567,7 @@ fn report(a: &Args, mut rows: Vec<Row>, fabric: Option<&SoftRoce>, setting: &str
         )?;
         Ok(())
     };
-    match write() {
-        Ok(()) => {
-            println!("wrote {} and {}", a.out.join("results.csv").display(), a.out.join("bandwidth.svg").display())
-        }
-        Err(e) => {
-            eprintln!("p2pbridge-bench: cannot write results to {}: {e}", a.out.display());
-            std::process::exit(1)
-        }
-    }
+    write().map_err(|e| format!("cannot write results to {}: {e}", a.out.display()))?;
+    println!("wrote {} and {}", a.out.join("results.csv").display(), a.out.join("bandwidth.svg").display());
+    Ok(())
 }

@@ -9,21 +9,52 @@
 //! soak [--seconds N] [--seed N] [--threads N] [--peers N]     (under scripts/softroce)
 //! soak --peer FILE                                           (a peer process; soak starts them)
 //! ```
+//!
+//! Exit status: 0 done, no data mismatch and no memory region left; 1 a failure while running
+//! (printed as `soak: ERROR`), data mismatches or memory regions left included; 2 a usage
+//! error (bad arguments, or no Soft-RoCE fabric).
 
-use p2pbridge_test_support::{pattern, Rng};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::{Child, Command};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use p2pbridge::gpu::{HostBackend, MemoryBackend};
-use p2pbridge::verbs::fabric::{kernel_count, SoftRoce};
-use p2pbridge::verbs::{AccessFlags, Connection, ConnectionOptions, Context, Error as VerbsError, Listener, ProtectionDomain};
+use p2pbridge::verbs::{
+    AccessFlags, Connection, ConnectionOptions, Context, Error as VerbsError, Listener, ProtectionDomain,
+};
 use p2pbridge::{Bridge, BridgeOptions, Error, RemoteKey};
+use p2pbridge_benches::cli::{exit_status, fabric_or_usage_error, parse_count, Res, EXIT_CODES};
+use p2pbridge_test_support::fabric::{kernel_count, SoftRoce};
+use p2pbridge_test_support::{pattern, Rng};
 
-type Res<T> = Result<T, Box<dyn std::error::Error>>;
+/// A soak run across the two Soft-RoCE hosts of scripts/softroce (scripts/soak): threads on
+/// host A register, write, read back, compare and free through one bridge while peer processes
+/// on host B are killed and restarted; reports operations, errors by kind, data mismatches,
+/// memory regions left and RSS growth.
+#[derive(Parser, Debug)]
+#[command(name = "soak", version, after_help = EXIT_CODES)]
+struct Args {
+    /// How long to run, in seconds
+    #[arg(long, value_name = "N", default_value_t = 600)]
+    seconds: u64,
+    /// The seed of every random choice (decimal)
+    #[arg(long, value_name = "N", default_value_t = 0x50a_cafe)]
+    seed: u64,
+    /// Client threads on host A
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = parse_count)]
+    threads: usize,
+    /// Peer processes on host B
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = parse_count)]
+    peers: usize,
+    /// Be a peer process (soak starts them): listen on host B, write the port to FILE
+    #[arg(long, value_name = "FILE", hide = true)]
+    peer: Option<PathBuf>,
+}
 
 /// Bytes each peer hands out per connection.
 const PEER_LEN: usize = 4 << 20;
@@ -32,18 +63,14 @@ fn opts() -> ConnectionOptions {
     ConnectionOptions { timeout: Duration::from_secs(10), rnr_retry_count: 7, ..Default::default() }
 }
 
-fn fabric() -> Res<SoftRoce> {
-    Ok(SoftRoce::from_env().ok_or("run soak under scripts/softroce (scripts/soak does)")?)
-}
-
 /// A peer process: on host B, accepts connections for ever; each gets a fresh registered
 /// buffer and a key for it, sent over the connection.
-fn peer(out: &str) -> Res<()> {
-    let fab = fabric()?;
+fn peer(fab: &SoftRoce, out: &Path) -> Res {
     fab.b.enter()?;
     let l = Listener::bind((fab.b.addr, 0).into())?;
-    std::fs::write(format!("{out}.tmp"), l.local_addr().port().to_string())?;
-    std::fs::rename(format!("{out}.tmp"), out)?;
+    let tmp = out.with_extension("tmp");
+    std::fs::write(&tmp, l.local_addr().port().to_string())?;
+    std::fs::rename(&tmp, out)?;
     let pd = ProtectionDomain::new(&Context::open(&fab.b.device)?)?;
     let mem = HostBackend::new();
     let bridge = Bridge::new(&pd, vec![Arc::new(mem.clone())], BridgeOptions::default())?;
@@ -132,7 +159,15 @@ impl Tally {
 }
 
 /// One client thread's loop.
-fn client(bridge: &Bridge, pd: &ProtectionDomain, mem: &HostBackend, peers: &Peers, t: &Tally, seed: u64, stop: &AtomicBool) {
+fn client(
+    bridge: &Bridge,
+    pd: &ProtectionDomain,
+    mem: &HostBackend,
+    peers: &Peers,
+    t: &Tally,
+    seed: u64,
+    stop: &AtomicBool,
+) {
     let mut rng = Rng(seed);
     let mut conns: BTreeMap<usize, (Connection, RemoteKey)> = BTreeMap::new();
     let npeers = peers.procs.lock().unwrap().len();
@@ -196,28 +231,23 @@ fn client(bridge: &Bridge, pd: &ProtectionDomain, mem: &HostBackend, peers: &Pee
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
-fn main() -> Res<()> {
-    let (mut secs, mut seed, mut threads, mut npeers) = (600u64, 0x50a_cafe_u64, 4usize, 3usize);
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--peer" => return peer(&args.next().ok_or("--peer FILE")?),
-            "--seconds" => secs = args.next().ok_or("--seconds N")?.parse()?,
-            "--seed" => seed = args.next().ok_or("--seed N")?.parse()?,
-            "--threads" => threads = args.next().ok_or("--threads N")?.parse()?,
-            "--peers" => npeers = args.next().ok_or("--peers N")?.parse()?,
-            "--help" | "-h" => {
-                println!("soak [--seconds N] [--seed N] [--threads N] [--peers N]: a soak run under scripts/softroce");
-                return Ok(());
-            }
-            other => return Err(format!("unknown argument {other:?} (try --help)").into()),
-        }
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let fab = fabric_or_usage_error::<Args>("run `scripts/soak` (it runs soak under scripts/softroce)");
+    match &args.peer {
+        Some(out) => exit_status("soak --peer", peer(&fab, out)),
+        None => exit_status("soak", run(&args, fab)),
     }
-    let fab = fabric()?;
+}
+
+fn run(args: &Args, fab: SoftRoce) -> Res {
+    let (secs, seed, threads, npeers) = (args.seconds, args.seed, args.threads, args.peers);
     fab.a.enter()?;
     let dev = fab.a.device.clone();
     let mrs_before = kernel_count(&dev, "mr")?;
@@ -248,7 +278,15 @@ fn main() -> Res<()> {
                 let net = fab.a.clone();
                 std::thread::spawn(move || {
                     net.enter().expect("enter host A's namespace");
-                    client(&bridge, &pd, &mem, &peers, &tally, seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15), &stop)
+                    client(
+                        &bridge,
+                        &pd,
+                        &mem,
+                        &peers,
+                        &tally,
+                        seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                        &stop,
+                    )
                 })
             })
             .collect();
@@ -277,7 +315,10 @@ fn main() -> Res<()> {
     }
     let mrs_after = kernel_count(&dev, "mr")?;
     println!("soak: {secs} s, seed {seed:#x}, {threads} threads, {npeers} peers, {killed} peers killed and restarted");
-    println!("  operations: {} (each: register 2 buffers, WRITE, READ back, compare, free)", tally.ops.load(Ordering::Relaxed));
+    println!(
+        "  operations: {} (each: register 2 buffers, WRITE, READ back, compare, free)",
+        tally.ops.load(Ordering::Relaxed)
+    );
     println!("  bytes moved: {} MiB", tally.bytes.load(Ordering::Relaxed) >> 20);
     println!("  connections made: {}", tally.reconnects.load(Ordering::Relaxed));
     println!("  data mismatches: {}", tally.mismatches.load(Ordering::Relaxed));
@@ -287,7 +328,10 @@ fn main() -> Res<()> {
         println!("    {n:>6}  {k}");
     }
     println!("  memory regions of {dev} in the kernel after teardown: {} (before: {mrs_before})", mrs_after);
-    println!("  RSS: {rss_start} KiB after set-up, {rss_end} KiB at the end ({:+} KiB)", rss_end as i64 - rss_start as i64);
+    println!(
+        "  RSS: {rss_start} KiB after set-up, {rss_end} KiB at the end ({:+} KiB)",
+        rss_end as i64 - rss_start as i64
+    );
     let ok = tally.mismatches.load(Ordering::Relaxed) == 0 && mrs_after == mrs_before;
     if !ok {
         return Err("soak failed: data mismatches or memory regions left".into());

@@ -16,39 +16,43 @@
 //!   aggregate 64 KiB WRITE bandwidth against one connection's (the same requests in flight in
 //!   all: DEPTH, spread over the connections, at least one each), and CPU time per MiB moved.
 //!
-//! Exit codes: 0 done (targets are reported, not enforced), 1 a measurement failed, 2 usage.
+//! Exit status: 0 done (targets are reported, not enforced); 1 a measurement failed (printed
+//! as `transfer_bw: ERROR`); 2 a usage error (bad arguments, or no Soft-RoCE fabric).
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use p2pbridge::gpu::{DeviceBuffer, HostBackend, MemoryBackend};
-use p2pbridge::verbs::fabric::SoftRoce;
 use p2pbridge::verbs::{AccessFlags, CompletionQueue, Connection, ConnectionOptions, Listener, ProtectionDomain};
 use p2pbridge::{Batch, BounceConfig, Bridge, BridgeOptions, Policy, Registered, RemoteKey, Strategy, Transfer};
+use p2pbridge_benches::cli::{exit_status, fabric_or_usage_error, parse_count, parse_seconds, Res, EXIT_CODES};
 use p2pbridge_benches::perftest;
 use p2pbridge_benches::plot::{svg, Series};
+use p2pbridge_test_support::fabric::{BoxError, SoftRoce};
 
 /// The transfer API against perftest, by the method of docs/benchmarks.md.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(name = "transfer_bw", version, about, after_help = EXIT_CODES)]
 struct Args {
     /// Seconds per measurement (perftest's -D takes whole seconds: rounded up for it).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value = "1", value_parser = parse_seconds)]
     seconds: f64,
     /// Alternating pairs per row (at least 7 for a report).
-    #[arg(long, default_value_t = 7)]
+    #[arg(long, default_value_t = 7, value_parser = parse_count)]
     pairs: usize,
     /// Requests in flight, both sides.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = parse_count)]
     depth: usize,
     /// Where the CSV and the plot go.
     #[arg(long, default_value = "target/p2pbridge-bench")]
     out: PathBuf,
     /// Only these rows (write, read, rate, bounce, conns; comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "write,read,rate,bounce,conns")]
+    #[arg(long, value_delimiter = ',', default_value = "write,read,rate,bounce,conns",
+          value_parser = ["write", "read", "rate", "bounce", "conns"])]
     only: Vec<String>,
 }
 
@@ -217,17 +221,17 @@ impl RowResult {
 
 /// Runs one pair, `ours` first in even pairs and `theirs` first in odd ones (a fixed order
 /// biases rxe towards the second side: docs/benchmarks.md).
-fn pair<A, B, E>(
+fn pair<A, B, EA: Into<BoxError>, EB: Into<BoxError>>(
     i: usize,
-    ours: impl FnOnce() -> Result<A, E>,
-    theirs: impl FnOnce() -> Result<B, E>,
-) -> Result<(A, B), E> {
+    ours: impl FnOnce() -> Result<A, EA>,
+    theirs: impl FnOnce() -> Result<B, EB>,
+) -> Res<(A, B)> {
     if i.is_multiple_of(2) {
-        let o = ours()?;
-        Ok((o, theirs()?))
+        let o = ours().map_err(Into::into)?;
+        Ok((o, theirs().map_err(Into::into)?))
     } else {
-        let t = theirs()?;
-        Ok((ours()?, t))
+        let t = theirs().map_err(Into::into)?;
+        Ok((ours().map_err(Into::into)?, t))
     }
 }
 
@@ -239,21 +243,17 @@ fn size_name(b: u64) -> String {
     }
 }
 
-fn run(a: &Args, fabric: &SoftRoce) -> p2pbridge::Result<Vec<RowResult>> {
+fn run(a: &Args, fabric: &SoftRoce) -> Res<Vec<RowResult>> {
     let len = 64usize << 20;
     let depth = a.depth;
     let (client, server) = fabric.connect_pair(
         conn_opts(None),
         move |pd| {
-            let e = |e: p2pbridge::Error| p2pbridge::verbs::Error::InvalidArgument(e.to_string());
-            let direct = side(pd, len, Strategy::PinnedHost, depth).map_err(e)?;
-            let bounce = side(pd, len, Strategy::Bounce, depth).map_err(e)?;
+            let direct = side(pd, len, Strategy::PinnedHost, depth)?;
+            let bounce = side(pd, len, Strategy::Bounce, depth)?;
             Ok(((direct, bounce), Vec::new()))
         },
-        move |pd| {
-            let e = |e: p2pbridge::Error| p2pbridge::verbs::Error::InvalidArgument(e.to_string());
-            Ok((side(pd, len, Strategy::PinnedHost, depth).map_err(e)?, Vec::new()))
-        },
+        move |pd| Ok((side(pd, len, Strategy::PinnedHost, depth)?, Vec::new())),
     )?;
     let (direct, bounce) = &client.state;
     let key = server.state.bridge.hand_out(&server.conn, &server.state.reg, 0..len as u64)?;
@@ -286,10 +286,7 @@ fn run(a: &Args, fabric: &SoftRoce) -> p2pbridge::Result<Vec<RowResult>> {
             let (ours, theirs) = pair(
                 i,
                 || drive(&direct.bridge, &one, &direct.reg, read, size, depth, 1, Limit::Seconds(a.seconds)),
-                || {
-                    perftest::run(fabric, tool, size as usize, &p)
-                        .map_err(|e| p2pbridge::Error::InvalidArgument(format!("{tool}: {e}")))
-                },
+                || perftest::run(fabric, tool, size as usize, &p).map_err(|e| format!("{tool}: {e}")),
             )?;
             let (o, t) = if rate { (ours.mops(), theirs.mpps) } else { (ours.mib_s(), theirs.mib_s) };
             eprintln!("{name}: pair {}: ours {o:.3}, {tool} {t:.3}", i + 1);
@@ -352,8 +349,8 @@ fn connections(
     fabric: &SoftRoce,
     client: &Side,
     cpd: &ProtectionDomain,
-    server: &p2pbridge::verbs::fabric::Side<Side>,
-) -> p2pbridge::Result<Vec<RowResult>> {
+    server: &p2pbridge_test_support::fabric::Side<Side>,
+) -> Res<Vec<RowResult>> {
     const N: usize = 64;
     let size = 64u64 << 10;
     let cq = Arc::new(CompletionQueue::new(cpd.context(), 8192)?);
@@ -365,8 +362,8 @@ fn connections(
     let (sbridge, sreg) = (server.state.bridge.clone(), &server.state.reg);
     let sreg_len = sreg.len();
     let spd = server.pd.clone();
-    std::thread::scope(|s| -> p2pbridge::Result<Vec<RowResult>> {
-        let srv = s.spawn(move || -> p2pbridge::Result<()> {
+    std::thread::scope(|s| -> Res<Vec<RowResult>> {
+        let srv = s.spawn(move || -> Res {
             b.enter()?;
             let l = Listener::bind((b.addr, 0).into())?;
             let _ = port_tx.send(l.local_addr());
@@ -380,11 +377,11 @@ fn connections(
             Ok(())
         });
         fabric.a.enter()?;
-        let to = port_rx.recv().map_err(|_| p2pbridge::Error::InvalidArgument("the server thread failed".into()))?;
+        let to = port_rx.recv().map_err(|_| "the server thread failed")?;
         let mut conns = Vec::new();
         for _ in 0..N {
             let c = Connection::connect(cpd, to, &conn_opts(Some(cq.clone())))?;
-            let k = keys_rx.recv().map_err(|_| p2pbridge::Error::InvalidArgument("the server thread failed".into()))?;
+            let k = keys_rx.recv().map_err(|_| "the server thread failed")?;
             conns.push((c, k));
         }
         let mut rows = Vec::new();
@@ -429,7 +426,7 @@ fn connections(
         }
         let _ = done_tx.send(());
         drop(conns);
-        srv.join().map_err(|_| p2pbridge::Error::InvalidArgument("the server thread panicked".into()))??;
+        srv.join().map_err(|_| "the server thread panicked")??;
         Ok(rows)
     })
 }
@@ -439,10 +436,7 @@ fn report(a: &Args, rows: &[RowResult], setting: &str) -> std::io::Result<()> {
         "transfer_bw on {setting}: median of {} alternating pairs (first side alternating), {} s each",
         a.pairs, a.seconds
     );
-    println!(
-        "{:<44} {:>10} {:>10} {:>8} {:>15} {:>7}  setting",
-        "row", "ours", "theirs", "ratio", "spread", "target"
-    );
+    println!("{:<44} {:>10} {:>10} {:>8} {:>15} {:>7}  setting", "row", "ours", "theirs", "ratio", "spread", "target");
     let mut csv = String::from("row,pair,ours,theirs,unit,ratio\n");
     let mut series = Vec::new();
     for r in rows {
@@ -490,23 +484,15 @@ fn report(a: &Args, rows: &[RowResult], setting: &str) -> std::io::Result<()> {
     Ok(())
 }
 
-fn main() {
+fn main() -> ExitCode {
     let a = Args::parse();
-    if a.pairs == 0 || a.depth == 0 || a.seconds <= 0.0 {
-        eprintln!("transfer_bw: --pairs, --depth and --seconds must be positive");
-        std::process::exit(2);
-    }
-    let Some(fabric) = SoftRoce::from_env() else {
-        eprintln!("transfer_bw: no Soft-RoCE fabric here: run `scripts/softroce target/release/transfer_bw`");
-        std::process::exit(2)
-    };
+    let fabric = fabric_or_usage_error::<Args>("run `scripts/softroce target/release/transfer_bw`");
+    exit_status("transfer_bw", measure(&a, &fabric))
+}
+
+fn measure(a: &Args, fabric: &SoftRoce) -> Res {
     let setting = format!("Soft-RoCE {} -> {} (kernel {})", fabric.a.device, fabric.b.device, fabric.kernel);
-    let rows = run(&a, &fabric).unwrap_or_else(|e| {
-        eprintln!("transfer_bw: {e}");
-        std::process::exit(1)
-    });
-    if let Err(e) = report(&a, &rows, &setting) {
-        eprintln!("transfer_bw: cannot write results to {}: {e}", a.out.display());
-        std::process::exit(1);
-    }
+    let rows = run(a, fabric)?;
+    report(a, &rows, &setting).map_err(|e| format!("cannot write results to {}: {e}", a.out.display()))?;
+    Ok(())
 }

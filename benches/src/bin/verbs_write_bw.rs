@@ -10,24 +10,44 @@
 //! Payloads that fit the QP's inline limit are posted inline, as perftest does. Each
 //! measurement runs `--seconds` (default 3) and the pair is repeated `--rounds` times
 //! (default 3), alternating ours and perftest's; the best of each is compared.
+//!
+//! Exit status: 0 done (the targets are reported, not enforced); 1 a measurement failed
+//! (printed as `verbs_write_bw: ERROR`); 2 a usage error (bad arguments, or no Soft-RoCE
+//! fabric).
 
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use p2pbridge_verbs::fabric::{Side, SoftRoce};
-use p2pbridge_verbs::{
-    AccessFlags, ConnectionOptions, Error, HostBuffer, MemoryRegion, RemoteBuf, SendFlags, WorkCompletion,
+use clap::Parser;
+use p2pbridge_verbs::{AccessFlags, ConnectionOptions, HostBuffer, MemoryRegion, RemoteBuf, SendFlags, WorkCompletion};
+
+use p2pbridge_benches::cli::{
+    exit_status, fabric_or_usage_error, parse_count, parse_seconds, usage_error, Res, EXIT_CODES,
 };
-
 use p2pbridge_benches::perftest::{self, Figures};
+use p2pbridge_test_support::fabric::{Side, SoftRoce};
 
+/// RDMA WRITE bandwidth (64 KiB) and message rate (64 B) through p2pbridge-verbs against
+/// perftest's ib_write_bw on the same link (across the two Soft-RoCE hosts of
+/// scripts/softroce; scripts/bench runs it)
+#[derive(Parser, Debug)]
+#[command(name = "verbs_write_bw", version, after_help = EXIT_CODES)]
 struct Opts {
+    /// Seconds per measurement
+    #[arg(long, value_name = "S", default_value = "3", value_parser = parse_seconds)]
     seconds: f64,
+    /// Writes in flight, both sides (perftest's tx depth)
+    #[arg(long, value_name = "N", default_value_t = 128, value_parser = parse_count)]
     depth: usize,
+    /// A completion every N writes, both sides (at most --depth)
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = parse_count)]
     cq_mod: usize,
+    /// Rounds of each pair (ours, perftest's); the best of each is compared
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = parse_count)]
     rounds: usize,
 }
 
-fn ours(fabric: &SoftRoce, size: usize, o: &Opts) -> Result<Figures, Error> {
+fn ours(fabric: &SoftRoce, size: usize, o: &Opts) -> Res<Figures> {
     let opts = ConnectionOptions { send_depth: o.depth as u32 + 1, max_inline: 220, ..Default::default() };
     let (client, _server): (Side<MemoryRegion<HostBuffer>>, Side<MemoryRegion<HostBuffer>>) = fabric.connect_pair(
         opts,
@@ -82,43 +102,26 @@ fn best(a: Figures, b: Figures) -> Figures {
     Figures { mib_s: a.mib_s.max(b.mib_s), mpps: a.mpps.max(b.mpps) }
 }
 
-fn main() {
-    let mut o = Opts { seconds: 3.0, depth: 128, cq_mod: 100, rounds: 3 };
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        let v = it.next().and_then(|v| v.parse::<f64>().ok()).unwrap_or_else(|| {
-            eprintln!("usage: verbs_write_bw [--seconds S] [--depth N] [--cq-mod N] [--rounds N]");
-            std::process::exit(2)
-        });
-        match k.as_str() {
-            "--seconds" => o.seconds = v,
-            "--depth" => o.depth = v as usize,
-            "--cq-mod" => o.cq_mod = v as usize,
-            "--rounds" => o.rounds = v as usize,
-            _ => {
-                eprintln!("unknown argument {k}");
-                std::process::exit(2)
-            }
-        }
+fn main() -> ExitCode {
+    let o = Opts::parse();
+    if o.cq_mod > o.depth {
+        usage_error::<Opts>(format!("--cq-mod ({}) is larger than --depth ({})", o.cq_mod, o.depth));
     }
-    if o.cq_mod == 0 || o.cq_mod > o.depth || o.depth == 0 || o.rounds == 0 || o.seconds <= 0.0 {
-        eprintln!("verbs_write_bw: need 0 < --cq-mod <= --depth, --rounds >= 1, --seconds > 0");
-        std::process::exit(2);
-    }
-    let Some(fabric) = SoftRoce::from_env() else {
-        eprintln!("verbs_write_bw: run it under scripts/softroce (or scripts/bench)");
-        std::process::exit(2);
-    };
+    let fabric = fabric_or_usage_error::<Opts>("run it under scripts/softroce (or scripts/bench)");
+    exit_status("verbs_write_bw", run(&fabric, &o))
+}
+
+fn run(fabric: &SoftRoce, o: &Opts) -> Res {
     println!(
         "RDMA WRITE, {} -> {}, kernel {}, depth {}, cq-mod {}, {} s x {} rounds",
         fabric.a.device, fabric.b.device, fabric.kernel, o.depth, o.cq_mod, o.seconds, o.rounds
     );
-    let mut failed = false;
+    let mut failed = Vec::new();
     for (size, what) in [(65_536usize, "bandwidth"), (64, "message rate")] {
         let (mut us, mut them) = (Figures::default(), Figures::default());
         for round in 0..o.rounds {
             match perftest::run(
-                &fabric,
+                fabric,
                 "ib_write_bw",
                 size,
                 &perftest::Params { seconds: o.seconds, depth: o.depth, cq_mod: o.cq_mod },
@@ -128,11 +131,11 @@ fn main() {
                     them = best(them, f);
                 }
                 Err(e) => {
-                    eprintln!("ib_write_bw failed: {e}");
-                    failed = true;
+                    eprintln!("verbs_write_bw: ib_write_bw failed ({size} B, round {round}): {e}");
+                    failed.push(format!("ib_write_bw {size} B round {round}"));
                 }
             }
-            match ours(&fabric, size, &o) {
+            match ours(fabric, size, o) {
                 Ok(f) => {
                     println!(
                         "  {size:>6} B round {round}: p2pbridge-verbs {:>9.2} MiB/s {:>8.4} Mpps",
@@ -141,8 +144,8 @@ fn main() {
                     us = best(us, f);
                 }
                 Err(e) => {
-                    eprintln!("p2pbridge-verbs failed: {e}");
-                    failed = true;
+                    eprintln!("verbs_write_bw: p2pbridge-verbs failed ({size} B, round {round}): {e}");
+                    failed.push(format!("p2pbridge-verbs {size} B round {round}"));
                 }
             }
         }
@@ -152,7 +155,8 @@ fn main() {
             if ratio >= target { "met" } else { "NOT met" }
         );
     }
-    if failed {
-        std::process::exit(1);
+    if !failed.is_empty() {
+        return Err(format!("{} measurement(s) failed: {}", failed.len(), failed.join(", ")).into());
     }
+    Ok(())
 }

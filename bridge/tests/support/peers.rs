@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use p2pbridge::gpu::{HostBackend, MemoryBackend};
-use p2pbridge::verbs::fabric::SoftRoce;
 use p2pbridge::verbs::{AccessFlags, ConnectionOptions, Context, Listener, ProtectionDomain};
 use p2pbridge::{Bridge, BridgeOptions};
+use p2pbridge_test_support::fabric::SoftRoce;
 
 /// Where a role process writes what it has to say (its port, its result).
 pub const OUT_ENV: &str = "P2PB_ROLE_OUT";

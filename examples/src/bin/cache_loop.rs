@@ -29,10 +29,10 @@ use std::net::IpAddr;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
-use p2pbridge::verbs::fabric::{Host, SoftRoce};
 use p2pbridge::verbs::{AccessFlags, Context, Error as VerbsError, WcStatus};
 use p2pbridge::Error;
-use p2pbridge_examples::{bridged, conn_opts, exit_status, verbs_err, Res, EXIT_CODES};
+use p2pbridge_examples::{bridged, conn_opts, exit_status, Res, EXIT_CODES};
+use p2pbridge_test_support::fabric::{Host, SoftRoce};
 
 /// Registration caching while buffers are freed and reallocated: cache misses and hits, new
 /// generations, and old keys refused by the bridge and by the NIC.
@@ -102,8 +102,8 @@ fn run(args: Args) -> Res {
         conn_opts(),
         move |pd| {
             let (mem, bridge, _) = bridged(pd)?;
-            let buf = mem.alloc(1 << 20).map_err(verbs_err)?;
-            let reg = bridge.register(buf.addr(), buf.len(), AccessFlags::remote_rw()).map_err(verbs_err)?;
+            let buf = mem.alloc(1 << 20)?;
+            let reg = bridge.register(buf.addr(), buf.len(), AccessFlags::remote_rw())?;
             Ok(((mem, bridge, buf, reg), Vec::new()))
         },
         move |pd| Ok((bridged(pd)?, Vec::new())),

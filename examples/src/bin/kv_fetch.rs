@@ -29,12 +29,11 @@ use std::time::Duration;
 
 use clap::Parser;
 use p2pbridge::gpu::{DeviceBuffer, MemoryBackend};
-use p2pbridge::verbs::fabric::Side;
 use p2pbridge::verbs::{AccessFlags, Connection, ProtectionDomain};
 use p2pbridge::{Bridge, Registered, RemoteKey};
-use p2pbridge_examples::{
-    bridged, conn_opts, exit_status, pattern, run_halves, verbs_err, Endpoint, Res, EXIT_CODES, SERVE_FOR,
-};
+use p2pbridge_examples::{bridged, conn_opts, exit_status, run_halves, Endpoint, Res, EXIT_CODES, SERVE_FOR};
+use p2pbridge_test_support::fabric::Side;
+use p2pbridge_test_support::pattern;
 
 const BLOCK: usize = 64 << 10;
 const BLOCKS: usize = 256;
@@ -61,25 +60,24 @@ struct Args {
 type State = (Arc<dyn MemoryBackend>, Bridge, DeviceBuffer, Registered);
 
 /// The client's buffer has room for the blocks it wants, side by side.
-fn client_setup(pd: &ProtectionDomain) -> p2pbridge::verbs::Result<(State, Vec<u8>)> {
+fn client_setup(pd: &ProtectionDomain) -> Res<(State, Vec<u8>)> {
     let (mem, bridge, what) = bridged(pd)?;
-    let buf = mem.alloc(WANTED.len() * BLOCK).map_err(verbs_err)?;
-    let reg =
-        bridge.register(buf.addr(), (WANTED.len() * BLOCK) as u64, AccessFlags::remote_rw()).map_err(verbs_err)?;
+    let buf = mem.alloc(WANTED.len() * BLOCK)?;
+    let reg = bridge.register(buf.addr(), (WANTED.len() * BLOCK) as u64, AccessFlags::remote_rw())?;
     println!("client: {what}, {} blocks of room, {}", WANTED.len(), reg.strategy());
     Ok(((mem, bridge, buf, reg), Vec::new()))
 }
 
 /// The server's pool: block i holds pattern(BLOCK, i). The block size goes to the client as
 /// the accept's private data.
-fn server_setup(pd: &ProtectionDomain) -> p2pbridge::verbs::Result<(State, Vec<u8>)> {
+fn server_setup(pd: &ProtectionDomain) -> Res<(State, Vec<u8>)> {
     let (mem, bridge, what) = bridged(pd)?;
-    let pool = mem.alloc(BLOCKS * BLOCK).map_err(verbs_err)?;
+    let pool = mem.alloc(BLOCKS * BLOCK)?;
     for i in 0..BLOCKS {
-        mem.copy_to_device(&pool, (i * BLOCK) as u64, &pattern(BLOCK, i as u32)).map_err(verbs_err)?;
+        mem.copy_to_device(&pool, (i * BLOCK) as u64, &pattern(BLOCK, i as u8))?;
     }
-    let reg = bridge.register(pool.addr(), (BLOCKS * BLOCK) as u64, AccessFlags::remote_rw()).map_err(verbs_err)?;
-    bridge.publish(&reg).map_err(verbs_err)?;
+    let reg = bridge.register(pool.addr(), (BLOCKS * BLOCK) as u64, AccessFlags::remote_rw())?;
+    bridge.publish(&reg)?;
     println!("server: {what}, {BLOCKS} blocks of {BLOCK} B, {}", reg.strategy());
     Ok(((mem, bridge, pool, reg), (BLOCK as u32).to_le_bytes().to_vec()))
 }
@@ -123,7 +121,7 @@ fn client_half(side: Side<State>) -> Res {
     let mut got = vec![0u8; BLOCK];
     for (slot, &b) in WANTED.iter().enumerate() {
         mem.copy_from_device(buf, (slot * BLOCK) as u64, &mut got)?;
-        if got != pattern(BLOCK, b as u32) {
+        if got != pattern(BLOCK, b as u8) {
             return Err(format!("block {b} (slot {slot}) arrived changed").into());
         }
     }

@@ -29,13 +29,13 @@ use std::time::Duration;
 
 use clap::Parser;
 use p2pbridge::gpu::{DeviceBuffer, MemoryBackend};
-use p2pbridge::verbs::fabric::Side;
 use p2pbridge::verbs::{AccessFlags, ProtectionDomain};
 use p2pbridge::{Bridge, Registered};
 use p2pbridge_examples::{
-    bridged, conn_opts, exit_status, pattern, recv_word, run_halves, send_word, verbs_err, Endpoint, Res, EXIT_CODES,
-    SERVE_FOR,
+    bridged, conn_opts, exit_status, recv_word, run_halves, send_word, Endpoint, Res, EXIT_CODES, SERVE_FOR,
 };
+use p2pbridge_test_support::fabric::Side;
+use p2pbridge_test_support::pattern;
 
 const LEN: usize = 8 << 20;
 
@@ -67,11 +67,11 @@ struct Args {
 /// Each side: a backend, a bridge on its PD, a buffer registered through the bridge.
 type State = (Arc<dyn MemoryBackend>, Bridge, DeviceBuffer, Registered);
 
-fn client_setup(pd: &ProtectionDomain) -> p2pbridge::verbs::Result<(State, Vec<u8>)> {
+fn client_setup(pd: &ProtectionDomain) -> Res<(State, Vec<u8>)> {
     let (mem, bridge, what) = bridged(pd)?;
-    let buf = mem.alloc(LEN).map_err(verbs_err)?;
-    mem.copy_to_device(&buf, 0, &pattern(LEN, 1)).map_err(verbs_err)?;
-    let reg = bridge.register(buf.addr(), LEN as u64, AccessFlags::remote_rw()).map_err(verbs_err)?;
+    let buf = mem.alloc(LEN)?;
+    mem.copy_to_device(&buf, 0, &pattern(LEN, 1))?;
+    let reg = bridge.register(buf.addr(), LEN as u64, AccessFlags::remote_rw())?;
     println!(
         "client: {what}, registered with {} (skipped: {:?})",
         reg.strategy(),
@@ -80,10 +80,10 @@ fn client_setup(pd: &ProtectionDomain) -> p2pbridge::verbs::Result<(State, Vec<u
     Ok(((mem, bridge, buf, reg), Vec::new()))
 }
 
-fn server_setup(pd: &ProtectionDomain) -> p2pbridge::verbs::Result<(State, Vec<u8>)> {
+fn server_setup(pd: &ProtectionDomain) -> Res<(State, Vec<u8>)> {
     let (mem, bridge, what) = bridged(pd)?;
-    let buf = mem.alloc(LEN).map_err(verbs_err)?;
-    let reg = bridge.register(buf.addr(), LEN as u64, AccessFlags::remote_rw()).map_err(verbs_err)?;
+    let buf = mem.alloc(LEN)?;
+    let reg = bridge.register(buf.addr(), LEN as u64, AccessFlags::remote_rw())?;
     println!("server: {what}, registered with {}", reg.strategy());
     Ok(((mem, bridge, buf, reg), Vec::new()))
 }

@@ -29,7 +29,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use p2pbridge_examples::{conn_opts, exit_status, run_halves, Endpoint, Mode, Res, EXIT_CODES, SERVE_FOR};
-use p2pbridge_verbs::fabric::Side;
+use p2pbridge_test_support::fabric::Side;
+use p2pbridge_test_support::pattern;
 use p2pbridge_verbs::{
     AccessFlags, Connection, Error, HostBuffer, MemoryRegion, ProtectionDomain, RemoteBuf, SendFlags,
 };
@@ -70,9 +71,8 @@ fn parse_size(s: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("'{s}' is not a positive size such as 4096, 64KiB, 16MiB"))
 }
 
-fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u32).wrapping_mul(2_654_435_761) as u8).collect()
-}
+/// The seed of the pattern the client writes (and the server checks).
+const SEED: u8 = 0x5a;
 
 fn mib_per_s(bytes: usize, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / (1 << 20) as f64
@@ -99,16 +99,16 @@ fn write_then_read(
 /// The client's buffers: the pattern to write, and room to read it back into.
 type ClientState = (MemoryRegion<HostBuffer>, MemoryRegion<HostBuffer>);
 
-fn client_setup(pd: &ProtectionDomain, size: usize) -> Result<(ClientState, Vec<u8>), Error> {
+fn client_setup(pd: &ProtectionDomain, size: usize) -> Res<(ClientState, Vec<u8>)> {
     let src = pd.register(HostBuffer::new(size)?, AccessFlags::LOCAL_WRITE)?;
-    src.bytes().copy_from(&pattern(size)[..]);
+    src.bytes().copy_from(&pattern(size, SEED)[..]);
     let back = pd.register(HostBuffer::new(size)?, AccessFlags::LOCAL_WRITE)?;
     Ok(((src, back), Vec::new()))
 }
 
 /// The server's buffer, registered for remote read and write; its descriptor goes to the
 /// client as the accept's private data.
-fn server_setup(pd: &ProtectionDomain, size: usize) -> Result<(MemoryRegion<HostBuffer>, Vec<u8>), Error> {
+fn server_setup(pd: &ProtectionDomain, size: usize) -> Res<(MemoryRegion<HostBuffer>, Vec<u8>)> {
     let mr = pd.register(HostBuffer::new(size)?, AccessFlags::remote_rw())?;
     let desc = mr.remote().to_bytes().to_vec();
     Ok((mr, desc))
@@ -140,7 +140,7 @@ fn client_half(side: Side<ClientState>, size: usize) -> Res {
 /// The server half: wait for the client to finish (disconnect), then check the buffer.
 fn server_half(side: Side<MemoryRegion<HostBuffer>>, size: usize) -> Res {
     side.conn.wait_disconnect(SERVE_FOR)?;
-    let ok = side.state.to_vec() == pattern(size);
+    let ok = side.state.to_vec() == pattern(size, SEED);
     println!("server buffer matches: {ok}");
     if !ok {
         return Err("data mismatch: the server's buffer does not hold the client's pattern (did the client fail, or run with another --size?)".into());

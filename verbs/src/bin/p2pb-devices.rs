@@ -1,10 +1,28 @@
 //! `p2pb-devices`: what RDMA devices this host has and what each can do — ports, GIDs,
 //! limits, On-Demand Paging, dma-buf MRs, advise_mr prefetch.
 //!
-//! Exit status: 0 when at least one device was listed, 2 when there is none, 3 when
-//! rdma-core itself is missing ([`Error::RdmaUnavailable`]), 1 on any other error.
+//! ```text
+//! scripts/softroce target/debug/p2pb-devices
+//! ```
+//!
+//! Exit status: 0 when every device (at least one) was listed; 1 on a failure while running, printed as `p2pb-devices: message` (no RDMA device,
+//! a device that cannot be opened or queried); 2 on a usage error; 3 when rdma-core itself is
+//! missing ([`Error::RdmaUnavailable`]).
 
+use std::process::ExitCode;
+
+use clap::Parser;
 use p2pbridge_verbs::{device_names, Context, DmaBufSupport, Error, GidKind, ProtectionDomain};
+
+/// What RDMA devices this host has and what each can do: ports, GIDs, limits, On-Demand
+/// Paging, dma-buf MRs, advise_mr prefetch
+#[derive(Parser, Debug)]
+#[command(
+    name = "p2pb-devices",
+    version,
+    after_help = "Exit status: 0 every device (at least one) was listed; 1 failed while running (no RDMA device, or a device that cannot be opened or queried; printed as `p2pb-devices: ERROR`); 2 usage error; 3 rdma-core (libibverbs) is not installed."
+)]
+struct Args {}
 
 fn show(name: &str) -> Result<(), Error> {
     let ctx = Context::open(name)?;
@@ -41,24 +59,26 @@ fn show(name: &str) -> Result<(), Error> {
     Ok(())
 }
 
-fn main() {
+/// Prints `p2pb-devices: message` on stderr and returns `code`.
+fn fail(message: impl std::fmt::Display, code: u8) -> ExitCode {
+    eprintln!("p2pb-devices: {message}");
+    ExitCode::from(code)
+}
+
+fn main() -> ExitCode {
+    Args::parse();
     let names = match device_names() {
         Ok(n) => n,
-        Err(e) => {
-            eprintln!("p2pb-devices: {e}");
-            std::process::exit(if matches!(e, Error::RdmaUnavailable { .. }) { 3 } else { 1 });
-        }
+        Err(e) => return fail(&e, if matches!(e, Error::RdmaUnavailable { .. }) { 3 } else { 1 }),
     };
     if names.is_empty() {
-        eprintln!("p2pb-devices: no RDMA devices (check `rdma link`; for a software device: scripts/softroce)");
-        std::process::exit(2);
+        return fail("no RDMA devices (check `rdma link`; for a software device: scripts/softroce)", 1);
     }
-    let mut rc = 0;
+    let mut rc = ExitCode::SUCCESS;
     for n in &names {
         if let Err(e) = show(n) {
-            eprintln!("p2pb-devices: {n}: {e}");
-            rc = 1;
+            rc = fail(format_args!("{n}: {e}"), 1);
         }
     }
-    std::process::exit(rc);
+    rc
 }

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-pub use p2pbridge_verbs::fabric::Side;
-use p2pbridge_verbs::fabric::SoftRoce;
-use p2pbridge_verbs::{ConnectionOptions, ProtectionDomain, Result};
+pub use p2pbridge_test_support::fabric::Side;
+use p2pbridge_test_support::fabric::{BoxError, SoftRoce};
+use p2pbridge_verbs::{ConnectionOptions, ProtectionDomain};
 
 /// The fabric; a test that runs without it fails, loudly (it is `#[ignore]`d otherwise).
 pub fn fabric() -> SoftRoce {
@@ -20,8 +20,8 @@ pub const TIMEOUT: Duration = Duration::from_secs(30);
 /// with both sides' errors when that fails.
 pub fn connect_pair<C, S>(
     opts: ConnectionOptions,
-    client_setup: impl FnOnce(&ProtectionDomain) -> Result<(C, Vec<u8>)> + Send + 'static,
-    server_setup: impl FnOnce(&ProtectionDomain) -> Result<(S, Vec<u8>)> + Send + 'static,
+    client_setup: impl FnOnce(&ProtectionDomain) -> Result<(C, Vec<u8>), BoxError> + Send + 'static,
+    server_setup: impl FnOnce(&ProtectionDomain) -> Result<(S, Vec<u8>), BoxError> + Send + 'static,
 ) -> (Side<C>, Side<S>)
 where
     C: Send + 'static,

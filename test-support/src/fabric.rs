@@ -5,21 +5,25 @@
 //! that plays host A calls [`Host::enter`] first (it moves only that thread).
 //!
 //! ```no_run
-//! use p2pbridge_verbs::fabric::SoftRoce;
+//! use p2pbridge_test_support::fabric::SoftRoce;
 //! let fabric = SoftRoce::from_env().expect("run under scripts/softroce");
 //! let b = fabric.b.clone();
-//! let server = std::thread::spawn(move || {
+//! let server = std::thread::spawn(move || -> Result<(), p2pbridge_test_support::fabric::BoxError> {
 //!     b.enter()?;
-//!     // ... Listener::bind((b.addr, 0).into()) ...
-//!     Ok::<(), p2pbridge_verbs::Error>(())
+//!     // ... Listener::bind((b.addr, 0).into())? ...
+//!     Ok(())
 //! });
 //! # server.join().unwrap()?;
-//! # Ok::<(), p2pbridge_verbs::Error>(())
+//! # Ok::<(), p2pbridge_test_support::fabric::BoxError>(())
 //! ```
 
 use std::net::IpAddr;
 
-use crate::error::{Error, Result};
+use p2pbridge_verbs::{Connection, ConnectionOptions, Context, Listener, ProtectionDomain};
+
+/// Any error, which can cross threads: what the set-up closures of
+/// [`SoftRoce::connect_pair`] and the fabric's own steps return.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One host of the fabric.
 #[derive(Debug, Clone)]
@@ -35,17 +39,21 @@ pub struct Host {
 impl Host {
     /// Moves the calling thread into this host's network namespace (nothing to do when it has
     /// none).
-    pub fn enter(&self) -> Result<()> {
+    pub fn enter(&self) -> std::io::Result<()> {
         if self.netns.is_empty() {
             return Ok(());
         }
         let path = format!("/run/netns/{}", self.netns);
         let f = std::fs::File::open(&path).map_err(|e| {
-            Error::InvalidArgument(format!("cannot open {path}: {e} (is this running under scripts/softroce?)"))
+            std::io::Error::new(e.kind(), format!("cannot open {path}: {e} (is this running under scripts/softroce?)"))
         })?;
         use std::os::fd::AsFd;
-        rustix::thread::move_into_link_name_space(f.as_fd(), Some(rustix::thread::LinkNameSpaceType::Network))
-            .map_err(|e| crate::result::verb_error("setns(CLONE_NEWNET)", e.raw_os_error()))
+        rustix::thread::move_into_link_name_space(f.as_fd(), Some(rustix::thread::LinkNameSpaceType::Network)).map_err(
+            |e| {
+                let e = std::io::Error::from(e);
+                std::io::Error::new(e.kind(), format!("setns(CLONE_NEWNET) into {path}: {e}"))
+            },
+        )
     }
 }
 
@@ -82,9 +90,9 @@ impl SoftRoce {
 /// domain, and what its set-up closure returned.
 pub struct Side<T> {
     /// The connection.
-    pub conn: crate::Connection,
+    pub conn: Connection,
     /// The side's protection domain (on its host's device).
-    pub pd: crate::ProtectionDomain,
+    pub pd: ProtectionDomain,
     /// What the set-up made (memory regions, ...).
     pub state: T,
 }
@@ -94,70 +102,69 @@ impl SoftRoce {
     ///
     /// Each set-up closure runs on its host's thread with the side's protection domain, before
     /// connecting, and returns its state and the private data to send the other side (a
-    /// [`RemoteBuf`](crate::RemoteBuf) descriptor, typically). The connections are returned
-    /// to the caller's thread: once connected, a QP is not bound to a namespace.
+    /// [`RemoteBuf`](p2pbridge_verbs::RemoteBuf) descriptor, typically), or any error (`?`
+    /// converts them all). The connections are returned to the caller's thread: once
+    /// connected, a QP is not bound to a namespace.
     pub fn connect_pair<C, S>(
         &self,
-        opts: crate::ConnectionOptions,
-        client_setup: impl FnOnce(&crate::ProtectionDomain) -> Result<(C, Vec<u8>)> + Send + 'static,
-        server_setup: impl FnOnce(&crate::ProtectionDomain) -> Result<(S, Vec<u8>)> + Send + 'static,
-    ) -> Result<(Side<C>, Side<S>)>
+        opts: ConnectionOptions,
+        client_setup: impl FnOnce(&ProtectionDomain) -> Result<(C, Vec<u8>), BoxError> + Send + 'static,
+        server_setup: impl FnOnce(&ProtectionDomain) -> Result<(S, Vec<u8>), BoxError> + Send + 'static,
+    ) -> Result<(Side<C>, Side<S>), BoxError>
     where
         C: Send + 'static,
         S: Send + 'static,
     {
-        use crate::{Connection, ConnectionOptions, Context, Listener, ProtectionDomain};
         let (port_tx, port_rx) = std::sync::mpsc::channel();
         // The client says when its set-up is done, so the server's timed wait for the request
         // does not include it (registering and filling large buffers can take a while).
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
         let (b, sopts) = (self.b.clone(), opts.clone());
         let timeout = opts.timeout;
-        let server = std::thread::spawn(move || -> Result<Side<S>> {
+        let server = std::thread::spawn(move || -> Result<Side<S>, BoxError> {
             b.enter()?;
             let pd = ProtectionDomain::new(&Context::open(&b.device)?)?;
             let (state, private_data) = server_setup(&pd)?;
             let listener = Listener::bind((b.addr, 0).into())?;
             let _ = port_tx.send(listener.local_addr());
-            ready_rx.recv().map_err(|_| Error::InvalidArgument("the client side failed before connecting".into()))?;
+            ready_rx.recv().map_err(|_| "the client side failed before connecting")?;
             let req = listener.get_request(timeout)?;
             let conn = req.accept(&pd, &ConnectionOptions { private_data, ..sopts })?;
             Ok(Side { conn, pd, state })
         });
         let a = self.a.clone();
-        let client = std::thread::spawn(move || -> Result<Side<C>> {
+        let client = std::thread::spawn(move || -> Result<Side<C>, BoxError> {
             a.enter()?;
             let pd = ProtectionDomain::new(&Context::open(&a.device)?)?;
             let (state, private_data) = client_setup(&pd)?;
-            let dst =
-                port_rx.recv().map_err(|_| Error::InvalidArgument("the server side failed before listening".into()))?;
+            let dst = port_rx.recv().map_err(|_| "the server side failed before listening")?;
             let _ = ready_tx.send(());
             let conn = Connection::connect(&pd, dst, &ConnectionOptions { private_data, ..opts })?;
             Ok(Side { conn, pd, state })
         });
-        let panicked = |who: &str| Error::InvalidArgument(format!("the {who} thread panicked"));
+        let panicked = |who: &str| -> BoxError { format!("the {who} thread panicked").into() };
         let c = client.join().unwrap_or_else(|_| Err(panicked("client")));
         let s = server.join().unwrap_or_else(|_| Err(panicked("server")));
         match (c, s) {
             (Ok(c), Ok(s)) => Ok((c, s)),
             (Ok(_), Err(e)) | (Err(e), Ok(_)) => Err(e),
-            (Err(ce), Err(se)) => Err(Error::InvalidArgument(format!("client: {ce}; server: {se}"))),
+            (Err(ce), Err(se)) => Err(format!("client: {ce}; server: {se}").into()),
         }
     }
 }
 
 /// How many objects of `kind` ("mr", "cq", "qp", "pd", ...) the kernel holds for `device`, from
 /// `rdma resource show` (iproute2): for tests that check nothing leaked.
-pub fn kernel_count(device: &str, kind: &str) -> Result<usize> {
+pub fn kernel_count(device: &str, kind: &str) -> Result<usize, BoxError> {
     let out = std::process::Command::new("rdma")
         .args(["resource", "show"])
         .output()
-        .map_err(|e| Error::InvalidArgument(format!("rdma resource show: {e} (install iproute2)")))?;
+        .map_err(|e| format!("rdma resource show: {e} (install iproute2)"))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
         .lines()
         .find(|l| l.contains(&format!("{device}:")))
-        .ok_or_else(|| Error::InvalidArgument(format!("no {device} in `rdma resource show`: {text}")))?;
+        .ok_or_else(|| format!("no {device} in `rdma resource show`: {text}"))?;
     let mut words = line.split_whitespace();
     while let Some(w) = words.next() {
         if w == kind {
@@ -166,7 +173,7 @@ pub fn kernel_count(device: &str, kind: &str) -> Result<usize> {
             }
         }
     }
-    Err(Error::InvalidArgument(format!("no {kind} count in `{line}`")))
+    Err(format!("no {kind} count in `{line}`").into())
 }
 
 /// A command that runs `program` as on a host without rdma-core: libibverbs.so.1 and
