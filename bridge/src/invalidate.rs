@@ -2,8 +2,6 @@
 //! told about. (Frees it is told about revoke through the backends' notices, unmaps through the
 //! monitor: see `bridge.rs` and `uffd.rs`.)
 
-use std::ops::Range;
-
 use crate::bridge::Bridge;
 use crate::cache::Domain;
 use crate::error::{Error, Result};
@@ -11,14 +9,14 @@ use crate::register::{allocations_over, check_range};
 use p2pbridge_gpu::AllocationKey;
 
 impl Bridge {
-    /// Host memory at `range` is going away: revokes what covers it (keys refused by the NIC,
-    /// regions deregistered, handles dead), after in-flight operations on it finish. Returns
-    /// how many registrations were revoked.
-    pub fn invalidate_host(&self, range: Range<u64>) -> Result<usize> {
-        if range.start > range.end {
-            return Err(Error::InvalidArgument(format!("reversed range {:#x}..{:#x}", range.start, range.end)));
-        }
-        let (n, r) = self.inner.core.invalidate(Domain::HostVa, range);
+    /// Host memory, `len` bytes at `addr`, is going away: revokes what covers it (keys refused
+    /// by the NIC, regions deregistered, handles dead), after in-flight operations on it finish.
+    /// Returns how many registrations were revoked.
+    pub fn invalidate_host(&self, addr: u64, len: u64) -> Result<usize> {
+        let end = addr
+            .checked_add(len)
+            .ok_or_else(|| Error::InvalidArgument(format!("{len} bytes at {addr:#x} wrap around the address space")))?;
+        let (n, r) = self.inner.core.invalidate(Domain::HostVa, addr..end);
         r.map(|()| n)
     }
 

@@ -228,16 +228,19 @@ impl KeyLedger {
 }
 
 impl crate::Bridge {
-    /// Hands `range` (offsets within `reg`) to the peer at the other end of `conn`, and
+    /// Hands `len` bytes at `offset` of `reg` to the peer at the other end of `conn`, and
     /// returns the key to send it. With memory windows ([`Bridge::key_windows`]) the key
-    /// reaches exactly `range`, only over `conn`, with the remote rights `reg` was registered
-    /// with; it is refused by the NIC once the memory goes or [`Bridge::revoke_key`] is called.
+    /// reaches exactly that range, only over `conn`, with the remote rights `reg` was
+    /// registered with; it is refused by the NIC once the memory goes or
+    /// [`Bridge::revoke_key`] is called.
     ///
     /// For bounce registrations the key names the staging buffer: the owner calls
-    /// [`Bridge::publish`] before peers read and [`Bridge::flush`] after they write.
-    pub fn hand_out(&self, conn: &Connection, reg: &Registered, range: Range<u64>) -> Result<RemoteKey> {
+    /// [`Bridge::sync_to_peers`] before peers read and [`Bridge::sync_from_peers`] after they
+    /// write.
+    pub fn hand_out(&self, conn: &Connection, reg: &Registered, offset: u64, len: u64) -> Result<RemoteKey> {
+        let end = offset.checked_add(len).ok_or(Error::OutOfBounds { offset, len, size: reg.len })?;
         let access = reg.access;
-        self.inner.core.keys.hand_out(&self.inner.core, conn, reg, range, access)
+        self.inner.core.keys.hand_out(&self.inner.core, conn, reg, offset..end, access)
     }
 
     /// `Ok` while a key this bridge handed out still reaches its memory; [`Error::StaleKey`]

@@ -31,35 +31,40 @@
 
 pub mod bounce;
 mod bridge;
-mod invalidate;
-mod options;
-mod register;
 pub mod budget;
 pub mod cache;
+mod completion;
 mod error;
+mod invalidate;
 mod key;
 mod keys;
 mod metadata;
+mod options;
 pub mod probe;
-mod registration;
-pub mod strategy;
-mod completion;
 mod receive;
+mod register;
+mod registration;
 mod staging;
+pub mod strategy;
 pub mod transfer;
 mod uffd;
 
 pub use bounce::{BounceConfig, BounceEngine, Piece};
 pub use bridge::Bridge;
-pub use options::BridgeOptions;
 pub use error::{Error, Result};
 pub use key::RemoteKey;
 pub use metadata::Metadata;
+pub use options::BridgeOptions;
 pub use receive::{Received, Receives};
-pub use transfer::{Batch, Op, Status, Transfer};
-pub use registration::{live_registrations, LocalGuard, Registered, Registration};
+pub use registration::{live_registrations, LocalGuard, Registered};
 pub use strategy::{HostCaps, MemoryKind, Policy, Preference, SkipReason, Strategy};
+pub use transfer::{Batch, Op, Status, Transfer};
 pub use uffd::monitor_available;
 
 pub use p2pbridge_gpu as gpu;
 pub use p2pbridge_verbs as verbs;
+
+/// README.md's Rust examples, compiled as doc tests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

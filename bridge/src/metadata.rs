@@ -7,7 +7,7 @@
 //! # fn f(bridge: &Bridge, conn: &p2pbridge::verbs::Connection, blocks: &[Registered]) -> p2pbridge::Result<()> {
 //! let mut md = Metadata::new();
 //! for (i, reg) in blocks.iter().enumerate() {
-//!     md.insert(i as u64, bridge.hand_out(conn, reg, 0..reg.len())?);
+//!     md.insert(i as u64, bridge.hand_out(conn, reg, 0, reg.len())?);
 //! }
 //! bridge.send_metadata(conn, &md)?; // the peer: bridge.recv_metadata(conn, timeout)?.get(7)
 //! # Ok(()) }

@@ -163,7 +163,7 @@ impl Live {
 
 /// One registration in the cache: a memory region over the memory (direct strategies) or
 /// over a registered staging buffer (bounce), until it is revoked.
-pub struct Registration {
+pub(crate) struct Registration {
     strategy: Strategy,
     skipped: Vec<(Strategy, SkipReason)>,
     /// Memory windows carry the keys handed out (the region has no remote rights itself).
@@ -213,11 +213,6 @@ impl Registration {
     /// The strategy used.
     pub fn strategy(&self) -> Strategy {
         self.strategy
-    }
-
-    /// The strategies not used, and why.
-    pub fn skipped(&self) -> &[(Strategy, SkipReason)] {
-        &self.skipped
     }
 
     /// For ODP registrations, whether the pages were prefetched into the NIC at registration

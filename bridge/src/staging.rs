@@ -1,6 +1,6 @@
 //! The bounce registrations' staging copies: peers reach a bounce registration's staging
 //! buffer, and these copies carry bytes between it and the memory it stands for.
-//! [`Bridge::publish`] (memory -> staging, before peers READ) and [`Bridge::flush`]
+//! [`Bridge::sync_to_peers`] (memory -> staging, before peers READ) and [`Bridge::sync_from_peers`]
 //! (staging -> memory, after peers WROTE) are the user's; SEND and RECV on a bounce
 //! registration copy through them too.
 
@@ -14,7 +14,7 @@ use crate::registration::{Live, Registered, Registration};
 impl Bridge {
     /// Makes what peers wrote into `reg` visible to its memory's owner: bounce registrations
     /// copy staging -> memory; device memory gets the backend's NIC-write flush.
-    pub fn flush(&self, reg: &Registered) -> Result<FlushOutcome> {
+    pub fn sync_from_peers(&self, reg: &Registered) -> Result<FlushOutcome> {
         let r = reg.handle.value();
         let guard = r.live()?;
         let live = guard.as_ref().ok_or(Error::Revoked)?;
@@ -31,7 +31,7 @@ impl Bridge {
 
     /// Before peers RDMA READ a bounce registration: copies memory -> staging. (No-op for
     /// direct registrations.)
-    pub fn publish(&self, reg: &Registered) -> Result<()> {
+    pub fn sync_to_peers(&self, reg: &Registered) -> Result<()> {
         let r = reg.handle.value();
         let guard = r.live()?;
         let live = guard.as_ref().ok_or(Error::Revoked)?;

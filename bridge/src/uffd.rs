@@ -701,10 +701,8 @@ pub(crate) fn watch_with(range: Range<u64>, force_missing: bool) -> Result<Watch
             .fold(pages.clone(), |h, (x, _)| h.start.min(x.start)..h.end.max(x.end));
         // Failing that, the pages with the intervals they overlap (registering exactly the
         // pages inside an interval would carve it into pieces whose counts strand).
-        let local = w
-            .overlapping(&pages)
-            .iter()
-            .fold(pages.clone(), |h, (x, _)| h.start.min(x.start)..h.end.max(x.end));
+        let local =
+            w.overlapping(&pages).iter().fold(pages.clone(), |h, (x, _)| h.start.min(x.start)..h.end.max(x.end));
         for candidate in [hull, local, pages.clone()] {
             match register(&m, &candidate, Mode::Wp) {
                 Ok(()) => {

@@ -65,7 +65,7 @@ fn pair(policy: Policy, len: usize, timeout: Duration) -> (Side<Host>, Side<Host
             move |pd| Ok((Host::new(pd, policy, len, 0x22, timeout)?, Vec::new())),
         )
         .unwrap_or_else(|e| panic!("connection set-up failed: {e}"));
-    let key = s.state.bridge.hand_out(&s.conn, s.state.reg(), 0..len as u64).unwrap();
+    let key = s.state.bridge.hand_out(&s.conn, s.state.reg(), 0, len as u64).unwrap();
     (c, s, key)
 }
 
@@ -213,7 +213,7 @@ fn rdma_transfer_of_bounce_registrations_runs_through_the_engine() {
     let (c, s, key) = pair(policy, n * BLK as usize, Duration::from_secs(30));
     assert_eq!(c.state.reg().strategy(), Strategy::Bounce);
     // The server's staging holds its memory's bytes for the client's READs.
-    s.state.bridge.publish(s.state.reg()).unwrap();
+    s.state.bridge.sync_to_peers(s.state.reg()).unwrap();
     let slots: Vec<_> = (0..n / 3).map(|_| (s.state.reg(), 0, 0)).collect();
     let mut rx = s.state.bridge.post_recvs(&s.conn, &slots).unwrap();
     c.state.bridge.post(&c.conn, mixed(n, c.state.reg(), &key)).unwrap().wait().unwrap();
@@ -221,7 +221,7 @@ fn rdma_transfer_of_bounce_registrations_runs_through_the_engine() {
         rx.next(Duration::from_secs(30)).unwrap();
     }
     // What the client wrote sits in the server's staging until flushed into its memory.
-    s.state.bridge.flush(s.state.reg()).unwrap();
+    s.state.bridge.sync_from_peers(s.state.reg()).unwrap();
     check_mixed(&c.state, &s.state, n);
 }
 
@@ -246,7 +246,7 @@ fn rdma_64_connections_through_one_bridge_share_one_completion_queue() {
             let req = l.get_request(Duration::from_secs(60)).unwrap();
             // Each connection gets the key to its own part of the buffer.
             let conn = req.accept(&pd, &opts()).unwrap();
-            let key = host.bridge.hand_out(&conn, host.reg(), i * PER * BLK..(i + 1) * PER * BLK).unwrap();
+            let key = host.bridge.hand_out(&conn, host.reg(), i * PER * BLK, PER * BLK).unwrap();
             host.bridge.send_key(&conn, &key).unwrap();
             conns.push(conn);
         }
@@ -295,7 +295,7 @@ fn rdma_metadata_of_many_keys_travels_over_the_connection() {
     // One key per block, tagged by block number, in one blob over the connection.
     let mut md = p2pbridge::Metadata::new();
     for i in 0..KEYS {
-        md.insert(i, s.state.bridge.hand_out(&s.conn, s.state.reg(), i * BLK..(i + 1) * BLK).unwrap());
+        md.insert(i, s.state.bridge.hand_out(&s.conn, s.state.reg(), i * BLK, BLK).unwrap());
     }
     assert!(md.to_bytes().len() > 8192, "more than rdma_cm private data or one small message carries");
     let (sb, sc) = (s.state.bridge.clone(), &s.conn);

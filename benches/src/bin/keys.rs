@@ -140,7 +140,7 @@ fn run(args: &Args, fabric: &SoftRoce) -> Res {
         }? as u64;
         // SAFETY: mapped; the monitor watches it, and its munmap below revokes it.
         let reg = unsafe { windowed.register_host(p, (16 * page) as u64, AccessFlags::remote_rw()) }?;
-        let key = windowed.hand_out(conn, &reg, 0..(16 * page) as u64)?;
+        let key = windowed.hand_out(conn, &reg, 0, (16 * page) as u64)?;
         drop(reg);
         let t = Instant::now();
         // SAFETY: ours.
@@ -155,7 +155,7 @@ fn run(args: &Args, fabric: &SoftRoce) -> Res {
     for _ in 0..rounds {
         let buf = mem.alloc(16 * page)?;
         let reg = windowed.register(buf.addr(), buf.len(), AccessFlags::remote_rw())?;
-        let key = windowed.hand_out(conn, &reg, 0..buf.len())?;
+        let key = windowed.hand_out(conn, &reg, 0, buf.len())?;
         let t = Instant::now();
         drop(buf);
         from_free.push(us(t.elapsed()));
@@ -181,11 +181,11 @@ fn run(args: &Args, fabric: &SoftRoce) -> Res {
     let (mut with_mw, mut without) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         let t = Instant::now();
-        let k = windowed.hand_out(conn, &wreg, 0..max as u64)?;
+        let k = windowed.hand_out(conn, &wreg, 0, max as u64)?;
         with_mw.push(us(t.elapsed()));
         windowed.revoke_key(&k)?;
         let t = Instant::now();
-        let _ = plain.hand_out(conn, &preg, 0..max as u64)?;
+        let _ = plain.hand_out(conn, &preg, 0, max as u64)?;
         without.push(us(t.elapsed()));
     }
     let (m_with, m_without) = (percentile(&mut with_mw, 0.5), percentile(&mut without, 0.5));
@@ -195,8 +195,8 @@ fn run(args: &Args, fabric: &SoftRoce) -> Res {
     );
 
     // Bandwidth: window key against the region's own key.
-    let wkey = windowed.hand_out(conn, &wreg, 0..max as u64)?;
-    let pkey = plain.hand_out(conn, &preg, 0..max as u64)?;
+    let wkey = windowed.hand_out(conn, &wreg, 0, max as u64)?;
+    let pkey = plain.hand_out(conn, &preg, 0, max as u64)?;
     let (_, _, _, creg) = &client.state;
     for size in [64u64 << 10, 1 << 20] {
         let mut ratios = Vec::new();

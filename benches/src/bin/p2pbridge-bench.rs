@@ -321,7 +321,7 @@ fn run_pair(a: &Args, fabric: &SoftRoce) -> Res<Vec<Row>> {
         move |pd| Ok((serve_buffer(pd, max)?, Vec::new())),
     )?;
     let (_, _, sbridge, sreg) = &server.state;
-    let key = sbridge.hand_out(&server.conn, sreg, 0..max as u64)?;
+    let key = sbridge.hand_out(&server.conn, sreg, 0, max as u64)?;
     let (mem, buf) = &client.state;
     Ok(sweep(a, &client.conn, &client.pd, mem, buf, &key)?)
 }
@@ -335,7 +335,7 @@ fn serve(a: &Args, addr: SocketAddr) -> Res {
     let pd = ProtectionDomain::new(&Context::open(&dev)?)?;
     let (_mem, _buf, bridge, reg) = serve_buffer(&pd, a.max)?;
     let conn = req.accept(&pd, &conn_opts())?;
-    let key = bridge.hand_out(&conn, &reg, 0..a.max as u64)?;
+    let key = bridge.hand_out(&conn, &reg, 0, a.max as u64)?;
     bridge.send_key(&conn, &key)?;
     println!("client connected through {dev}; serving until it disconnects");
     conn.wait_disconnect(Duration::from_secs(24 * 3600))?;
@@ -414,7 +414,7 @@ fn sweep(
                         touch = us(t.elapsed());
                     }
                     let t = Instant::now();
-                    b.flush(&reg)?;
+                    b.sync_from_peers(&reg)?;
                     flush = us(t.elapsed());
                     m
                 }

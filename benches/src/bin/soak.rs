@@ -80,7 +80,7 @@ fn peer(fab: &SoftRoce, out: &Path) -> Res {
         let Ok(conn) = req.accept(&pd, &opts()) else { continue };
         let buf = mem.alloc(PEER_LEN)?;
         let reg = bridge.register(buf.addr(), PEER_LEN as u64, AccessFlags::remote_rw())?;
-        let key = bridge.hand_out(&conn, &reg, 0..PEER_LEN as u64)?;
+        let key = bridge.hand_out(&conn, &reg, 0, PEER_LEN as u64)?;
         if bridge.send_key(&conn, &key).is_ok() {
             live.push((conn, reg, buf));
         }

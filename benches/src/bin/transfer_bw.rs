@@ -256,7 +256,7 @@ fn run(a: &Args, fabric: &SoftRoce) -> Res<Vec<RowResult>> {
         move |pd| Ok((side(pd, len, Strategy::PinnedHost, depth)?, Vec::new())),
     )?;
     let (direct, bounce) = &client.state;
-    let key = server.state.bridge.hand_out(&server.conn, &server.state.reg, 0..len as u64)?;
+    let key = server.state.bridge.hand_out(&server.conn, &server.state.reg, 0, len as u64)?;
     let mut rows = Vec::new();
     let want = |r: &str| a.only.iter().any(|o| o == r);
     let p = perftest::Params { seconds: a.seconds, depth, cq_mod: 1 };
@@ -370,7 +370,7 @@ fn connections(
             let mut conns = Vec::new();
             for _ in 0..N {
                 let conn = l.get_request(Duration::from_secs(120))?.accept(&spd, &conn_opts(None))?;
-                let _ = keys_tx.send(sbridge.hand_out(&conn, sreg, 0..sreg_len)?);
+                let _ = keys_tx.send(sbridge.hand_out(&conn, sreg, 0, sreg_len)?);
                 conns.push(conn);
             }
             let _ = done_rx.recv();

@@ -48,7 +48,7 @@ pub fn serve_until_killed() {
     let bridge = Bridge::new(&pd, vec![Arc::new(mem.clone())], BridgeOptions::default()).unwrap();
     let buf = mem.alloc(LEN).unwrap();
     let reg = bridge.register(buf.addr(), LEN as u64, AccessFlags::remote_rw()).unwrap();
-    let key = bridge.hand_out(&conn, &reg, 0..LEN as u64).unwrap();
+    let key = bridge.hand_out(&conn, &reg, 0, LEN as u64).unwrap();
     bridge.send_key(&conn, &key).unwrap();
     loop {
         std::thread::sleep(Duration::from_secs(1));

@@ -125,7 +125,7 @@ fn run(args: Args) -> Res {
         if again.generation() != reg.generation() {
             return Err("the second registration should have been a cache hit".into());
         }
-        let key = bridge.hand_out(&server.conn, &reg, 0..buf.len())?;
+        let key = bridge.hand_out(&server.conn, &reg, 0, buf.len())?;
         if buf.addr() == last_addr {
             reused += 1;
         }

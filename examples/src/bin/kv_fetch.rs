@@ -77,7 +77,7 @@ fn server_setup(pd: &ProtectionDomain) -> Res<(State, Vec<u8>)> {
         mem.copy_to_device(&pool, (i * BLOCK) as u64, &pattern(BLOCK, i as u8))?;
     }
     let reg = bridge.register(pool.addr(), (BLOCKS * BLOCK) as u64, AccessFlags::remote_rw())?;
-    bridge.publish(&reg)?;
+    bridge.sync_to_peers(&reg)?;
     println!("server: {what}, {BLOCKS} blocks of {BLOCK} B, {}", reg.strategy());
     Ok(((mem, bridge, pool, reg), (BLOCK as u32).to_le_bytes().to_vec()))
 }
@@ -117,7 +117,7 @@ fn client_half(side: Side<State>) -> Res {
     let t = std::time::Instant::now();
     fetch(bridge, conn, reg, &key, block, &WANTED)?;
     let el = t.elapsed();
-    bridge.flush(reg)?;
+    bridge.sync_from_peers(reg)?;
     let mut got = vec![0u8; BLOCK];
     for (slot, &b) in WANTED.iter().enumerate() {
         mem.copy_from_device(buf, (slot * BLOCK) as u64, &mut got)?;
@@ -133,7 +133,7 @@ fn client_half(side: Side<State>) -> Res {
 /// connection's queue pair) to the client, then wait for it to disconnect.
 fn server_half(side: Side<State>) -> Res {
     let (_, bridge, _, reg) = &side.state;
-    let key = bridge.hand_out(&side.conn, reg, 0..(BLOCKS * BLOCK) as u64)?;
+    let key = bridge.hand_out(&side.conn, reg, 0, (BLOCKS * BLOCK) as u64)?;
     bridge.send_key(&side.conn, &key)?;
     side.conn.wait_disconnect(SERVE_FOR)?;
     Ok(())

@@ -112,7 +112,7 @@ fn client_half(side: Side<State>) -> Res {
     let t = std::time::Instant::now();
     cbridge.read(conn, creg, 0, LEN as u64, &key, 0)?;
     let r = t.elapsed();
-    cbridge.flush(creg)?;
+    cbridge.sync_from_peers(creg)?;
     let mut seen = vec![0u8; LEN];
     cmem.copy_from_device(cbuf, 0, &mut seen)?;
     if seen != pattern(LEN, 2) {
@@ -129,13 +129,13 @@ fn server_half(side: Side<State>) -> Res {
     let conn = &side.conn;
     // The key is handed out on the server's connection (a memory window bound to its queue
     // pair, where the device has them) and travels over the connection itself.
-    let key = sbridge.hand_out(conn, sreg, 0..LEN as u64)?;
+    let key = sbridge.hand_out(conn, sreg, 0, LEN as u64)?;
     sbridge.send_key(conn, &key)?;
     match recv_word(conn, STEP)? {
         WRITTEN => {}
         other => return Err(format!("unexpected message {other} from the client").into()),
     }
-    println!("server flush: {:?}", sbridge.flush(sreg)?);
+    println!("server flush: {:?}", sbridge.sync_from_peers(sreg)?);
     let mut seen = vec![0u8; LEN];
     smem.copy_from_device(sbuf, 0, &mut seen)?;
     if seen != pattern(LEN, 1) {
@@ -144,7 +144,7 @@ fn server_half(side: Side<State>) -> Res {
     }
     println!("server: buffer holds the client's pattern ({LEN} B verified)");
     smem.copy_to_device(sbuf, 0, &pattern(LEN, 2))?;
-    sbridge.publish(sreg)?;
+    sbridge.sync_to_peers(sreg)?;
     send_word(conn, VERIFIED)?;
     conn.wait_disconnect(SERVE_FOR)?;
     Ok(())
