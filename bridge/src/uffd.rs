@@ -932,6 +932,8 @@ mod tests {
         for _ in 0..4 {
             // SAFETY: the child only touches and unmaps its copy of `a`, then _exits.
             match unsafe { libc::fork() } {
+                // SAFETY: in the child, its own copy of the watched mapping (page-aligned,
+                // `len` bytes, mapped above): touched, read, unmapped, then `_exit`.
                 0 => unsafe {
                     std::ptr::write_volatile((a + page()) as *mut u8, 1);
                     let _ = std::ptr::read_volatile((a + 2 * page()) as *const u8);

@@ -140,6 +140,8 @@ fn round(bridge: &Bridge, base: u64, rng: &mut Rng, forks: &AtomicU64) {
             forks.fetch_add(1, Ordering::Relaxed);
             // SAFETY: the child runs only async-signal-safe calls on its copy, then _exits.
             match unsafe { libc::fork() } {
+                // SAFETY: in the child, its own copy of `a` (mapped, `len` bytes): written,
+                // unmapped, then `_exit` (async-signal-safe calls only).
                 0 => unsafe {
                     std::ptr::write_volatile(a as *mut u8, 9);
                     libc::munmap(a as *mut _, len as usize);

@@ -449,8 +449,8 @@ fn rdma_bad_ranges_get_typed_errors_never_panics() {
                 Err(e) => assert!(!fits, "register({a:#x}, {l}) of buffer memory failed: {e}"),
             }
             if l == 0 || a.checked_add(l).is_none() {
-                // SAFETY: these ranges are empty or wrap: refused before anything is touched.
                 assert!(
+                    // SAFETY: these ranges are empty or wrap: refused before anything is touched.
                     unsafe { b.register_host(a, l, AccessFlags::remote_rw()) }.is_err(),
                     "register_host({a:#x}, {l})"
                 );
