@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::{result, sys, CudaContext, CudaStream, DriverError};
+use cudarc::driver::{result, sys, CudaContext, CudaStream, DriverError, PinnedHostSlice};
 
 use crate::alloc::{AllocationInfo, AllocationKey, BackendKind};
 use crate::backend::{DeviceBuffer, DmaBufExport, FlushOutcome, MemoryBackend, Release};
@@ -248,54 +248,24 @@ impl CudaBackend {
     }
 }
 
-/// Page-locked host memory from `cuMemHostAlloc`: the fast side of host<->device copies (and
-/// what a bounce buffer should be). Freed with `cuMemFreeHost` on drop.
-pub struct PinnedHostBuffer {
-    ptr: std::ptr::NonNull<u8>,
-    len: usize,
-    ctx: Arc<CudaContext>,
-}
-
-// SAFETY: plain host memory owned by this value alone.
-unsafe impl Send for PinnedHostBuffer {}
-// SAFETY: shared access only reads.
-unsafe impl Sync for PinnedHostBuffer {}
-
-impl PinnedHostBuffer {
-    /// The memory.
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: `len` bytes from cuMemHostAlloc, live until drop.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-
-    /// The memory, for writing.
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as above, exclusive through `&mut self`.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for PinnedHostBuffer {
-    fn drop(&mut self) {
-        let _ = self.ctx.bind_to_thread();
-        // SAFETY: allocated by cuMemHostAlloc in this context, freed once.
-        let _ = unsafe { result::free_host(self.ptr.as_ptr().cast()) };
-    }
-}
-
 impl CudaBackend {
-    /// Allocates `len` bytes of page-locked host memory (`cuMemHostAlloc`, portable).
-    pub fn alloc_pinned_host(&self, len: usize) -> Result<PinnedHostBuffer> {
+    /// Allocates `len` bytes of page-locked host memory (`cuMemHostAlloc`, portable), zeroed:
+    /// the fast side of host<->device copies. It is cudarc's own pinned type; registered host
+    /// memory for the NIC is `p2pbridge_verbs::HostBuffer` (or any memory, through the bridge).
+    pub fn alloc_pinned_host(&self, len: usize) -> Result<PinnedHostSlice<u8>> {
         if len == 0 {
             return Err(Error::InvalidArgument("cannot allocate 0 bytes".into()));
         }
         self.bind()?;
-        const CU_MEMHOSTALLOC_PORTABLE: u32 = 1;
-        // SAFETY: the context is current; the memory is freed by PinnedHostBuffer's drop.
-        let p = unsafe { result::malloc_host(len, CU_MEMHOSTALLOC_PORTABLE) }.map_err(cuda_err("cuMemHostAlloc"))?;
-        let ptr = std::ptr::NonNull::new(p.cast::<u8>())
-            .ok_or_else(|| Error::InvalidArgument("cuMemHostAlloc returned null".into()))?;
-        Ok(PinnedHostBuffer { ptr, len, ctx: self.inner.ctx.clone() })
+        // SAFETY: the context is current; the memory is unset until zeroed just below, before
+        // anything reads it.
+        let mut p = unsafe { self.inner.ctx.alloc_pinned_with_flags::<u8>(len, sys::CU_MEMHOSTALLOC_PORTABLE) }
+            .map_err(cuda_err("cuMemHostAlloc"))?;
+        let ptr = p.as_mut_ptr().map_err(cuda_err("cuEventSynchronize"))?;
+        // SAFETY: `len` bytes of fresh host memory owned by `p`, written once, nothing else
+        // refers to them yet.
+        unsafe { std::ptr::write_bytes(ptr, 0, len) };
+        Ok(p)
     }
 }
 

@@ -27,7 +27,9 @@ pub mod rocm;
 
 pub use alloc::{AllocationInfo, AllocationKey, BackendKind};
 pub use backend::{DeviceBuffer, DmaBufExport, FlushOutcome, MemoryBackend};
-pub use cuda::{CudaBackend, PinnedHostBuffer, GPU_PAGE};
+pub use cuda::{CudaBackend, GPU_PAGE};
+/// Page-locked host memory from CUDA ([`CudaBackend::alloc_pinned_host`]): cudarc's type.
+pub use cudarc::driver::PinnedHostSlice;
 pub use error::{Error, Result};
 pub use host::HostBackend;
 /// Views of memory that a NIC or a peer may write concurrently (from rust-vmm's `vm-memory`).

@@ -94,10 +94,11 @@ fn sweep(
     Ok(())
 }
 
-struct Pinned(p2pbridge_gpu::PinnedHostBuffer);
+struct Pinned(p2pbridge_gpu::PinnedHostSlice<u8>);
 impl AsMut<[u8]> for Pinned {
     fn as_mut(&mut self) -> &mut [u8] {
-        self.0.as_mut_slice()
+        // Only the event of a copy queued on it can fail this wait, and copies here are synchronous.
+        self.0.as_mut_slice().unwrap_or_else(|e| panic!("pinned host memory: {e}"))
     }
 }
 
