@@ -42,7 +42,12 @@ fn rdma_probe_on_soft_roce_reports_devices_reasons_and_strategies() {
     assert!(peermem["fix"].as_str().unwrap().contains("modprobe nvidia-peermem"));
     let dmabuf = &skipped.iter().find(|s| s["strategy"] == "dmabuf").expect("dma-buf has a reason")["reason"];
     assert_eq!(dmabuf["kind"], "unsupported", "{dmabuf}");
-    assert_eq!(dmabuf["reason"], *dmabuf_mr, "the planner's reason is the device report's");
+    // The plan is made on the first active device, whichever the kernel lists first: its
+    // reason is that device's report, word for word.
+    let planned_on = dmabuf["reason"]["device"].as_str().expect("the reason names its device");
+    let planned_dev = r["devices"].as_array().unwrap().iter().find(|d| d["name"] == planned_on).unwrap();
+    assert_eq!(dmabuf["reason"], planned_dev["dmabuf_mr"]["reason"], "the planner's reason is the device report's");
+    assert_eq!(dmabuf["reason"]["kind"], dmabuf_mr["kind"]);
     assert!(dmabuf["why"].as_str().unwrap().contains("EOPNOTSUPP"), "{dmabuf}");
     let odp = &skipped.iter().find(|s| s["strategy"] == "odp").expect("ODP has a reason")["reason"];
     assert_eq!(*odp, serde_json::json!({"kind": "not_for_this_memory", "applies_to": "pageable_host_memory"}));
