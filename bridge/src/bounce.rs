@@ -109,10 +109,12 @@ impl BounceEngine {
         let cq = conn.send_cq();
         let mut flushed = conn.qp().set_error().is_ok();
         for (id, _, _) in inflight.drain(..) {
-            if !flushed {
-                cq.unexpect(id);
-            } else if !matches!(cq.wait_wr(id, FLUSH_WAIT), Ok(_) | Err(p2pbridge_verbs::Error::WorkCompletion { .. }))
+            // An id given up stays marked awaited: nobody else takes its completion if it comes.
+            if flushed
+                && matches!(cq.wait_wr(id, FLUSH_WAIT), Ok(_) | Err(p2pbridge_verbs::Error::WorkCompletion { .. }))
             {
+                cq.unexpect(id);
+            } else {
                 // Not reaped (no flush, or polling failed): the NIC may still use the slot.
                 flushed = false;
             }
@@ -347,6 +349,7 @@ fn reap_front(
         // Reaped: completed, or failed with a status.
         r @ (Ok(_) | Err(p2pbridge_verbs::Error::WorkCompletion { .. })) => {
             inflight.pop_front();
+            cq.unexpect(id);
             r?;
             if chunks[i].last {
                 *done = chunks[i].piece + 1;

@@ -40,7 +40,26 @@ pub(crate) const FAULT_POLL: Duration = Duration::from_millis(100);
 /// error state and reaps the flush before returning [`Error::CompletionTimeout`] or the
 /// connection's loss (`Verbs(ConnectionLost { cause })`); [`Error::DeviceStuck`] if even the
 /// flush does not come. Nothing the request names is let go while the NIC may still use it.
+///
+/// The id stays marked awaited (`CompletionQueue::expect`) across the waits, so that no other
+/// waiter on a shared CQ takes its completion, and the mark ends once it is reaped; a request
+/// given up as stuck keeps its mark.
 pub(crate) fn reap_on(
+    conn: &Connection,
+    cq: &CompletionQueue,
+    wr_id: u64,
+    timeout: Duration,
+    what: &'static str,
+) -> Result<WorkCompletion> {
+    cq.expect(wr_id);
+    let r = reap_marked(conn, cq, wr_id, timeout, what);
+    if !matches!(r, Err(Error::DeviceStuck { .. })) {
+        cq.unexpect(wr_id);
+    }
+    r
+}
+
+fn reap_marked(
     conn: &Connection,
     cq: &CompletionQueue,
     wr_id: u64,

@@ -115,68 +115,105 @@ impl Metadata {
 /// The message that announces a blob: its length and where the peer may READ it.
 const ANNOUNCE: usize = 8 + RemoteBuf::WIRE_LEN;
 
+/// Gives `bufs` up for ever (leaks them) when `r` says a request naming them was not reaped:
+/// the NIC may still use them.
+fn keep_if_stuck<T, B>(r: &Result<T>, bufs: B) {
+    if matches!(r, Err(Error::DeviceStuck { .. })) {
+        std::mem::forget(bufs);
+    }
+}
+
+/// Metadata rides on the connection's own receives, which the NIC consumes in the order they
+/// were posted: a connection taking its receives from a shared queue is refused.
+fn check_receives(conn: &Connection) -> Result<()> {
+    if conn.srq().is_some() {
+        return Err(Error::InvalidArgument(
+            "metadata travels on the connection's own receives, and this one takes them from a shared receive queue: \
+             send it over another connection or channel (Metadata::to_bytes)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 impl crate::Bridge {
     /// Sends `md` over `conn` itself: a small SEND says where the blob is, the peer RDMA READs
     /// it ([`recv_metadata`](Self::recv_metadata)) and SENDs back that it is done, and only
     /// then does the blob's buffer go. The peer's receive must be posted before the SEND
     /// arrives, or the SEND is retried on RNR as `ConnectionOptions::rnr_retry_count` allows
     /// (7: for ever).
+    ///
+    /// Receives are taken in the order they were posted: exchange metadata before posting
+    /// receives of your own on the connection ([`Bridge::post_recvs`]), or the peer's message
+    /// lands in one of yours.
     pub fn send_metadata(&self, conn: &Connection, md: &Metadata) -> Result<()> {
+        check_receives(conn)?;
         let blob = md.to_bytes();
         let timeout = self.inner.core.completion_timeout;
         let pd = &self.inner.core.pd;
-        // Filled while it is still ours alone, before the NIC (or the peer) is given it.
+        // Everything is allocated and registered before anything is posted. Each buffer is
+        // filled while it is still ours alone, before the NIC (or the peer) is given it.
         let mut buf = HostBuffer::new(blob.len())?;
         buf.as_mut_slice().copy_from_slice(&blob);
         let mr = pd.register(buf, AccessFlags::LOCAL_WRITE | AccessFlags::REMOTE_READ)?;
-        // The peer's "done" may come as soon as our announcement lands: its receive goes first.
         let done = pd.register(HostBuffer::new(8)?, AccessFlags::LOCAL_WRITE)?;
-        let done_id = next_wr_id();
-        conn.recv_cq().expect(done_id);
-        conn.qp().post_recv(done_id, &done.slice(..)?).inspect_err(|_| conn.recv_cq().unexpect(done_id))?;
         let mut msg = HostBuffer::new(ANNOUNCE)?;
         msg.as_mut_slice()[..8].copy_from_slice(&(blob.len() as u64).to_le_bytes());
         let whole = RemoteBuf { addr: mr.addr(), len: mr.len(), rkey: mr.rkey() };
         msg.as_mut_slice()[8..].copy_from_slice(&whole.to_bytes());
         let msg = pd.register(msg, AccessFlags::LOCAL_WRITE)?;
+        let (done_slice, msg_slice) = (done.slice(..)?, msg.slice(..)?);
+        // The peer's "done" may come as soon as our announcement lands: its receive goes first.
+        let done_id = next_wr_id();
+        conn.recv_cq().expect(done_id);
+        conn.qp().post_recv(done_id, &done_slice).inspect_err(|_| conn.recv_cq().unexpect(done_id))?;
         let id = next_wr_id();
         conn.send_cq().expect(id);
-        let sent = conn
-            .qp()
-            .post_send(id, &msg.slice(..)?, None, SendFlags::SIGNALED)
-            .map_err(|e| {
+        let sent = match conn.qp().post_send(id, &msg_slice, None, SendFlags::SIGNALED) {
+            Ok(()) => reap_on(conn, conn.send_cq(), id, timeout, "SEND of a metadata announcement"),
+            Err(e) => {
                 conn.send_cq().unexpect(id);
-                Error::from(e)
-            })
-            .and_then(|()| reap_on(conn, conn.send_cq(), id, timeout, "SEND of a metadata announcement"));
+                Err(e.into())
+            }
+        };
         // `mr` (the blob) stays registered until the peer says it has read it, or the receive
         // of its answer is flushed (the connection then errored: nobody reads it any more).
         let r = match sent {
             Ok(_) => reap_on(conn, conn.recv_cq(), done_id, timeout, "RECV of the peer's metadata receipt"),
+            // The SEND was not reaped: every buffer stays the NIC's.
+            Err(e @ Error::DeviceStuck { .. }) => Err(e),
             Err(e) => {
                 // The answer's receive is still posted: flush it before its buffer goes.
                 let _ = conn.qp().set_error();
                 reap_on(conn, conn.recv_cq(), done_id, FLUSH_WAIT, "RECV of the peer's metadata receipt").and(Err(e))
             }
         };
-        if matches!(r, Err(Error::DeviceStuck { .. })) {
-            // Not reaped: the NIC may still use these buffers.
-            std::mem::forget((mr, done));
-        }
+        keep_if_stuck(&r, (mr, done, msg));
         r.map(|_| ())
     }
 
     /// Receives metadata the peer sent with [`send_metadata`](Self::send_metadata), waiting
     /// up to `timeout` for its announcement (on timeout the connection's queue pair is moved
     /// to the error state, as in [`Bridge::recv`](crate::Bridge::recv)). Blobs over `max_len`
-    /// bytes are refused (and the peer is not told: its `send_metadata` times out).
+    /// bytes are refused (and the peer is not told: its `send_metadata` times out). As for
+    /// `send_metadata`, no receive of your own may be posted on the connection before it.
     pub fn recv_metadata(&self, conn: &Connection, timeout: Duration, max_len: usize) -> Result<Metadata> {
+        check_receives(conn)?;
         let pd = &self.inner.core.pd;
+        let t = self.inner.core.completion_timeout;
         let msg = pd.register(HostBuffer::new(ANNOUNCE)?, AccessFlags::LOCAL_WRITE)?;
+        let slice = msg.slice(..)?;
         let id = next_wr_id();
         conn.recv_cq().expect(id);
-        conn.qp().post_recv(id, &msg.slice(..)?).inspect_err(|_| conn.recv_cq().unexpect(id))?;
-        let wc = reap_on(conn, conn.recv_cq(), id, timeout, "RECV of a metadata announcement")?;
+        conn.qp().post_recv(id, &slice).inspect_err(|_| conn.recv_cq().unexpect(id))?;
+        let wc = match reap_on(conn, conn.recv_cq(), id, timeout, "RECV of a metadata announcement") {
+            Err(e @ Error::DeviceStuck { .. }) => {
+                // Not reaped: the NIC may still write it.
+                std::mem::forget(msg);
+                return Err(e);
+            }
+            r => r?,
+        };
         // Complete, and no peer has rights on this region: its bytes are settled.
         let m = msg.to_vec();
         if (wc.byte_len as usize) < ANNOUNCE {
@@ -193,24 +230,32 @@ impl crate::Bridge {
             )));
         }
         let dst = pd.register(HostBuffer::new(len as usize)?, AccessFlags::LOCAL_WRITE)?;
+        let ack = pd.register(HostBuffer::new(8)?, AccessFlags::LOCAL_WRITE)?;
+        let (dst_slice, ack_slice) = (dst.slice(..)?, ack.slice(..)?);
+        let remote = p2pbridge_verbs::RemoteSlice { addr: at.addr, len: len as u32, rkey: at.rkey };
         let rid = next_wr_id();
         conn.send_cq().expect(rid);
-        let remote = p2pbridge_verbs::RemoteSlice { addr: at.addr, len: len as u32, rkey: at.rkey };
         conn.qp()
-            .post_read(rid, &dst.slice(..)?, &remote, SendFlags::SIGNALED)
+            .post_read(rid, &dst_slice, &remote, SendFlags::SIGNALED)
             .inspect_err(|_| conn.send_cq().unexpect(rid))?;
-        let t = self.inner.core.completion_timeout;
-        reap_on(conn, conn.send_cq(), rid, t, "RDMA READ of the peer's metadata")?;
+        if let Err(e) = reap_on(conn, conn.send_cq(), rid, t, "RDMA READ of the peer's metadata") {
+            if matches!(e, Error::DeviceStuck { .. }) {
+                // Not reaped: the NIC may still write `dst`.
+                std::mem::forget((dst, ack));
+            }
+            return Err(e);
+        }
         // The READ is complete and this region grants no remote rights: its bytes are settled.
         let md = Metadata::from_bytes(&dst.to_vec());
         // Tell the peer it may let its blob go, whether or not it made sense to us.
-        let ack = pd.register(HostBuffer::new(8)?, AccessFlags::LOCAL_WRITE)?;
         let aid = next_wr_id();
         conn.send_cq().expect(aid);
         conn.qp()
-            .post_send(aid, &ack.slice(..)?, None, SendFlags::SIGNALED)
+            .post_send(aid, &ack_slice, None, SendFlags::SIGNALED)
             .inspect_err(|_| conn.send_cq().unexpect(aid))?;
-        reap_on(conn, conn.send_cq(), aid, t, "SEND of a metadata receipt")?;
+        let r = reap_on(conn, conn.send_cq(), aid, t, "SEND of a metadata receipt");
+        keep_if_stuck(&r, ack);
+        r?;
         md
     }
 }

@@ -11,9 +11,11 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The handle holds its registrations live until every receive has completed. Receives still
-//! posted when it is dropped can only be taken back by moving the connection's queue pair to
-//! the error state (which flushes them): dropping it early ends the connection.
+//! The handle holds its registrations live until every receive has completed: a free of that
+//! memory waits until then (or until the handle is dropped), so keep receives posted only while
+//! you take them. Receives still posted when it is dropped can only be taken back by moving the
+//! connection's queue pair to the error state (which flushes them): dropping it early ends the
+//! connection.
 
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -67,6 +69,9 @@ impl Bridge {
     /// the SRQ itself ([`SharedReceiveQueue::post_recv_list`](p2pbridge_verbs::SharedReceiveQueue::post_recv_list)).
     pub fn post_recvs<'a>(&'a self, conn: &'a Connection, bufs: &[(&'a Registered, u64, u64)]) -> Result<Receives<'a>> {
         crate::completion::check_connection(conn)?;
+        if bufs.is_empty() {
+            return Err(Error::InvalidArgument("no receive to post".into()));
+        }
         if conn.srq().is_some() {
             return Err(Error::InvalidArgument(
                 "this connection takes its receives from a shared receive queue: post them there".into(),

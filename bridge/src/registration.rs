@@ -227,15 +227,23 @@ impl Registration {
         self.windowed
     }
 
-    /// Whether it is still live (not revoked).
+    /// Whether it is still live: not revoked, and no revocation under way.
     pub fn is_live(&self) -> bool {
-        self.state.read().unwrap_or_else(|e| e.into_inner()).is_some()
+        self.live().is_ok()
     }
 
     /// The live state, held (read-locked) for an operation: revocation waits until the guard
-    /// is dropped. `Err(Revoked)` once revoked.
+    /// is dropped. `Err(Revoked)` once revoked, and as soon as a revocation is under way: a
+    /// new hold never queues behind the revoker (std's lock would put it behind the waiting
+    /// writer, and a thread already holding this registration — a `Transfer`, a `LocalGuard` —
+    /// would then wait for itself). The memory is going anyway.
     pub(crate) fn live(&self) -> Result<RwLockReadGuard<'_, Option<Live>>> {
-        let g = self.state.read().unwrap_or_else(|e| e.into_inner());
+        let g = match self.state.try_read() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            // Held for writing, or a writer waits: only `revoke` writes.
+            Err(std::sync::TryLockError::WouldBlock) => return Err(Error::Revoked),
+        };
         if g.is_none() {
             return Err(Error::Revoked);
         }
@@ -390,9 +398,9 @@ impl Registered {
     /// posted with its slices are reaped, and no longer. `Err(Revoked)` if the memory is
     /// already gone.
     ///
-    /// While holding it, do not free this memory through its backend, and do not call the
-    /// bridge on this registration (another read lock behind a waiting revocation): either
-    /// waits for the guard itself, for ever. Unmapping host memory under a held guard does not
+    /// While holding it, do not free this memory through its backend: the free waits for the
+    /// guard itself, for ever. (Other calls on this registration meanwhile fail with
+    /// [`Error::Revoked`] once a revocation is under way, rather than wait.) Unmapping host memory under a held guard does not
     /// hang the caller (`munmap` returns once the monitor has read the event), but the
     /// monitor's worker then waits for the guard before it acts on any later unmap in the
     /// process — and a `register_host` or `sync_monitor` by the guard's holder meanwhile waits

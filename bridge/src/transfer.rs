@@ -32,7 +32,9 @@
 //!
 //! **Lifetimes.** A [`Transfer`] borrows every registration and key of its batch, and holds each
 //! registration live (its memory cannot be revoked) until the last of its requests has completed
-//! or been flushed. Dropping it early waits for that (moving the queue pair to the error state
+//! or been flushed, and the handle has seen it (`poll`, `wait`, drop): a free of that memory
+//! waits until then, so poll or drop handles promptly. Do not free the memory of a transfer you
+//! hold from the same thread: the free waits for the handle, for ever. Dropping it early waits for that (moving the queue pair to the error state
 //! if the NIC does not finish within [`BridgeOptions::completion_timeout`]), so a buffer is never
 //! let go while the NIC may still use it, and nothing leaks.
 //!
@@ -207,7 +209,8 @@ pub struct Transfer<'a> {
     /// Per descriptor: its offset in its registration, and the registration's index in `held`.
     at: Vec<(u64, usize)>,
     held: Vec<Held<'a>>,
-    /// Work-request ids: `ids.start + i` for descriptor `i`.
+    /// Work-request ids: `ids.start + i` for descriptor `i`, and the last for the drain
+    /// marker.
     ids: Range<u64>,
     status: Vec<Status>,
     /// Descriptors handed to the NIC (or run by the engine) so far.
@@ -220,6 +223,10 @@ pub struct Transfer<'a> {
     error: Option<Error>,
     /// When a completion last came (or the transfer began).
     progress: Instant,
+    /// The drain marker is posted and its completion not yet taken.
+    marker: bool,
+    /// The device did not flush: the ids stay marked awaited for ever.
+    gave_up: bool,
     finished: bool,
 }
 
@@ -249,7 +256,11 @@ impl Engines {
         backend: &Arc<dyn MemoryBackend>,
         f: impl FnOnce(&mut BounceEngine) -> Result<R>,
     ) -> Result<R> {
-        let mut all = self.engines.lock().unwrap_or_else(|e| e.into_inner());
+        // A panic in an engine's run (a backend copy) may have left its chunks in flight and
+        // unreaped: such engines are never used again.
+        let mut all = self.engines.lock().map_err(|_| Error::DeviceStuck {
+            what: "a bounce engine whose transfer panicked (its staging slots are not reused)",
+        })?;
         let i = match all.iter().position(|(b, _)| Arc::ptr_eq(b, backend)) {
             Some(i) => i,
             None => {
@@ -286,8 +297,9 @@ impl Bridge {
             at.push((off, hold(&mut held, d.local.handle.value())?));
         }
         let n = descs.len();
-        let first = next_wr_ids(n as u64);
-        let ids = first..first + n as u64;
+        // One id per descriptor, and one more for the drain marker (`abort`).
+        let first = next_wr_ids(n as u64 + 1);
+        let ids = first..first + n as u64 + 1;
         conn.send_cq().expect_ids(ids.clone());
         let mut t = Transfer {
             bridge: self,
@@ -302,6 +314,8 @@ impl Bridge {
             credits: 0,
             error: None,
             progress: Instant::now(),
+            marker: false,
+            gave_up: false,
             finished: false,
         };
         t.post_more();
@@ -389,8 +403,13 @@ impl<'a> Transfer<'a> {
             Ok(_) => self.absorb(&wcs),
             Err(e) => self.abort(e.into()),
         }
-        if self.resolved < self.posted && self.error.is_none() {
-            if let Some(cause) = self.conn.fault() {
+        if self.resolved < self.posted {
+            if self.error.is_some() {
+                // Failed: the rest is being flushed; if that stalls, drain as on a timeout.
+                if self.progress.elapsed() >= FLUSH_WAIT {
+                    self.abort(self.timeout_error());
+                }
+            } else if let Some(cause) = self.conn.fault() {
                 self.abort(p2pbridge_verbs::Error::ConnectionLost { cause }.into());
             } else if self.progress.elapsed() >= self.bridge.inner.core.completion_timeout {
                 self.abort(self.timeout_error());
@@ -496,11 +515,10 @@ impl<'a> Transfer<'a> {
                 Err(p) => {
                     self.posted = i + p.posted;
                     self.give_back(got - p.posted as u32);
-                    // Requests posted unsignalled may never complete now: flush them.
-                    if p.posted > 0 {
-                        let _ = self.conn.qp().set_error();
-                    }
-                    self.error = Some(p.error.into());
+                    // Requests posted unsignalled may never complete now: flush them, with the
+                    // drain marker after them.
+                    self.abort(p.error.into());
+                    return;
                 }
             }
         }
@@ -582,8 +600,10 @@ impl<'a> Transfer<'a> {
             };
             let (conn, write) = (self.conn, d.op == Op::Write);
             let r = self.bridge.inner.engines.with(self.bridge, &backend, |e| {
-                // SAFETY: every piece's registration is held live (this transfer's guards), and
-                // a free of its memory revokes it first, waiting for the guard: the memory stays.
+                // SAFETY: every piece's registration is held live (this transfer's guards). A
+                // free through its backend, an unmap under the monitor and `report_free` revoke
+                // it first, waiting for the guard; memory freed with none of those (another
+                // allocator's, unreported) breaks `Bridge::register`'s documented contract.
                 Ok(unsafe {
                     if write {
                         e.write_many(conn, &pieces)
@@ -650,6 +670,23 @@ impl<'a> Transfer<'a> {
     fn absorb(&mut self, wcs: &[WorkCompletion]) {
         for wc in wcs {
             let Some(k) = wc.wr_id.checked_sub(self.ids.start).map(|k| k as usize) else { continue };
+            if k == self.descs.len() {
+                // The drain marker, posted after the queue pair entered the error state: every
+                // request before it has completed. Those still pending made no completion, so
+                // they succeeded unsignalled (a failed or flushed one always completes).
+                self.progress = Instant::now();
+                let mut freed = 0;
+                for j in self.resolved..self.posted {
+                    if self.status[j] == Status::Pending {
+                        self.status[j] = Status::Done;
+                        freed += 1;
+                    }
+                }
+                self.resolved = self.posted;
+                self.marker = false;
+                self.give_back(freed);
+                continue;
+            }
             if k >= self.posted || self.status[k] != Status::Pending {
                 continue;
             }
@@ -703,9 +740,15 @@ impl<'a> Transfer<'a> {
         if self.conn.qp().set_error().is_err() {
             return self.stuck();
         }
+        // A request posted last but unsignalled (a list the provider took only in part) that
+        // succeeded before the error state makes no completion: a signalled marker after it,
+        // flushed in its turn, vouches for it (as the kernel's ib_drain_sq does).
+        self.marker = self.post_marker();
         let start = Instant::now();
         let mut wcs = Vec::new();
-        while self.resolved < self.posted {
+        // Until the marker itself is taken (it completes last): no completion of this
+        // transfer's ids is left behind for another waiter.
+        while self.resolved < self.posted || self.marker {
             let left = FLUSH_WAIT.saturating_sub(start.elapsed());
             if left.is_zero() {
                 return self.stuck();
@@ -718,15 +761,28 @@ impl<'a> Transfer<'a> {
         }
     }
 
+    /// Posts the zero-length, signalled drain marker (the transfer's last id) on the queue pair,
+    /// which is in the error state: it completes (flushed) after every request before it.
+    fn post_marker(&self) -> bool {
+        let Some(live) = self.held.first().and_then(|h| h.guard.as_ref()) else { return false };
+        let Ok(local) = live.mr.slice(0, 0) else { return false };
+        let marker = SendWr { wr_id: self.ids.end - 1, op: SendOp::Send(None), local, flags: SendFlags::SIGNALED };
+        // If it cannot be posted, the wait ends on the flushes alone, or as stuck.
+        self.conn.qp().post_send_list(&[marker]).is_ok()
+    }
+
     /// The NIC did not flush: the requests in flight stay its own for ever.
     fn stuck(&mut self) {
         for h in &self.held {
             h.reg.pin_forever();
         }
         self.error = Some(Error::DeviceStuck { what: "a transfer's work requests" });
-        // Their slots and ids are never given back: the requests may still complete.
+        // Their slots and ids are never given back: the requests may still complete, and no
+        // other waiter may take their completions.
         self.credits = 0;
         self.resolved = self.posted;
+        self.marker = false;
+        self.gave_up = true;
     }
 
     /// Once nothing is in flight and nothing more will be posted: releases the registrations
@@ -744,7 +800,9 @@ impl<'a> Transfer<'a> {
         }
         self.finished = true;
         self.give_back(self.credits);
-        self.conn.send_cq().unexpect_ids(&self.ids);
+        if !self.gave_up {
+            self.conn.send_cq().unexpect_ids(&self.ids);
+        }
         self.held.clear();
         match self.error.take() {
             None => Ok(true),
@@ -758,6 +816,8 @@ impl Drop for Transfer<'_> {
     /// its registrations released.
     fn drop(&mut self) {
         if !self.finished {
+            // Nothing more is posted; what is in flight is waited for.
+            self.fail_unposted(Error::InvalidArgument("the transfer was dropped before it was done".into()));
             let _ = self.wait_mut();
         }
     }

@@ -409,16 +409,22 @@ impl CompletionQueue {
     /// has been reaped.
     pub fn wait_wr(&self, wr_id: u64, timeout: Duration) -> Result<WorkCompletion> {
         let ids = wr_id..wr_id.wrapping_add(1);
-        {
-            // Marked by `expect` already, or marked now; ended below either way.
+        // Marked by the caller's `expect` (which the caller ends, with `unexpect`, once it has
+        // the completion or gives the request up: a timed-out wait keeps it marked, so that
+        // nobody else takes it meanwhile), or marked here for this wait only.
+        let own = {
             let mut st = self.lock();
-            if !st.awaited.contains(&ids) {
+            let marked = st.awaited.contains(&ids);
+            if !marked {
                 st.awaited.push(ids.clone());
             }
-        }
+            !marked
+        };
         let mut out = Vec::with_capacity(1);
         let r = self.wait_take(timeout, &|w, _| w.wr_id == wr_id, &mut out, 1);
-        self.unexpect_ids(&ids);
+        if own {
+            self.unexpect_ids(&ids);
+        }
         r?;
         out.pop().ok_or(Error::Timeout(timeout, "a work completion"))?.ok()
     }
@@ -444,13 +450,16 @@ impl CompletionQueue {
     }
 
     /// Marks `wr_id` as awaited before its request is posted, so that no
-    /// [`wait_one`](Self::wait_one) caller takes its completion before [`wait_wr`](Self::wait_wr)
-    /// begins. `wait_wr` ends the mark; [`unexpect`](Self::unexpect) ends it when the post failed.
+    /// [`wait_one`](Self::wait_one) caller takes its completion, until
+    /// [`unexpect`](Self::unexpect): call it once the completion is reaped (by
+    /// [`wait_wr`](Self::wait_wr), which leaves the mark in place across waits), or when the
+    /// post failed.
     pub fn expect(&self, wr_id: u64) {
         self.expect_ids(wr_id..wr_id.wrapping_add(1));
     }
 
-    /// Ends an [`expect`](Self::expect) whose request was not posted.
+    /// Ends an [`expect`](Self::expect) mark: the request's completion was reaped, or it was
+    /// not posted.
     pub fn unexpect(&self, wr_id: u64) {
         self.unexpect_ids(&(wr_id..wr_id.wrapping_add(1)));
     }
@@ -458,7 +467,10 @@ impl CompletionQueue {
     /// Marks the ids `ids` as awaited (see [`expect`](Self::expect)), until
     /// [`unexpect_ids`](Self::unexpect_ids) with the same range.
     pub fn expect_ids(&self, ids: std::ops::Range<u64>) {
-        self.lock().awaited.push(ids);
+        let mut st = self.lock();
+        if !st.awaited.contains(&ids) {
+            st.awaited.push(ids);
+        }
     }
 
     /// Ends an [`expect_ids`](Self::expect_ids) mark.

@@ -355,13 +355,10 @@ impl QueuePair {
         match unsafe { result::qp::post_send(self.qp.as_ptr(), base, &mut bad, "ibv_post_send (a list)") } {
             Ok(()) => Ok(()),
             Err(error) => {
-                // `bad` is the first request not posted; those before it were.
-                let posted = if bad.is_null() {
-                    0
-                } else {
-                    // SAFETY: the provider sets `bad` to an element of the list it was given.
-                    usize::try_from(unsafe { bad.offset_from(base) }).unwrap_or(0)
-                };
+                // `bad` is the first request not posted; those before it were. A `bad` that is
+                // not in the list (null, or a provider's mistake) is taken as "all posted": the
+                // safe direction, since a request counted as posted is waited for.
+                let posted = raw.iter().position(|w| std::ptr::eq(w, bad)).unwrap_or(raw.len());
                 Err(PostListError { posted, error })
             }
         }
@@ -429,7 +426,9 @@ impl RecvList {
 
     /// The error for a post that stopped at `bad` (the first request not posted).
     pub(crate) fn partial(&self, bad: *mut sys::ibv_recv_wr, error: Error) -> PostListError {
-        let posted = self.wrs.iter().position(|w| std::ptr::eq(w, bad)).unwrap_or(0);
+        // Not in the list (null, or a provider's mistake): taken as all posted, the safe
+        // direction (what is counted as posted is waited for).
+        let posted = self.wrs.iter().position(|w| std::ptr::eq(w, bad)).unwrap_or(self.wrs.len());
         PostListError { posted, error }
     }
 }
