@@ -345,7 +345,8 @@ fn reap_front(
     done: &mut usize,
 ) -> Result<usize> {
     let &(id, slot, i) = inflight.front().ok_or(Error::InvalidArgument("no bounce chunk in flight".into()))?;
-    match cq.wait_wr(id, timeout) {
+    // Busy: the ring keeps the wire busy, and a wake-up costs more than a chunk takes.
+    match cq.wait_wr_busy(id, timeout) {
         // Reaped: completed, or failed with a status.
         r @ (Ok(_) | Err(p2pbridge_verbs::Error::WorkCompletion { .. })) => {
             inflight.pop_front();

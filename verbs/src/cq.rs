@@ -322,8 +322,21 @@ impl CompletionQueue {
         out: &mut Vec<WorkCompletion>,
         max: usize,
     ) -> Result<usize> {
+        self.wait_take_spinning(timeout, SPIN, pick, out, max)
+    }
+
+    /// [`wait_take`](Self::wait_take), busy-polling for `spin` before it sleeps.
+    fn wait_take_spinning(
+        &self,
+        timeout: Duration,
+        spin: Duration,
+        pick: &dyn Fn(&WorkCompletion, &Stash) -> bool,
+        out: &mut Vec<WorkCompletion>,
+        max: usize,
+    ) -> Result<usize> {
         let start = Instant::now();
         let deadline = deadline(timeout);
+        let mut spins = 0u32;
         loop {
             let mut st = self.lock();
             let n = self.drain(&mut st, pick, out, max)?;
@@ -333,9 +346,14 @@ impl CompletionQueue {
             if past(deadline) {
                 return Err(Error::Timeout(timeout, "a work completion"));
             }
-            if start.elapsed() < SPIN {
+            if start.elapsed() < spin {
                 drop(st);
-                std::hint::spin_loop();
+                spins = spins.wrapping_add(1);
+                if spins.is_multiple_of(256) {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
                 continue;
             }
             let nap = deadline.map_or(MAX_SLEEP, |d| d.saturating_duration_since(Instant::now()).min(MAX_SLEEP));
@@ -408,6 +426,17 @@ impl CompletionQueue {
     /// NIC's until its completion (or its flush, after [`QueuePair::set_error`](crate::QueuePair::set_error))
     /// has been reaped.
     pub fn wait_wr(&self, wr_id: u64, timeout: Duration) -> Result<WorkCompletion> {
+        self.wait_wr_spinning(wr_id, timeout, SPIN)
+    }
+
+    /// [`wait_wr`](Self::wait_wr) that busy-polls for the whole wait and never sleeps: for
+    /// loops that keep the wire busy (the bounce engine's ring), where a wake-up from the
+    /// completion channel would cost more than the request takes.
+    pub fn wait_wr_busy(&self, wr_id: u64, timeout: Duration) -> Result<WorkCompletion> {
+        self.wait_wr_spinning(wr_id, timeout, timeout)
+    }
+
+    fn wait_wr_spinning(&self, wr_id: u64, timeout: Duration, spin: Duration) -> Result<WorkCompletion> {
         let ids = wr_id..wr_id.wrapping_add(1);
         // Marked by the caller's `expect` (which the caller ends, with `unexpect`, once it has
         // the completion or gives the request up: a timed-out wait keeps it marked, so that
@@ -421,7 +450,7 @@ impl CompletionQueue {
             !marked
         };
         let mut out = Vec::with_capacity(1);
-        let r = self.wait_take(timeout, &|w, _| w.wr_id == wr_id, &mut out, 1);
+        let r = self.wait_take_spinning(timeout, spin, &|w, _| w.wr_id == wr_id, &mut out, 1);
         if own {
             self.unexpect_ids(&ids);
         }
