@@ -18,7 +18,7 @@ use crate::error::Result;
 use crate::keys::KeyLedger;
 use crate::options::BridgeOptions;
 use crate::registration::Registration;
-use crate::strategy::{HostCaps, Policy};
+use crate::strategy::{HostCaps, Policy, Reason, Support};
 
 /// What revocation needs, shared with the callbacks that revoke — backend notices, the
 /// monitor, connections closing — so that they revoke (and wait) even while the bridge itself
@@ -60,7 +60,7 @@ pub(crate) struct Inner {
     /// Keys are memory windows (the device has type 2 windows and the options allow them).
     pub(crate) windows: bool,
     /// The userfaultfd monitor's subscription, or why there is none.
-    pub(crate) watch: std::result::Result<crate::uffd::Watch, String>,
+    pub(crate) watch: std::result::Result<crate::uffd::Watch, Reason>,
     /// Where the pinned-bytes limit comes from, for errors and the probe.
     pub(crate) pinned_budget: crate::budget::Budget,
     /// The exported-bytes limit per device and where it comes from (a GPU's BAR1).
@@ -161,9 +161,9 @@ impl Bridge {
                     eprintln!("p2pbridge: revoking registrations of unmapped host memory {range:x?} failed: {e}");
                 }
             }))
-            .map_err(|e| e.to_string())
+            .map_err(|e| Reason::UserfaultfdUnavailable { error: e.to_string() })
         } else {
-            Err("disabled by BridgeOptions::monitor_host".into())
+            Err(Reason::DisabledByOption { option: "BridgeOptions::monitor_host" })
         };
         Ok(Bridge {
             inner: Arc::new(Inner {
@@ -197,8 +197,11 @@ impl Bridge {
 
     /// Whether host memory registered with [`Bridge::register_host`] is watched by the
     /// userfaultfd monitor, and if not, why.
-    pub fn host_monitor(&self) -> std::result::Result<(), &str> {
-        self.inner.watch.as_ref().map(|_| ()).map_err(|e| e.as_str())
+    pub fn host_monitor(&self) -> Support {
+        match &self.inner.watch {
+            Ok(_) => Support::Yes,
+            Err(reason) => Support::no(reason.clone()),
+        }
     }
 
     /// Returns once every change of the address space that has already returned to its caller
@@ -214,16 +217,16 @@ impl Bridge {
 
     /// Whether keys handed out are memory windows (see [`BridgeOptions::windows`]), and if not,
     /// why.
-    pub fn key_windows(&self) -> std::result::Result<(), &'static str> {
+    pub fn key_windows(&self) -> Support {
         if self.inner.windows {
-            Ok(())
+            Support::Yes
         } else if !self.inner.caps.nic.mem_windows.is_yes() {
-            Err("the device has no type 2 memory windows: keys are the region's rkey, revoked with the whole registration")
+            // The device's own answer, with its reason.
+            self.inner.caps.nic.mem_windows.clone()
         } else {
-            Err("disabled by BridgeOptions::windows: keys are the region's rkey, revoked with the whole registration")
+            Support::no(Reason::DisabledByOption { option: "BridgeOptions::windows" })
         }
     }
-
     /// What the host can do, as probed.
     pub fn caps(&self) -> &HostCaps {
         &self.inner.caps

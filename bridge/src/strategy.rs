@@ -183,6 +183,16 @@ impl Support {
     }
 }
 
+/// "yes", or "no: why; fix: …".
+impl fmt::Display for Support {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Support::Yes => write!(f, "yes"),
+            Support::No(u) => write!(f, "no: {u}"),
+        }
+    }
+}
+
 /// JSON: `{"supported": true}`, or `{"supported": false, "reason": {"kind": ..., fields},
 /// "why": "...", "fix": "..."}` (see [`Unsupported`]).
 impl Serialize for Support {
@@ -366,6 +376,11 @@ pub enum Reason {
         /// What starting it said.
         error: String,
     },
+    /// The caller turned it off.
+    DisabledByOption {
+        /// The option.
+        option: &'static str,
+    },
 }
 
 /// The peer-memory client modules, for [`Reason::PeerMemMissing`].
@@ -424,6 +439,7 @@ impl Reason {
             Reason::UserfaultfdUnavailable { .. } => {
                 "run as root (or set vm.unprivileged_userfaultfd=1); without the monitor, call Bridge::invalidate_host before unmapping registered memory"
             }
+            Reason::DisabledByOption { .. } => "set the option (it defaults to on)",
         }
     }
 }
@@ -471,6 +487,7 @@ impl fmt::Display for Reason {
             }
             Reason::UdmabufUnavailable { error, .. } => write!(f, "{error}"),
             Reason::UserfaultfdUnavailable { error } => write!(f, "{error}"),
+            Reason::DisabledByOption { option } => write!(f, "disabled by {option}"),
         }
     }
 }

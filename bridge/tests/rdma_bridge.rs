@@ -185,7 +185,7 @@ fn revocation_case(strategy: Strategy, gone: Gone, hold: bool) {
             let (c2, s2) = connect(&c.pd, &s.pd);
             let mut srv = s.state;
             assert_eq!(srv.reg.as_ref().unwrap().strategy(), strategy);
-            srv.bridge.host_monitor().expect("the userfaultfd monitor runs on the fabric");
+            srv.bridge.host_monitor().as_result().expect("the userfaultfd monitor runs on the fabric");
             let kw = srv.bridge.hand_out(&s.conn, srv.reg.as_ref().unwrap(), 0, len as u64).unwrap();
             let kr = srv.bridge.hand_out(&s2, srv.reg.as_ref().unwrap(), 0, len as u64).unwrap();
             // Both keys work while the memory is there.
@@ -275,7 +275,7 @@ fn rdma_untouched_registered_memory_is_reachable_by_the_peer_with_the_monitor_on
             )
             .unwrap();
         let srv = &s.state;
-        srv.bridge.host_monitor().expect("the userfaultfd monitor runs on the fabric");
+        srv.bridge.host_monitor().as_result().expect("the userfaultfd monitor runs on the fabric");
         // ODP registrations are prefetched where advise_mr works, and say why not elsewhere.
         match (strategy, srv.reg.as_ref().unwrap().prefetch(), srv.bridge.caps().nic.advise_mr.as_result()) {
             (Strategy::Odp, Some(Ok(())), Ok(())) => {}
@@ -307,7 +307,7 @@ fn rdma_untouched_registered_memory_is_reachable_by_the_peer_with_the_monitor_on
 fn rdma_a_key_leaked_to_another_connection_is_refused() {
     let len = 65_536usize;
     let (c, s, key) = pair(Policy::default().require(Strategy::PinnedHost), len);
-    s.state.bridge.key_windows().expect("rxe has type 2 memory windows");
+    s.state.bridge.key_windows().as_result().expect("rxe has type 2 memory windows");
     let (c2, _s2) = connect(&c.pd, &s.pd);
     // The key was bound to the first connection's QP; over the second the NIC refuses it.
     assert_write_refused(&c.state, &c2, &key, 0, 4096, "a key used over another connection");
@@ -325,7 +325,7 @@ fn rdma_a_key_for_part_of_a_registration_reaches_that_part_only() {
     let len = 65_536usize;
     let (c, s, _) = pair(Policy::default().require(Strategy::PinnedHost), len);
     let (sreg, sbridge) = (s.state.reg.as_ref().unwrap(), &s.state.bridge);
-    sbridge.key_windows().expect("rxe has type 2 memory windows");
+    sbridge.key_windows().as_result().expect("rxe has type 2 memory windows");
     let part = sbridge.hand_out(&s.conn, sreg, 4096, 4096).unwrap();
     assert_eq!(part.len, 4096);
     c.state.bridge.write(&c.conn, c.state.reg.as_ref().unwrap(), 0, 4096, &part, 0).unwrap();
@@ -423,7 +423,13 @@ fn rdma_without_windows_a_free_deregisters_at_once_and_the_old_key_is_refused() 
         )
         .unwrap();
     let mut srv = s.state;
-    assert!(srv.bridge.key_windows().is_err());
+    assert_eq!(
+        srv.bridge.key_windows(),
+        p2pbridge::strategy::Support::no(p2pbridge::strategy::Reason::DisabledByOption {
+            option: "BridgeOptions::windows"
+        }),
+        "keys are the region's rkey, and the bridge says why"
+    );
     let key = srv.bridge.hand_out(&s.conn, srv.reg.as_ref().unwrap(), 0, len as u64).unwrap();
     c.state.bridge.write(&c.conn, c.state.reg.as_ref().unwrap(), 0, 4096, &key, 0).unwrap();
     let held = srv.reg.take().unwrap();

@@ -122,7 +122,7 @@ fn run(args: &Args, fabric: &SoftRoce) -> Res {
     )?;
     let (mem, windowed, plain) = &server.state;
     let conn = &server.conn;
-    windowed.key_windows().map_err(|e| format!("this device has no memory windows to measure: {e}"))?;
+    windowed.key_windows().as_result().map_err(|e| format!("this device has no memory windows to measure: {e}"))?;
     println!("device {}, {} rounds", fabric.b.device, rounds);
 
     // Revocation latency from munmap.

@@ -110,7 +110,7 @@ fn run(args: Args) -> Res {
     )?;
     let (mem, bridge, what) = &server.state;
     let (_, cbridge, _, creg) = &client.state;
-    println!("{what}; keys are memory windows: {:?}", bridge.key_windows());
+    println!("{what}; keys are memory windows: {}", bridge.key_windows());
     let mut old_keys = Vec::new();
     let (mut reused, rounds) = (0, args.rounds);
     let mut last_addr = 0;
