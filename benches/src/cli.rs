@@ -2,37 +2,11 @@
 //! (`--help`, `--version`, usage errors exit 2 with the usage), and a failure while running is
 //! printed as `NAME: message` (its `Display`, never its `Debug` form) and exits 1.
 
-use std::process::ExitCode;
-
+pub use p2pbridge_test_support::cli::{exit_status, parse_size, Res};
 use p2pbridge_test_support::fabric::SoftRoce;
-
-/// Any error, which can cross threads: what the binaries' runs return.
-pub type Res<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 /// The exit codes every benchmark binary documents (in its doc comment and `--help`).
 pub const EXIT_CODES: &str = "Exit status: 0 done (figures and targets are reported, not enforced); 1 failed while running (the error is printed as `NAME: ERROR`); 2 usage error (bad or missing arguments, or no Soft-RoCE fabric where one is needed).";
-
-/// The exit status for `r`: 0 for `Ok`; for an error, prints `name: error` (its `Display`,
-/// with any cause its message does not already say) on stderr and returns 1.
-pub fn exit_status(name: &str, r: Res) -> ExitCode {
-    match r {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let mut msg = e.to_string();
-            let mut cause = e.source();
-            while let Some(c) = cause {
-                let s = c.to_string();
-                if !msg.contains(&s) {
-                    msg.push_str(": ");
-                    msg.push_str(&s);
-                }
-                cause = c.source();
-            }
-            eprintln!("{name}: {msg}");
-            ExitCode::from(1)
-        }
-    }
-}
 
 /// A usage error of command `C`: `message` with `C`'s usage on stderr, exit status 2.
 pub fn usage_error<C: clap::CommandFactory>(message: impl std::fmt::Display) -> ! {
@@ -47,21 +21,6 @@ pub fn fabric_or_usage_error<C: clap::CommandFactory>(how: &str) -> SoftRoce {
             .error(clap::error::ErrorKind::MissingRequiredArgument, format!("no Soft-RoCE fabric here: {how}"))
             .exit()
     })
-}
-
-/// A size: bytes, or with a `KiB`, `MiB` or `GiB` suffix (64, 4KiB, 256MiB); not 0.
-pub fn parse_size(s: &str) -> Result<usize, String> {
-    let (num, mul) = match s {
-        s if s.ends_with("GiB") => (&s[..s.len() - 3], 1 << 30),
-        s if s.ends_with("MiB") => (&s[..s.len() - 3], 1 << 20),
-        s if s.ends_with("KiB") => (&s[..s.len() - 3], 1 << 10),
-        s => (s, 1),
-    };
-    num.parse::<usize>()
-        .ok()
-        .and_then(|n| n.checked_mul(mul))
-        .filter(|&n| n > 0)
-        .ok_or_else(|| format!("'{s}' is not a positive size such as 64, 4KiB, 256MiB"))
 }
 
 /// A whole number of at least 1.

@@ -11,7 +11,6 @@
 //! thread with its own connection, exactly as two processes would.
 
 use std::net::SocketAddr;
-use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,8 +23,7 @@ use p2pbridge::{Bridge, BridgeOptions};
 use p2pbridge_gpu::{CudaBackend, HostBackend, MemoryBackend};
 use p2pbridge_test_support::fabric::{Side, SoftRoce};
 
-/// What the examples' halves return: any error, which can cross threads.
-pub type Res<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+pub use p2pbridge_test_support::cli::{exit_status, parse_size, Res};
 
 /// The memory the examples move: CUDA device 0 where there is one, else host memory (the
 /// host backend), and a line saying which and why.
@@ -109,28 +107,6 @@ impl Endpoint {
                     )
                     .exit(),
             },
-        }
-    }
-}
-
-/// The exit status for `r`: 0 for `Ok`; for an error, prints `name: error` (its `Display`,
-/// with any cause its message does not already say) on stderr and returns 1.
-pub fn exit_status(name: &str, r: Res) -> ExitCode {
-    match r {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let mut msg = e.to_string();
-            let mut cause = e.source();
-            while let Some(c) = cause {
-                let s = c.to_string();
-                if !msg.contains(&s) {
-                    msg.push_str(": ");
-                    msg.push_str(&s);
-                }
-                cause = c.source();
-            }
-            eprintln!("{name}: {msg}");
-            ExitCode::from(1)
         }
     }
 }

@@ -4,6 +4,7 @@
 //!
 //! Not library API: the library crates take it as a dev-dependency only.
 
+pub mod cli;
 pub mod fabric;
 pub mod process;
 

@@ -28,7 +28,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use p2pbridge_examples::{conn_opts, exit_status, run_halves, Endpoint, Mode, Res, EXIT_CODES, SERVE_FOR};
+use p2pbridge_examples::{conn_opts, exit_status, parse_size, run_halves, Endpoint, Mode, Res, EXIT_CODES, SERVE_FOR};
 use p2pbridge_test_support::fabric::Side;
 use p2pbridge_test_support::pattern;
 use p2pbridge_verbs::{
@@ -55,20 +55,6 @@ struct Args {
     size: usize,
     #[command(flatten)]
     endpoint: Endpoint,
-}
-
-fn parse_size(s: &str) -> Result<usize, String> {
-    let (num, mul) = match s {
-        s if s.ends_with("GiB") => (&s[..s.len() - 3], 1 << 30),
-        s if s.ends_with("MiB") => (&s[..s.len() - 3], 1 << 20),
-        s if s.ends_with("KiB") => (&s[..s.len() - 3], 1 << 10),
-        s => (s, 1),
-    };
-    num.parse::<usize>()
-        .ok()
-        .and_then(|n| n.checked_mul(mul))
-        .filter(|&n| n > 0)
-        .ok_or_else(|| format!("'{s}' is not a positive size such as 4096, 64KiB, 16MiB"))
 }
 
 /// The seed of the pattern the client writes (and the server checks).
