@@ -2,7 +2,9 @@
 //! usage errors exit 2 with clap's message, and failures while running exit 1 with the error's
 //! message (not its Debug form) after the binary's name.
 
-use std::process::{Command, Output};
+use std::process::Output;
+
+use p2pbridge_test_support::process::{run_outside_fabric as run, show_output as show};
 
 const BINS: [(&str, &str); 4] = [
     ("cache_loop", env!("CARGO_BIN_EXE_cache_loop")),
@@ -16,20 +18,6 @@ const SPLIT: [&str; 3] = ["kv_fetch", "remote_buffer", "write_read"];
 
 fn exe(name: &str) -> &'static str {
     BINS.iter().find(|(n, _)| *n == name).unwrap().1
-}
-
-/// Runs `bin` with `args`, outside any Soft-RoCE fabric.
-fn run(bin: &str, args: &[&str]) -> Output {
-    Command::new(bin).args(args).env_remove("P2PB_SOFTROCE").output().unwrap_or_else(|e| panic!("{bin}: {e}"))
-}
-
-fn show(o: &Output) -> String {
-    format!(
-        "{}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn assert_code(o: &Output, code: i32) {

@@ -102,3 +102,23 @@ impl Lines {
         self.seen
     }
 }
+
+/// Runs `bin` with `args` to completion, outside any Soft-RoCE fabric (`P2PB_SOFTROCE` unset),
+/// for tests of a binary's command line.
+pub fn run_outside_fabric(bin: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin)
+        .args(args)
+        .env_remove("P2PB_SOFTROCE")
+        .output()
+        .unwrap_or_else(|e| panic!("{bin}: {e}"))
+}
+
+/// A finished process's status and output, for an assertion's message.
+pub fn show_output(o: &std::process::Output) -> String {
+    format!(
+        "{}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}

@@ -1,21 +1,14 @@
 //! `p2pb-devices`' command line, on any host (no RDMA needed): --help and --version exit 0,
 //! an unknown flag is a usage error (exit 2).
 
-use std::process::{Command, Output};
+use std::process::Output;
+
+use p2pbridge_test_support::process::show_output as show;
 
 const BIN: &str = env!("CARGO_BIN_EXE_p2pb-devices");
 
 fn run(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().expect("run p2pb-devices")
-}
-
-fn show(o: &Output) -> String {
-    format!(
-        "{}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    p2pbridge_test_support::process::run_outside_fabric(BIN, args)
 }
 
 #[test]
