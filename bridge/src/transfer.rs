@@ -473,8 +473,7 @@ impl<'a> Transfer<'a> {
     fn post_more(&mut self) {
         while self.posted < self.descs.len() && self.error.is_none() {
             let i = self.posted;
-            let live_mr_is_bounce = self.live(i).is_some_and(|l| l.mr.staging().is_some());
-            if live_mr_is_bounce {
+            if self.is_bounce(i) {
                 // Earlier direct requests first: the engine waits on the same queue.
                 if self.resolved < self.posted {
                     return;
@@ -494,7 +493,7 @@ impl<'a> Transfer<'a> {
                 continue;
             }
             // A run of direct descriptors, as long as slots allow.
-            let run = self.descs[i..].iter().take(CHUNK).take_while(|d| !self.is_bounce(d)).count();
+            let run = (i..self.descs.len()).take(CHUNK).take_while(|&j| !self.is_bounce(j)).count();
             let want = run as u32;
             let got = self.conn.qp().reserve_send(want);
             if got == 0 {
@@ -524,13 +523,9 @@ impl<'a> Transfer<'a> {
         }
     }
 
-    fn is_bounce(&self, d: &Desc<'_>) -> bool {
-        let reg = d.local.handle.value();
-        self.held
-            .iter()
-            .find(|h| std::ptr::eq(h.reg, reg))
-            .and_then(|h| h.guard.as_ref())
-            .is_some_and(|l| l.mr.staging().is_some())
+    /// Whether descriptor `i`'s registration is a bounce one (its region is a staging buffer).
+    fn is_bounce(&self, i: usize) -> bool {
+        self.live(i).is_some_and(|l| l.mr.staging().is_some())
     }
 
     fn live(&self, i: usize) -> Option<&Live> {
@@ -575,12 +570,13 @@ impl<'a> Transfer<'a> {
             return (1, Err((0, Error::InvalidArgument("a bounce registration without a backend".into()))));
         };
         if matches!(d.op, Op::Write | Op::Read) {
-            let same = |e: &Desc<'_>| {
+            let same = |j: usize| {
+                let e = &self.descs[j];
                 e.op == d.op
-                    && self.is_bounce(e)
+                    && self.is_bounce(j)
                     && e.local.handle.value().backend.as_ref().is_some_and(|b| Arc::ptr_eq(b, &backend))
             };
-            let n = self.descs[i..].iter().take_while(|e| same(e)).count();
+            let n = (i..self.descs.len()).take_while(|&j| same(j)).count();
             let pieces = self.descs[i..i + n]
                 .iter()
                 .map(|e| {
