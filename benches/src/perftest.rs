@@ -26,6 +26,23 @@ pub struct Params {
     pub cq_mod: usize,
 }
 
+/// perftest's cycle buffer: one page (`sysconf(_SC_PAGESIZE)`, which `ib_*_bw` uses unless
+/// told otherwise).
+const CYCLE_BUFFER: u64 = 4096;
+
+/// How many distinct addresses perftest's bandwidth tests cycle through for `size`-byte
+/// messages: a message of at most half the cycle buffer moves to the next `size` step within
+/// it on every post; a larger one is posted at the same address every time. A side that is
+/// compared with perftest posts at the same addresses (offsets `0, size, ..` modulo this many
+/// steps), so that both sides touch the same amount of memory.
+pub fn address_cycle(size: u64) -> u64 {
+    if size == 0 || size > CYCLE_BUFFER / 2 {
+        1
+    } else {
+        CYCLE_BUFFER / size
+    }
+}
+
 fn netns_cmd(ns: &str, args: &[String]) -> Command {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", ns]).args(args);

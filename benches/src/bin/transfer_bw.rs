@@ -143,7 +143,7 @@ fn drive(
     group: usize,
     limit: Limit,
 ) -> p2pbridge::Result<Moved> {
-    let slots = (reg.len() / size).max(1);
+    let slots = perftest::address_cycle(size).min((reg.len() / size).max(1));
     let (deadline, total) = match limit {
         Limit::Seconds(s) => (Duration::from_secs_f64(s), u64::MAX),
         Limit::Descriptors(n) => (Duration::MAX, n),
