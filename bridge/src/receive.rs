@@ -16,11 +16,19 @@
 //! you take them. Receives still posted when it is dropped can only be taken back by moving the
 //! connection's queue pair to the error state (which flushes them): dropping it early ends the
 //! connection.
+//!
+//! Connections made with a shared receive queue ([`ConnectionOptions::srq`]) take their
+//! receives from it: [`Bridge::post_srq_recvs`] posts there, and the same handle takes the
+//! completions from the receive CQ those connections share ([`ConnectionOptions::recv_cq`]);
+//! [`Received::qp_num`] says which connection's message each one took.
+//!
+//! [`ConnectionOptions::srq`]: p2pbridge_verbs::ConnectionOptions::srq
+//! [`ConnectionOptions::recv_cq`]: p2pbridge_verbs::ConnectionOptions::recv_cq
 
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use p2pbridge_verbs::{Connection, WorkCompletion};
+use p2pbridge_verbs::{CompletionQueue, Connection, LocalSlice, SharedReceiveQueue, WorkCompletion};
 
 use crate::bridge::Bridge;
 use crate::completion::{lost_within, next_wr_ids, ATTRIBUTE_WAIT, FAULT_POLL, FLUSH_WAIT};
@@ -39,11 +47,39 @@ pub struct Received {
     pub byte_len: u32,
     /// The immediate data, if the message carried one.
     pub imm: Option<u32>,
+    /// The queue pair whose message it took (`conn.qp().qp_num()`): which connection, for
+    /// receives from a shared receive queue.
+    pub qp_num: u32,
+}
+
+/// Where a list of receives was posted.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// A connection's own receive queue.
+    Conn(&'a Connection),
+    /// A shared receive queue, whose connections share the receive CQ `cq`.
+    Srq { srq: &'a SharedReceiveQueue, cq: &'a CompletionQueue },
+}
+
+impl<'a> Source<'a> {
+    fn cq(self) -> &'a CompletionQueue {
+        match self {
+            Source::Conn(c) => c.recv_cq(),
+            Source::Srq { cq, .. } => cq,
+        }
+    }
+
+    fn conn(self) -> Option<&'a Connection> {
+        match self {
+            Source::Conn(c) => Some(c),
+            Source::Srq { .. } => None,
+        }
+    }
 }
 
 /// Receives posted on one connection ([`Bridge::post_recvs`]).
 pub struct Receives<'a> {
-    conn: &'a Connection,
+    source: Source<'a>,
     /// Per receive: the registered range (address and length), its offset in its
     /// registration, and the registration's index in `held`.
     slots: Vec<(u64, u64, u64, usize)>,
@@ -57,7 +93,12 @@ pub struct Receives<'a> {
 
 impl std::fmt::Debug for Receives<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Receives").field("posted", &self.slots.len()).field("pending", &self.left).finish()
+        let shared = matches!(self.source, Source::Srq { .. });
+        f.debug_struct("Receives")
+            .field("posted", &self.slots.len())
+            .field("pending", &self.left)
+            .field("shared_receive_queue", &shared)
+            .finish()
     }
 }
 
@@ -66,53 +107,56 @@ impl Bridge {
     /// chained list, and returns the handle that takes them as they complete.
     ///
     /// Connections with a shared receive queue are refused here: their receives are posted on
-    /// the SRQ itself ([`SharedReceiveQueue::post_recv_list`](p2pbridge_verbs::SharedReceiveQueue::post_recv_list)).
+    /// the SRQ itself ([`post_srq_recvs`](Self::post_srq_recvs)).
     pub fn post_recvs<'a>(&'a self, conn: &'a Connection, bufs: &[(&'a Registered, u64, u64)]) -> Result<Receives<'a>> {
         crate::completion::check_connection(conn)?;
-        if bufs.is_empty() {
-            return Err(Error::InvalidArgument("no receive to post".into()));
-        }
         if conn.srq().is_some() {
             return Err(Error::InvalidArgument(
-                "this connection takes its receives from a shared receive queue: post them there".into(),
+                "this connection takes its receives from a shared receive queue: post them there (Bridge::post_srq_recvs)"
+                    .into(),
             ));
         }
-        let mut held = Vec::new();
-        let mut slots = Vec::with_capacity(bufs.len());
-        for &(reg, offset, len) in bufs {
-            let at = reg.entry_range(offset, len)?;
-            let h = hold(&mut held, reg.handle.value())?;
-            slots.push((reg.addr + offset, len, at, h));
-        }
-        let locals = slots
-            .iter()
-            .map(|&(_, len, at, h)| -> Result<_> { Ok(held[h].live()?.mr.slice(at, len)?) })
-            .collect::<Result<Vec<_>>>()?;
-        let first = next_wr_ids(bufs.len() as u64);
-        let ids = first..first + bufs.len() as u64;
-        let cq = conn.recv_cq();
-        cq.expect_ids(ids.clone());
-        if let Err(p) = conn.qp().post_recv_list(first, &locals) {
-            if p.posted > 0 {
-                // The ones posted must be flushed before their memory is let go.
-                drop(locals);
-                let mut rx = Receives {
-                    conn,
-                    pending: (0..bufs.len()).map(|i| i < p.posted).collect(),
-                    left: p.posted,
-                    slots,
-                    held,
-                    ids,
-                    ready: Vec::new(),
-                };
-                rx.flush_rest();
-                return Err(p.error.into());
-            }
-            cq.unexpect_ids(&ids);
-            return Err(p.error.into());
-        }
-        drop(locals);
-        Ok(Receives { conn, pending: vec![true; bufs.len()], left: bufs.len(), slots, held, ids, ready: Vec::new() })
+        post(Source::Conn(conn), bufs)
+    }
+
+    /// Posts a receive into each `(registration, offset, len)` of `bufs` on the shared receive
+    /// queue `srq`, as one chained list, and returns the handle that takes them as they
+    /// complete, from `cq`: the receive completion queue that every connection made with `srq`
+    /// shares ([`ConnectionOptions::recv_cq`]; a receive's completion goes to the receive CQ of
+    /// the connection whose message took it, so completions on another CQ are not seen here).
+    /// [`Received::qp_num`] says which connection each message came on.
+    ///
+    /// Unlike a connection's, receives on a shared queue cannot be flushed: those still posted
+    /// when the handle is dropped stay posted, and a later message may land in them. The
+    /// handle's hold on their registrations ends with it, so a free of that memory then goes
+    /// ahead: its registration is revoked first (deregistered at the NIC), and a message taking
+    /// such a receive afterwards fails at the NIC (the receiving connection breaks) instead of
+    /// landing. Their completions are dropped from `cq` as they come. Take every receive before
+    /// dropping the handle, or drop the connections first.
+    ///
+    /// ```no_run
+    /// # use std::sync::Arc;
+    /// # use std::time::Duration;
+    /// # use p2pbridge::verbs::{CompletionQueue, ConnectionOptions, SharedReceiveQueue};
+    /// # fn f(bridge: &p2pbridge::Bridge, pd: &p2pbridge::verbs::ProtectionDomain, reg: &p2pbridge::Registered) -> p2pbridge::Result<()> {
+    /// let srq = Arc::new(SharedReceiveQueue::new(pd, 1024)?);
+    /// let cq = Arc::new(CompletionQueue::new(pd.context(), 1024)?);
+    /// // Every connection that should take from the pool is made with these options.
+    /// let _opts = ConnectionOptions { srq: Some(srq.clone()), recv_cq: Some(cq.clone()), ..Default::default() };
+    /// let slots: Vec<_> = (0..256u64).map(|i| (reg, i * 4096, 4096)).collect();
+    /// let mut rx = bridge.post_srq_recvs(&srq, &cq, &slots)?;
+    /// let got = rx.next(Duration::from_secs(5))?; // on the connection whose QP is got.qp_num
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// [`ConnectionOptions::recv_cq`]: p2pbridge_verbs::ConnectionOptions::recv_cq
+    pub fn post_srq_recvs<'a>(
+        &'a self,
+        srq: &'a SharedReceiveQueue,
+        cq: &'a CompletionQueue,
+        bufs: &[(&'a Registered, u64, u64)],
+    ) -> Result<Receives<'a>> {
+        post(Source::Srq { srq, cq }, bufs)
     }
 
     /// Posts one receive into `len` bytes at `offset` of `local` and waits up to `timeout` for
@@ -142,6 +186,55 @@ impl Bridge {
     }
 }
 
+/// Posts `bufs` as one chained receive list on `source`.
+fn post<'a>(source: Source<'a>, bufs: &[(&'a Registered, u64, u64)]) -> Result<Receives<'a>> {
+    if bufs.is_empty() {
+        return Err(Error::InvalidArgument("no receive to post".into()));
+    }
+    let mut held = Vec::new();
+    let mut slots = Vec::with_capacity(bufs.len());
+    for &(reg, offset, len) in bufs {
+        let at = reg.entry_range(offset, len)?;
+        let h = hold(&mut held, reg.handle.value())?;
+        slots.push((reg.addr + offset, len, at, h));
+    }
+    let locals = slots
+        .iter()
+        .map(|&(_, len, at, h)| -> Result<_> { Ok(held[h].live()?.mr.slice(at, len)?) })
+        .collect::<Result<Vec<LocalSlice<'_>>>>()?;
+    let first = next_wr_ids(bufs.len() as u64);
+    let ids = first..first + bufs.len() as u64;
+    let cq = source.cq();
+    cq.expect_ids(ids.clone());
+    let posted = match source {
+        Source::Conn(conn) => conn.qp().post_recv_list(first, &locals),
+        Source::Srq { srq, .. } => srq.post_recv_list(first, &locals),
+    };
+    drop(locals);
+    let rx = |posted: usize| Receives {
+        source,
+        pending: (0..bufs.len()).map(|i| i < posted).collect(),
+        left: posted,
+        slots,
+        held,
+        ids: ids.clone(),
+        ready: Vec::new(),
+    };
+    match posted {
+        Ok(()) => Ok(rx(bufs.len())),
+        Err(p) => {
+            if p.posted > 0 {
+                // The ones posted must be flushed (or given up, on a shared queue) before
+                // their memory is let go: the handle's drop does that.
+                drop(rx(p.posted));
+            } else {
+                cq.unexpect_ids(&ids);
+            }
+            Err(p.error.into())
+        }
+    }
+}
+
 impl Receives<'_> {
     /// How many receives have not completed yet.
     pub fn pending(&self) -> usize {
@@ -153,7 +246,8 @@ impl Receives<'_> {
     ///
     /// A receive that completed with an error (flushed: the connection failed) is returned as
     /// that error. No message within `timeout` is `Verbs(Timeout)`, and nothing changes: the
-    /// receives stay posted. A lost connection is `ConnectionLost`.
+    /// receives stay posted. A lost connection is `ConnectionLost` (receives on a connection's
+    /// own queue; a shared receive queue outlives any one of its connections).
     pub fn next(&mut self, timeout: Duration) -> Result<Received> {
         if self.left == 0 && self.ready.is_empty() {
             return Err(Error::InvalidArgument("every receive of this list has completed".into()));
@@ -161,10 +255,10 @@ impl Receives<'_> {
         let start = Instant::now();
         while self.ready.is_empty() {
             let left = timeout.saturating_sub(start.elapsed());
-            match self.conn.recv_cq().wait_ids(self.ids.clone(), left.min(FAULT_POLL), &mut self.ready) {
+            match self.source.cq().wait_ids(self.ids.clone(), left.min(FAULT_POLL), &mut self.ready) {
                 Ok(_) => {}
                 Err(p2pbridge_verbs::Error::Timeout(..)) => {
-                    if let Some(cause) = self.conn.fault() {
+                    if let Some(cause) = self.source.conn().and_then(Connection::fault) {
                         return Err(p2pbridge_verbs::Error::ConnectionLost { cause }.into());
                     }
                     if start.elapsed() >= timeout {
@@ -178,7 +272,7 @@ impl Receives<'_> {
         let i = (wc.wr_id - self.ids.start) as usize;
         self.settle(i);
         if let Err(e) = wc.ok() {
-            return Err(match lost_within(self.conn, ATTRIBUTE_WAIT) {
+            return Err(match self.source.conn().and_then(|c| lost_within(c, ATTRIBUTE_WAIT)) {
                 Some(cause) => p2pbridge_verbs::Error::ConnectionLost { cause }.into(),
                 None => e.into(),
             });
@@ -190,7 +284,7 @@ impl Receives<'_> {
             let _staging = live.bounce_lock();
             stage_out(held.reg, live, addr, at, u64::from(wc.byte_len).min(len))?;
         }
-        Ok(Received { index: i, byte_len: wc.byte_len, imm: wc.imm })
+        Ok(Received { index: i, byte_len: wc.byte_len, imm: wc.imm, qp_num: wc.qp_num })
     }
 
     fn settle(&mut self, i: usize) {
@@ -198,11 +292,12 @@ impl Receives<'_> {
             self.left -= 1;
         }
         if self.left == 0 {
-            self.conn.recv_cq().unexpect_ids(&self.ids);
+            self.source.cq().unexpect_ids(&self.ids);
         }
     }
 
-    /// Flushes the receives still posted (the queue pair to the error state) and reaps them.
+    /// Flushes the receives still posted (the queue pair to the error state) and reaps them;
+    /// on a shared receive queue, which cannot be flushed, gives them up (module docs).
     fn flush_rest(&mut self) {
         for wc in std::mem::take(&mut self.ready) {
             self.settle((wc.wr_id - self.ids.start) as usize);
@@ -210,12 +305,20 @@ impl Receives<'_> {
         if self.left == 0 {
             return;
         }
+        let conn = match self.source {
+            Source::Conn(conn) => conn,
+            Source::Srq { cq, .. } => {
+                cq.discard_ids(self.ids.clone(), self.left);
+                self.left = 0;
+                return;
+            }
+        };
         let stuck = |rx: &mut Self| {
             for h in &rx.held {
                 h.reg.pin_forever();
             }
         };
-        if self.conn.qp().set_error().is_err() {
+        if conn.qp().set_error().is_err() {
             return stuck(self);
         }
         let start = Instant::now();
@@ -223,7 +326,7 @@ impl Receives<'_> {
         while self.left > 0 {
             let left = FLUSH_WAIT.saturating_sub(start.elapsed());
             wcs.clear();
-            if left.is_zero() || self.conn.recv_cq().wait_ids(self.ids.clone(), left, &mut wcs).is_err() {
+            if left.is_zero() || conn.recv_cq().wait_ids(self.ids.clone(), left, &mut wcs).is_err() {
                 return stuck(self);
             }
             for wc in &wcs {
@@ -234,8 +337,11 @@ impl Receives<'_> {
 }
 
 impl Drop for Receives<'_> {
-    /// Receives still posted are flushed (the connection's queue pair is moved to the error
-    /// state) and reaped before the registrations are let go.
+    /// Receives still posted on a connection are flushed (its queue pair is moved to the error
+    /// state) and reaped before the registrations are let go; those on a shared receive queue
+    /// stay posted ([`Bridge::post_srq_recvs`]).
+    ///
+    /// [`Bridge::post_srq_recvs`]: crate::Bridge::post_srq_recvs
     fn drop(&mut self) {
         self.flush_rest();
     }

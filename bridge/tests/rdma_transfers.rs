@@ -1,7 +1,8 @@
 //! The transfer API on the Soft-RoCE fabric: batches of 1, 16 and 1024 descriptors mixing
 //! WRITE, READ and WRITE-with-immediate, verified byte for byte at both ends; a bad key in the
 //! middle of a batch; a handle dropped before completion; bounce registrations through the
-//! engine; 64 connections through one bridge sharing one completion queue.
+//! engine; 64 connections through one bridge sharing one completion queue; receives through a
+//! shared receive queue serving many connections.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -316,4 +317,97 @@ fn rdma_metadata_of_many_keys_travels_over_the_connection() {
             assert!(key.slice(BLK, 1).is_err(), "key {i} covers one block");
         }
     });
+}
+
+#[test]
+#[ignore = "needs the Soft-RoCE fabric (scripts/test)"]
+fn rdma_receives_through_a_shared_receive_queue_serve_many_connections() {
+    use p2pbridge::verbs::SharedReceiveQueue;
+    const CONNS: usize = 4;
+    const PER: usize = 8;
+    const N: usize = CONNS * PER;
+    let fab = fabric();
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel::<()>();
+    let b = fab.b.clone();
+    let server = std::thread::spawn(move || {
+        b.enter().unwrap();
+        let pd = ProtectionDomain::new(&p2pbridge::verbs::Context::open(&b.device).unwrap()).unwrap();
+        // Slots 0..N for the connections' messages, N for one left posted, N + 1 for later.
+        let host = Host::new(&pd, Policy::default(), (N + 2) * BLK as usize, 0x22, Duration::from_secs(30)).unwrap();
+        let srq = Arc::new(SharedReceiveQueue::new(&pd, 64).unwrap());
+        let cq = Arc::new(CompletionQueue::new(pd.context(), 64).unwrap());
+        let slots: Vec<_> = (0..=N as u64).map(|i| (host.reg(), i * BLK, BLK)).collect();
+        let mut rx = host.bridge.post_srq_recvs(&srq, &cq, &slots).unwrap();
+        let l = Listener::bind((b.addr, 0).into()).unwrap();
+        port_tx.send(l.local_addr()).unwrap();
+        let o = ConnectionOptions { srq: Some(srq.clone()), recv_cq: Some(cq.clone()), ..opts() };
+        let conns: Vec<Connection> =
+            (0..CONNS).map(|_| l.get_request(Duration::from_secs(60)).unwrap().accept(&pd, &o).unwrap()).collect();
+        // A connection's own receive list is refused: its receives come from the SRQ.
+        assert!(matches!(host.bridge.post_recvs(&conns[0], &slots[..1]), Err(Error::InvalidArgument(_))));
+        let qpns: Vec<u32> = conns.iter().map(|c| c.qp().qp_num()).collect();
+        let mut got = Vec::new();
+        for _ in 0..N {
+            got.push(rx.next(Duration::from_secs(30)).unwrap());
+        }
+        assert_eq!(rx.pending(), 1);
+        // The last receive stays posted on the SRQ; its completion, when it comes, is dropped.
+        drop(rx);
+        go_tx.send(()).unwrap();
+        sent_rx.recv().unwrap(); // a message took it
+        let mut rx = host.bridge.post_srq_recvs(&srq, &cq, &[(host.reg(), (N as u64 + 1) * BLK, BLK)]).unwrap();
+        go_tx.send(()).unwrap();
+        let last = rx.next(Duration::from_secs(30)).unwrap();
+        let mut left = Vec::new();
+        let kept = cq.take_ids(0..u64::MAX, &mut left).unwrap();
+        let all = host.bytes(0, (N as u64 + 2) * BLK);
+        drop(conns);
+        (got, last, kept, qpns, all)
+    });
+    fab.a.enter().unwrap();
+    let pd = ProtectionDomain::new(&p2pbridge::verbs::Context::open(&fab.a.device).unwrap()).unwrap();
+    let host = Host::new(&pd, Policy::default(), (N + 2) * BLK as usize, 0x11, Duration::from_secs(30)).unwrap();
+    let to = port_rx.recv().unwrap();
+    let conns: Vec<Connection> = (0..CONNS).map(|_| Connection::connect(&pd, to, &opts()).unwrap()).collect();
+    // Every connection's SENDs in flight at once; message k carries block k and immediate k.
+    let transfers: Vec<_> = conns
+        .iter()
+        .enumerate()
+        .map(|(c, conn)| {
+            let mut b = Batch::new();
+            for m in 0..PER {
+                let k = (c * PER + m) as u64;
+                b.send(host.reg(), k * BLK, BLK, Some(k as u32));
+            }
+            host.bridge.post(conn, b).unwrap()
+        })
+        .collect();
+    for t in transfers {
+        t.wait().unwrap();
+    }
+    go_rx.recv().unwrap();
+    host.bridge.send(&conns[0], host.reg(), N as u64 * BLK, BLK, Some(1000)).unwrap();
+    sent_tx.send(()).unwrap();
+    go_rx.recv().unwrap();
+    host.bridge.send(&conns[1], host.reg(), (N as u64 + 1) * BLK, BLK, Some(2000)).unwrap();
+    let (got, last, kept, qpns, all) = server.join().unwrap();
+    let sent = pattern((N + 2) * BLK as usize, 0x11);
+    let block = |v: &[u8], i: usize| v[i * BLK as usize..(i + 1) * BLK as usize].to_vec();
+    let mut imms: Vec<u32> = got.iter().map(|r| r.imm.unwrap()).collect();
+    imms.sort_unstable();
+    assert_eq!(imms, (0..N as u32).collect::<Vec<_>>(), "every message arrived once");
+    for r in &got {
+        let k = r.imm.unwrap() as usize;
+        assert_eq!(r.byte_len as u64, BLK);
+        assert_eq!(r.qp_num, qpns[k / PER], "message {k} came on connection {}", k / PER);
+        assert!(block(&all, r.index) == block(&sent, k), "slot {} holds message {k}", r.index);
+    }
+    // The receive left posted took the next message (documented); nobody was handed it, and
+    // its completion was dropped, not kept on the CQ.
+    assert!(block(&all, N) == block(&sent, N));
+    assert_eq!((last.index, last.imm, last.qp_num), (0, Some(2000), qpns[1]));
+    assert!(block(&all, N + 1) == block(&sent, N + 1));
+    assert_eq!(kept, 0, "no completion was left on the shared CQ");
 }

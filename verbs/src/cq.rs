@@ -122,6 +122,9 @@ struct Stash {
     /// A waiter is asleep on the completion channel: the others wait on the condition
     /// variable, and it wakes them when it wakes.
     sleeper: bool,
+    /// Ids nobody will take ([`CompletionQueue::discard_ids`]), with how many of their
+    /// completions are still to come: those are dropped as they are polled.
+    discarded: Vec<(std::ops::Range<u64>, usize)>,
 }
 
 impl Stash {
@@ -133,6 +136,16 @@ impl Stash {
         if let Some(i) = self.awaited.iter().position(|r| r == ids) {
             self.awaited.swap_remove(i);
         }
+    }
+
+    /// Whether `id`'s completion is one to drop (and counts it).
+    fn discard(&mut self, id: u64) -> bool {
+        let Some(i) = self.discarded.iter().position(|(r, _)| r.contains(&id)) else { return false };
+        self.discarded[i].1 -= 1;
+        if self.discarded[i].1 == 0 {
+            self.discarded.swap_remove(i);
+        }
+        true
     }
 }
 
@@ -297,6 +310,8 @@ impl CompletionQueue {
                 if taken < max && pick(w, st) {
                     out.push(*w);
                     taken += 1;
+                } else if st.discard(w.wr_id) {
+                    // Nobody takes it: not kept.
                 } else {
                     others |= st.is_awaited(w.wr_id);
                     st.reaped.push(*w);
@@ -505,6 +520,23 @@ impl CompletionQueue {
     /// Ends an [`expect_ids`](Self::expect_ids) mark.
     pub fn unexpect_ids(&self, ids: &std::ops::Range<u64>) {
         self.lock().unawait(ids);
+    }
+
+    /// Gives up on `count` completions still to come for ids in `ids` (marked with
+    /// [`expect_ids`](Self::expect_ids) with the same range, whose mark this ends): those set
+    /// aside already and those polled from now on are dropped, not kept for a taker, so that
+    /// requests nobody will reap (receives left on a shared receive queue) do not pile up
+    /// here. Completions of other ids are not affected; were fewer than `count` to come, the
+    /// range's entry stays (a few bytes).
+    pub fn discard_ids(&self, ids: std::ops::Range<u64>, count: usize) {
+        let mut st = self.lock();
+        st.unawait(&ids);
+        let before = st.reaped.len();
+        st.reaped.retain(|w| !ids.contains(&w.wr_id));
+        let left = count.saturating_sub(before - st.reaped.len());
+        if left > 0 && !ids.is_empty() {
+            st.discarded.push((ids, left));
+        }
     }
 }
 
