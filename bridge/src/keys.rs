@@ -229,13 +229,13 @@ impl KeyLedger {
 
 impl crate::Bridge {
     /// Hands `len` bytes at `offset` of `reg` to the peer at the other end of `conn`, and
-    /// returns the key to send it. With memory windows ([`Bridge::key_windows`]) the key
+    /// returns the key to send it. With memory windows ([`Bridge::key_windows`](Self::key_windows)) the key
     /// reaches exactly that range, only over `conn`, with the remote rights `reg` was
     /// registered with; it is refused by the NIC once the memory goes or
-    /// [`Bridge::revoke_key`] is called.
+    /// [`Bridge::revoke_key`](Self::revoke_key) is called.
     ///
     /// For bounce registrations the key names the staging buffer: the owner calls
-    /// [`Bridge::sync_to_peers`] before peers read and [`Bridge::sync_from_peers`] after they
+    /// [`Bridge::sync_to_peers`](Self::sync_to_peers) before peers read and [`Bridge::sync_from_peers`](Self::sync_from_peers) after they
     /// write.
     pub fn hand_out(&self, conn: &Connection, reg: &Registered, offset: u64, len: u64) -> Result<RemoteKey> {
         let end = offset.checked_add(len).ok_or(Error::OutOfBounds { offset, len, size: reg.len })?;

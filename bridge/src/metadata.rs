@@ -144,7 +144,7 @@ impl crate::Bridge {
     /// (7: for ever).
     ///
     /// Receives are taken in the order they were posted: exchange metadata before posting
-    /// receives of your own on the connection ([`Bridge::post_recvs`]), or the peer's message
+    /// receives of your own on the connection ([`Bridge::post_recvs`](crate::Bridge::post_recvs)), or the peer's message
     /// lands in one of yours.
     pub fn send_metadata(&self, conn: &Connection, md: &Metadata) -> Result<()> {
         check_receives(conn)?;

@@ -5,7 +5,7 @@ use std::time::Duration;
 use crate::cache::CachePolicy;
 use crate::strategy::Policy;
 
-/// Options of a [`Bridge`].
+/// Options of a [`Bridge`](crate::Bridge).
 #[derive(Debug, Clone)]
 pub struct BridgeOptions {
     /// Which strategies may be used.

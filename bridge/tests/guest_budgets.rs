@@ -144,12 +144,9 @@ fn guest_the_exported_bytes_budget_is_the_smallest_aperture_its_backends_report(
     let fab = SoftRoce::from_env().expect("this test needs the Soft-RoCE fabric: run it through scripts/softroce");
     let pd = ProtectionDomain::new(&Context::open(&fab.a.device).unwrap()).unwrap();
     let mem = HostBackend::new();
-    let bridge = Bridge::new(
-        &pd,
-        vec![Arc::new(mem.clone()), Arc::new(SmallAperture(mem.clone()))],
-        BridgeOptions::default(),
-    )
-    .unwrap();
+    let bridge =
+        Bridge::new(&pd, vec![Arc::new(mem.clone()), Arc::new(SmallAperture(mem.clone()))], BridgeOptions::default())
+            .unwrap();
     assert_eq!(bridge.exported_budget(), (LIMIT, "a 1 MiB aperture (test)"));
     // A budget the caller sets wins.
     let mut opts = BridgeOptions::default();

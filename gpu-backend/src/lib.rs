@@ -32,6 +32,6 @@ pub use cuda::{CudaBackend, GPU_PAGE};
 pub use cudarc::driver::PinnedHostSlice;
 pub use error::{Error, Result};
 pub use host::HostBackend;
+pub use notice::{InvalidationReason, Notice, NoticeHub, Subscription};
 /// Views of memory that a NIC or a peer may write concurrently (from rust-vmm's `vm-memory`).
 pub use vm_memory::VolatileSlice;
-pub use notice::{InvalidationReason, Notice, NoticeHub, Subscription};

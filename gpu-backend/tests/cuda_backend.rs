@@ -72,7 +72,10 @@ fn cuda_dmabuf_export_has_the_right_size() {
     let g = gpu();
     let buf = g.alloc(4 << 20).unwrap();
     if let Err(why) = g.dmabuf_support().unwrap() {
-        return skipped("cuda_dmabuf_export_has_the_right_size", &format!("this GPU or driver exports no dma-buf: {why}"));
+        return skipped(
+            "cuda_dmabuf_export_has_the_right_size",
+            &format!("this GPU or driver exports no dma-buf: {why}"),
+        );
     }
     let e = g.export_dmabuf(buf.addr() + 8192, 1 << 20).unwrap();
     assert_eq!(e.offset(), 0);
