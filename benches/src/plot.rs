@@ -23,11 +23,18 @@ fn size_label(b: u64) -> String {
     }
 }
 
-/// Renders `series` as a standalone SVG document.
+/// Whether a point can be drawn: x > 0 (the x axis is log2), y finite and not negative (a
+/// failed measurement's ratio can be infinite or NaN: such points are left out, not drawn).
+fn drawable(&(x, y): &(u64, f64)) -> bool {
+    x > 0 && y.is_finite() && y >= 0.0
+}
+
+/// Renders `series` as a standalone SVG document. Points that cannot be drawn (`y` infinite or
+/// NaN, `x` 0) are left out.
 pub fn svg(title: &str, subtitle: &str, series: &[Series]) -> String {
     let (w, h) = (900.0, 520.0);
     let (l, r, t, b) = (80.0, 220.0, 60.0, 60.0);
-    let pts = series.iter().flat_map(|s| s.points.iter());
+    let pts = series.iter().flat_map(|s| s.points.iter().filter(|p| drawable(p)));
     let (mut xmin, mut xmax, mut ymax) = (f64::MAX, f64::MIN, 0.0f64);
     for &(x, y) in pts {
         let lx = (x as f64).log2();
@@ -103,11 +110,15 @@ pub fn svg(title: &str, subtitle: &str, series: &[Series]) -> String {
     for (i, s) in series.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
         let dash = if s.dashed { r#" stroke-dasharray="6 4""# } else { "" };
-        let path: Vec<String> =
-            s.points.iter().map(|&(x, y)| format!("{:.1},{:.1}", px((x as f64).log2()), py(y))).collect();
+        let path: Vec<String> = s
+            .points
+            .iter()
+            .filter(|p| drawable(p))
+            .map(|&(x, y)| format!("{:.1},{:.1}", px((x as f64).log2()), py(y)))
+            .collect();
         let _ =
             writeln!(o, r##"<polyline fill="none" stroke="{c}" stroke-width="2"{dash} points="{}"/>"##, path.join(" "));
-        for &(x, y) in &s.points {
+        for &(x, y) in s.points.iter().filter(|p| drawable(p)) {
             let _ =
                 writeln!(o, r##"<circle cx="{:.1}" cy="{:.1}" r="2.5" fill="{c}"/>"##, px((x as f64).log2()), py(y));
         }
@@ -159,5 +170,15 @@ mod tests {
         assert!(s.contains("t &lt;1&gt;") && s.contains("a&amp;b"));
         assert!(s.contains("stroke-dasharray"));
         assert_eq!(size_label(1 << 20), "1M");
+    }
+
+    #[test]
+    fn svg_leaves_out_points_it_cannot_draw() {
+        // An infinite ratio (a reference run that measured 0) once made the y axis infinite,
+        // and the grid loop never ended.
+        let pts = vec![(1, 1.0), (2, f64::INFINITY), (3, f64::NAN), (0, 2.0), (4, 0.9)];
+        let s = svg("t", "sub", &[Series { label: "ratio".into(), points: pts, dashed: false }]);
+        assert_eq!(s.matches("<circle").count(), 2);
+        assert!(!s.contains("inf") && !s.contains("NaN"));
     }
 }

@@ -221,8 +221,15 @@ pub struct Transfer<'a> {
     credits: u32,
     /// Why the transfer stopped posting (its first error).
     error: Option<Error>,
-    /// When a completion last came (or the transfer began).
+    /// When a completion was last seen to have come (or the transfer began): taken from the
+    /// clock only when a stall is checked for ([`stalled`](Self::stalled)), so that taking
+    /// completions reads no clock.
     progress: Instant,
+    /// Completions taken so far, and how many of them [`stalled`](Self::stalled) had seen.
+    events: u64,
+    seen: u64,
+    /// When [`poll`](Self::poll) may next look at the connection's health.
+    next_health: Instant,
     /// The drain marker is posted and its completion not yet taken.
     marker: bool,
     /// The device did not flush: the ids stay marked awaited for ever.
@@ -301,6 +308,7 @@ impl Bridge {
         let first = next_wr_ids(n as u64 + 1);
         let ids = first..first + n as u64 + 1;
         conn.send_cq().expect_ids(ids.clone());
+        let now = Instant::now();
         let mut t = Transfer {
             bridge: self,
             conn,
@@ -313,7 +321,10 @@ impl Bridge {
             resolved: 0,
             credits: 0,
             error: None,
-            progress: Instant::now(),
+            progress: now,
+            events: 0,
+            seen: 0,
+            next_health: now,
             marker: false,
             gave_up: false,
             finished: false,
@@ -404,14 +415,17 @@ impl<'a> Transfer<'a> {
             Err(e) => self.abort(e.into()),
         }
         if self.resolved < self.posted {
+            // One clock read per call that finds the transfer pending, none per completion.
+            let now = Instant::now();
+            let stalled = self.stalled(now);
             if self.error.is_some() {
                 // Failed: the rest is being flushed; if that stalls, drain as on a timeout.
-                if self.progress.elapsed() >= FLUSH_WAIT {
+                if stalled >= FLUSH_WAIT {
                     self.abort(self.timeout_error());
                 }
-            } else if let Some(cause) = self.conn.fault() {
+            } else if let Some(cause) = self.health(now) {
                 self.abort(p2pbridge_verbs::Error::ConnectionLost { cause }.into());
-            } else if self.progress.elapsed() >= self.bridge.inner.core.completion_timeout {
+            } else if stalled >= self.bridge.inner.core.completion_timeout {
                 self.abort(self.timeout_error());
             }
         }
@@ -438,7 +452,7 @@ impl<'a> Transfer<'a> {
             }
             if self.resolved == self.posted {
                 // Nothing of ours in flight, yet more to post: others hold the send queue.
-                if self.progress.elapsed() >= self.bridge.inner.core.completion_timeout {
+                if self.stalled(Instant::now()) >= self.bridge.inner.core.completion_timeout {
                     self.abort(self.timeout_error());
                 } else {
                     std::thread::sleep(Duration::from_micros(50));
@@ -451,7 +465,7 @@ impl<'a> Transfer<'a> {
                 Err(p2pbridge_verbs::Error::Timeout(..)) => {
                     if let Some(cause) = self.conn.fault() {
                         self.abort(p2pbridge_verbs::Error::ConnectionLost { cause }.into());
-                    } else if self.progress.elapsed() >= self.bridge.inner.core.completion_timeout {
+                    } else if self.stalled(Instant::now()) >= self.bridge.inner.core.completion_timeout {
                         self.abort(self.timeout_error());
                     }
                 }
@@ -459,6 +473,29 @@ impl<'a> Transfer<'a> {
                 Err(e) => self.abort(e.into()),
             }
         }
+    }
+
+    /// How long, as of `now`, no completion has come: a completion taken since the last look
+    /// counts as progress at `now` (so a stall is never overstated, at most understated by the
+    /// time between looks).
+    fn stalled(&mut self, now: Instant) -> Duration {
+        if self.events != self.seen {
+            self.seen = self.events;
+            self.progress = now;
+        }
+        now.saturating_duration_since(self.progress)
+    }
+
+    /// The connection's loss, looked for at most every [`FAULT_CHECK_INTERVAL`] from `poll`
+    /// (a look takes a lock and, now and then, system calls).
+    ///
+    /// [`FAULT_CHECK_INTERVAL`]: p2pbridge_verbs::FAULT_CHECK_INTERVAL
+    fn health(&mut self, now: Instant) -> Option<p2pbridge_verbs::Fault> {
+        if now < self.next_health {
+            return None;
+        }
+        self.next_health = now + p2pbridge_verbs::FAULT_CHECK_INTERVAL;
+        self.conn.fault()
     }
 
     fn timeout_error(&self) -> Error {
@@ -670,7 +707,7 @@ impl<'a> Transfer<'a> {
                 // The drain marker, posted after the queue pair entered the error state: every
                 // request before it has completed. Those still pending made no completion, so
                 // they succeeded unsignalled (a failed or flushed one always completes).
-                self.progress = Instant::now();
+                self.events += 1;
                 let mut freed = 0;
                 for j in self.resolved..self.posted {
                     if self.status[j] == Status::Pending {
@@ -686,7 +723,7 @@ impl<'a> Transfer<'a> {
             if k >= self.posted || self.status[k] != Status::Pending {
                 continue;
             }
-            self.progress = Instant::now();
+            self.events += 1;
             let mut freed = 0;
             for j in self.resolved..k {
                 if self.status[j] == Status::Pending {

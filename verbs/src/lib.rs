@@ -53,7 +53,7 @@ mod srq;
 pub use access::AccessFlags;
 pub use buffer::{HostBuffer, RegisterableBuffer};
 pub use caps::{DeviceCaps, DmaBufSupport, OdpCaps, OdpTransportCaps};
-pub use cm::{ConnectRequest, Connection, ConnectionOptions, Listener};
+pub use cm::{ConnectRequest, Connection, ConnectionOptions, Listener, FAULT_CHECK_INTERVAL};
 pub use cq::{CompletionQueue, WcOpcode, WorkCompletion};
 pub use device::{device_names, Context, GidEntry, GidKind, LinkLayer, PortInfo, PortState};
 pub use error::{Errno, Error, Result, WcStatus};

@@ -50,9 +50,11 @@ struct Args {
     /// Where the CSV and the plot go.
     #[arg(long, default_value = "target/p2pbridge-bench")]
     out: PathBuf,
-    /// Only these rows (write, read, rate, bounce, conns; comma-separated).
+    /// Only these rows (write, read, rate, bounce, conns; comma-separated). `calibrate`, not
+    /// run unless asked for, runs `ib_write_bw` at 64 KiB against itself by the same method:
+    /// the spread a ratio of 1 shows on this link.
     #[arg(long, value_delimiter = ',', default_value = "write,read,rate,bounce,conns",
-          value_parser = ["write", "read", "rate", "bounce", "conns"])]
+          value_parser = ["write", "read", "rate", "bounce", "conns", "calibrate"])]
     only: Vec<String>,
 }
 
@@ -152,9 +154,14 @@ fn drive(
     let mut inflight: Vec<VecDeque<Transfer<'_>>> = conns.iter().map(|_| VecDeque::new()).collect();
     let mut next = 0u64;
     let mut done = 0u64;
+    // One clock read per round (perftest reads none: it is told by an alarm): taken after the
+    // round's reaping, so that a round's completions count only when all were reaped before
+    // the deadline.
+    let mut now = Duration::ZERO;
     loop {
-        let live = t0.elapsed() < deadline && next < total;
+        let live = now < deadline && next < total;
         let mut any = false;
+        let mut reaped = 0u64;
         for (c, q) in conns.iter().zip(inflight.iter_mut()) {
             while live && next < total && q.len() * group < depth {
                 let mut b = Batch::new();
@@ -174,11 +181,13 @@ fn drive(
                     break;
                 }
                 q.pop_front();
-                if t0.elapsed() < deadline {
-                    done += group as u64;
-                }
+                reaped += group as u64;
             }
             any |= !q.is_empty();
+        }
+        now = t0.elapsed();
+        if now < deadline {
+            done += reaped;
         }
         if !live && !any {
             break;
@@ -300,6 +309,23 @@ fn run(a: &Args, fabric: &SoftRoce) -> Res<Vec<RowResult>> {
             pairs,
             target,
             note: format!("depth {depth}, no inline, every request signalled"),
+        });
+    }
+    if have_perftest && want("calibrate") {
+        let (tool, size) = ("ib_write_bw", 64usize << 10);
+        let mut pairs = Vec::new();
+        for i in 0..a.pairs {
+            let run = || perftest::run(fabric, tool, size, &p).map_err(|e| format!("{tool}: {e}"));
+            let (x, y) = pair(i, run, run)?;
+            eprintln!("calibrate: pair {}: {tool} (as ours) {:.3}, {tool} {:.3}", i + 1, x.mib_s, y.mib_s);
+            pairs.push((x.mib_s, y.mib_s));
+        }
+        rows.push(RowResult {
+            name: format!("{tool} 64 KiB vs itself (calibration)"),
+            unit: "MiB/s",
+            pairs,
+            target: 0.0,
+            note: format!("depth {depth}: the spread of a true ratio of 1"),
         });
     }
     if want("bounce") {
