@@ -344,7 +344,7 @@ fn reap_front(
     chunks: &[Chunk],
     done: &mut usize,
 ) -> Result<usize> {
-    let &(id, slot, i) = inflight.front().ok_or(Error::InvalidArgument("no bounce chunk in flight".into()))?;
+    let &(id, slot, i) = inflight.front().ok_or_else(|| Error::InvalidArgument("no bounce chunk in flight".into()))?;
     // Busy: the ring keeps the wire busy, and a wake-up costs more than a chunk takes.
     match cq.wait_wr_busy(id, timeout) {
         // Reaped: completed, or failed with a status.

@@ -45,7 +45,7 @@ use std::sync::{Arc, Mutex, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use p2pbridge_gpu::MemoryBackend;
-use p2pbridge_verbs::{Connection, SendFlags, SendOp, SendWr, WcStatus, WorkCompletion};
+use p2pbridge_verbs::{Coarse, Connection, SendFlags, SendOp, SendWr, WcStatus, WorkCompletion};
 
 use crate::bounce::{BounceConfig, BounceEngine};
 use crate::bridge::Bridge;
@@ -222,14 +222,14 @@ pub struct Transfer<'a> {
     /// Why the transfer stopped posting (its first error).
     error: Option<Error>,
     /// When a completion was last seen to have come (or the transfer began): taken from the
-    /// clock only when a stall is checked for ([`stalled`](Self::stalled)), so that taking
-    /// completions reads no clock.
-    progress: Instant,
+    /// (coarse) clock only when a stall is checked for ([`stalled`](Self::stalled)), so that
+    /// taking completions reads no clock.
+    progress: Coarse,
     /// Completions taken so far, and how many of them [`stalled`](Self::stalled) had seen.
     events: u64,
     seen: u64,
     /// When [`poll`](Self::poll) may next look at the connection's health.
-    next_health: Instant,
+    next_health: Coarse,
     /// The drain marker is posted and its completion not yet taken.
     marker: bool,
     /// The device did not flush: the ids stay marked awaited for ever.
@@ -308,7 +308,7 @@ impl Bridge {
         let first = next_wr_ids(n as u64 + 1);
         let ids = first..first + n as u64 + 1;
         conn.send_cq().expect_ids(ids.clone());
-        let now = Instant::now();
+        let now = Coarse::now();
         let mut t = Transfer {
             bridge: self,
             conn,
@@ -415,8 +415,9 @@ impl<'a> Transfer<'a> {
             Err(e) => self.abort(e.into()),
         }
         if self.resolved < self.posted {
-            // One clock read per call that finds the transfer pending, none per completion.
-            let now = Instant::now();
+            // One read of the coarse clock per call that finds the transfer pending, none per
+            // completion.
+            let now = Coarse::now();
             let stalled = self.stalled(now);
             if self.error.is_some() {
                 // Failed: the rest is being flushed; if that stalls, drain as on a timeout.
@@ -452,7 +453,7 @@ impl<'a> Transfer<'a> {
             }
             if self.resolved == self.posted {
                 // Nothing of ours in flight, yet more to post: others hold the send queue.
-                if self.stalled(Instant::now()) >= self.bridge.inner.core.completion_timeout {
+                if self.stalled(Coarse::now()) >= self.bridge.inner.core.completion_timeout {
                     self.abort(self.timeout_error());
                 } else {
                     std::thread::sleep(Duration::from_micros(50));
@@ -465,7 +466,7 @@ impl<'a> Transfer<'a> {
                 Err(p2pbridge_verbs::Error::Timeout(..)) => {
                     if let Some(cause) = self.conn.fault() {
                         self.abort(p2pbridge_verbs::Error::ConnectionLost { cause }.into());
-                    } else if self.stalled(Instant::now()) >= self.bridge.inner.core.completion_timeout {
+                    } else if self.stalled(Coarse::now()) >= self.bridge.inner.core.completion_timeout {
                         self.abort(self.timeout_error());
                     }
                 }
@@ -477,24 +478,24 @@ impl<'a> Transfer<'a> {
 
     /// How long, as of `now`, no completion has come: a completion taken since the last look
     /// counts as progress at `now` (so a stall is never overstated, at most understated by the
-    /// time between looks).
-    fn stalled(&mut self, now: Instant) -> Duration {
+    /// time between looks and a tick of the coarse clock).
+    fn stalled(&mut self, now: Coarse) -> Duration {
         if self.events != self.seen {
             self.seen = self.events;
             self.progress = now;
         }
-        now.saturating_duration_since(self.progress)
+        now.since(self.progress)
     }
 
     /// The connection's loss, looked for at most every [`FAULT_CHECK_INTERVAL`] from `poll`
     /// (a look takes a lock and, now and then, system calls).
     ///
     /// [`FAULT_CHECK_INTERVAL`]: p2pbridge_verbs::FAULT_CHECK_INTERVAL
-    fn health(&mut self, now: Instant) -> Option<p2pbridge_verbs::Fault> {
+    fn health(&mut self, now: Coarse) -> Option<p2pbridge_verbs::Fault> {
         if now < self.next_health {
             return None;
         }
-        self.next_health = now + p2pbridge_verbs::FAULT_CHECK_INTERVAL;
+        self.next_health = now.after(p2pbridge_verbs::FAULT_CHECK_INTERVAL);
         self.conn.fault()
     }
 
@@ -579,8 +580,7 @@ impl<'a> Transfer<'a> {
                 let live = self.live(i).ok_or(Error::Revoked)?;
                 let local = live.mr.slice(self.at[i].0, d.len)?;
                 let remote = |d: &Desc<'_>| -> Result<_> {
-                    let (key, off) =
-                        d.remote.ok_or(Error::InvalidArgument("an RDMA descriptor without a key".into()))?;
+                    let (key, off) = d.remote.ok_or_else(no_key)?;
                     key.slice(off, d.len)
                 };
                 let op = match d.op {
@@ -617,8 +617,7 @@ impl<'a> Transfer<'a> {
             let pieces = self.descs[i..i + n]
                 .iter()
                 .map(|e| {
-                    let (key, off) =
-                        e.remote.ok_or(Error::InvalidArgument("an RDMA descriptor without a key".into()))?;
+                    let (key, off) = e.remote.ok_or_else(no_key)?;
                     Ok(crate::bounce::Piece {
                         addr: e.local.addr + e.offset,
                         len: e.len,
@@ -667,7 +666,7 @@ impl<'a> Transfer<'a> {
         let op = match (d.op, d.remote) {
             (Op::WriteImm(imm), Some((key, off))) => SendOp::WriteImm(key.slice(off, d.len)?, imm),
             (Op::Send(imm), _) => SendOp::Send(imm),
-            _ => return Err(Error::InvalidArgument("an RDMA descriptor without a key".into())),
+            _ => return Err(no_key()),
         };
         let id = crate::completion::next_wr_id();
         let cq = conn.send_cq();
@@ -854,6 +853,12 @@ impl Drop for Transfer<'_> {
             let _ = self.wait_mut();
         }
     }
+}
+
+/// The error of a WRITE, READ or WRITE-with-immediate descriptor that names no remote key (built
+/// only when needed: it allocates).
+fn no_key() -> Error {
+    Error::InvalidArgument("an RDMA descriptor without a key".into())
 }
 
 /// The completion status in `e`, if it is a completion's.

@@ -339,7 +339,8 @@ fn conn_param(opts: &ConnectionOptions, max_private: usize) -> Result<sys::rdma_
     })
 }
 
-/// How often [`Connection::fault`] reads the connection's events at most.
+/// How often [`Connection::fault`] reads the connection's events at most (by the coarse
+/// clock, [`Coarse`](crate::Coarse): at most once a tick where a tick is longer).
 pub const FAULT_CHECK_INTERVAL: Duration = Duration::from_millis(1);
 
 /// Largest private data on a connect request (RC over IB/RoCE).
@@ -366,7 +367,7 @@ pub struct Connection {
     port: u8,
     /// Why the connection was lost, once known, and when its events were last read (see
     /// [`Connection::fault`]).
-    fault: std::sync::Mutex<(Option<crate::Fault>, Option<std::time::Instant>)>,
+    fault: std::sync::Mutex<(Option<crate::Fault>, Option<crate::Coarse>)>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -477,10 +478,12 @@ impl Connection {
         use sys::rdma_cm_event_type as t;
         let mut st = self.fault.lock().unwrap_or_else(|e| e.into_inner());
         let (f, checked) = &mut *st;
-        if f.is_some() || checked.is_some_and(|c| c.elapsed() < FAULT_CHECK_INTERVAL) {
+        // The coarse clock: this runs on every post and poll, where a precise read shows.
+        let now = crate::Coarse::now();
+        if f.is_some() || checked.is_some_and(|c| now < c.after(FAULT_CHECK_INTERVAL)) {
             return *f;
         }
-        *checked = Some(std::time::Instant::now());
+        *checked = Some(now);
         if f.is_none() {
             while let Ok(Some(ev)) = next_event(&self.id.channel, Duration::ZERO) {
                 let cause = match ev.kind {

@@ -321,9 +321,24 @@ impl QueuePair {
             self.check_local(&w.local, needs_write, verb).map_err(none)?;
             self.check_inline(&w.local, w.flags).map_err(none)?;
         }
-        let mut sges: Vec<sys::ibv_sge> = wrs.iter().map(|w| w.local.sge()).collect();
-        // SAFETY: ibv_send_wr is plain old data; zeroed is a valid empty request.
-        let mut raw: Vec<sys::ibv_send_wr> = wrs.iter().map(|_| unsafe { std::mem::zeroed() }).collect();
+        // Short lists (a transfer's usual one or two requests) are built on the stack: no
+        // allocation per post.
+        const ON_STACK: usize = 4;
+        // SAFETY: ibv_sge and ibv_send_wr are plain old data; zeroed is a valid empty entry.
+        let (mut sge_arr, mut raw_arr): ([sys::ibv_sge; ON_STACK], [sys::ibv_send_wr; ON_STACK]) =
+            unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+        let (mut sge_vec, mut raw_vec);
+        let (sges, raw): (&mut [sys::ibv_sge], &mut [sys::ibv_send_wr]) = if wrs.len() <= ON_STACK {
+            (&mut sge_arr[..wrs.len()], &mut raw_arr[..wrs.len()])
+        } else {
+            sge_vec = vec![sge_arr[0]; wrs.len()];
+            // SAFETY: as above.
+            raw_vec = (0..wrs.len()).map(|_| unsafe { std::mem::zeroed() }).collect::<Vec<sys::ibv_send_wr>>();
+            (&mut sge_vec[..], &mut raw_vec[..])
+        };
+        for (s, w) in sges.iter_mut().zip(wrs) {
+            *s = w.local.sge();
+        }
         let base = raw.as_mut_ptr();
         for (i, (w, r)) in wrs.iter().zip(raw.iter_mut()).enumerate() {
             r.wr_id = w.wr_id;
@@ -344,8 +359,8 @@ impl QueuePair {
             if let Some(rs) = remote {
                 r.wr.rdma = sys::rdma_t { remote_addr: rs.addr, rkey: rs.rkey };
             }
-            // SAFETY: `i + 1 <= len`: a pointer into (or one past) the same vector, which is
-            // not moved or resized while the list is posted.
+            // SAFETY: `i + 1 <= len`: a pointer into (or one past) the same slice, which is
+            // not moved while the list is posted.
             r.next = if i + 1 < wrs.len() { unsafe { base.add(i + 1) } } else { std::ptr::null_mut() };
         }
         let mut bad: *mut sys::ibv_send_wr = std::ptr::null_mut();

@@ -22,7 +22,8 @@
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -151,51 +152,68 @@ fn drive(
         Limit::Descriptors(n) => (Duration::MAX, n),
     };
     let (t0, c0) = (Instant::now(), cpu_time());
-    let mut inflight: Vec<VecDeque<Transfer<'_>>> = conns.iter().map(|_| VecDeque::new()).collect();
-    let mut next = 0u64;
-    let mut done = 0u64;
-    // One clock read per round (perftest reads none: it is told by an alarm): taken after the
-    // round's reaping, so that a round's completions count only when all were reaped before
-    // the deadline.
-    let mut now = Duration::ZERO;
-    loop {
-        let live = now < deadline && next < total;
-        let mut any = false;
-        let mut reaped = 0u64;
-        for (c, q) in conns.iter().zip(inflight.iter_mut()) {
-            while live && next < total && q.len() * group < depth {
-                let mut b = Batch::new();
-                for _ in 0..group {
-                    let at = (next % slots) * size;
-                    next += 1;
-                    if read {
-                        b.read(reg, at, size, c.1, at);
-                    } else {
-                        b.write(reg, at, size, c.1, at);
+    // A deadline is kept by a timer thread, as perftest's by an alarm, so that the loop reads
+    // no clock. The timer raises the flag, then notes the time: a round's completions count
+    // only when the flag was still down after the round's reaping (so all were reaped before
+    // it went up), and the time counted runs to the note, a little past the flag.
+    let stop = AtomicBool::new(false);
+    let raised = Mutex::new(None::<Duration>);
+    let done = std::thread::scope(|s| -> p2pbridge::Result<u64> {
+        if let Limit::Seconds(_) = limit {
+            s.spawn(|| {
+                let end = t0 + deadline;
+                while let Some(left) = end.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
+                    std::thread::sleep(left);
+                }
+                stop.store(true, Ordering::SeqCst);
+                *raised.lock().unwrap_or_else(|e| e.into_inner()) = Some(t0.elapsed());
+            });
+        }
+        let mut inflight: Vec<VecDeque<Transfer<'_>>> = conns.iter().map(|_| VecDeque::new()).collect();
+        let mut next = 0u64;
+        let mut done = 0u64;
+        loop {
+            let live = !stop.load(Ordering::SeqCst) && next < total;
+            let mut any = false;
+            let mut reaped = 0u64;
+            for (c, q) in conns.iter().zip(inflight.iter_mut()) {
+                while live && next < total && q.len() * group < depth {
+                    let mut b = Batch::new();
+                    for _ in 0..group {
+                        let at = (next % slots) * size;
+                        next += 1;
+                        if read {
+                            b.read(reg, at, size, c.1, at);
+                        } else {
+                            b.write(reg, at, size, c.1, at);
+                        }
                     }
+                    q.push_back(bridge.post(c.0, b)?);
                 }
-                q.push_back(bridge.post(c.0, b)?);
-            }
-            while let Some(front) = q.front_mut() {
-                if !front.poll()? {
-                    break;
+                while let Some(front) = q.front_mut() {
+                    if !front.poll()? {
+                        break;
+                    }
+                    q.pop_front();
+                    reaped += group as u64;
                 }
-                q.pop_front();
-                reaped += group as u64;
+                any |= !q.is_empty();
             }
-            any |= !q.is_empty();
+            if !stop.load(Ordering::SeqCst) {
+                done += reaped;
+            }
+            if !live && !any {
+                break;
+            }
         }
-        now = t0.elapsed();
-        if now < deadline {
-            done += reaped;
-        }
-        if !live && !any {
-            break;
-        }
-    }
-    // A deadline: the time up to it (what came after is not counted). A fixed amount: the
-    // time until its last completion.
-    let secs = deadline.as_secs_f64().min(t0.elapsed().as_secs_f64());
+        Ok(done)
+    })?;
+    // A deadline: the time up to the flag's note (what came after is not counted). A fixed
+    // amount: the time until its last completion.
+    let secs = match *raised.lock().unwrap_or_else(|e| e.into_inner()) {
+        Some(at) => at.as_secs_f64(),
+        None => t0.elapsed().as_secs_f64(),
+    };
     Ok(Moved { bytes: done as f64 * size as f64, ops: done as f64, secs, cpu_secs: cpu_time() - c0 })
 }
 
