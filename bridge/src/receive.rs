@@ -13,9 +13,10 @@
 //!
 //! The handle holds its registrations live until every receive has completed: a free of that
 //! memory waits until then (or until the handle is dropped), so keep receives posted only while
-//! you take them. Receives still posted when it is dropped can only be taken back by moving the
-//! connection's queue pair to the error state (which flushes them): dropping it early ends the
-//! connection.
+//! you take them. Receives still posted on a connection when it is dropped can only be taken
+//! back by moving the connection's queue pair to the error state (which flushes them): dropping
+//! it early ends the connection. Those on a shared receive queue cannot be taken back at all
+//! ([`Bridge::post_srq_recvs`] says what becomes of them).
 //!
 //! Connections made with a shared receive queue ([`ConnectionOptions::srq`]) take their
 //! receives from it: [`Bridge::post_srq_recvs`] posts there, and the same handle takes the
@@ -40,7 +41,8 @@ use crate::transfer::{hold, Held};
 /// One completed receive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Received {
-    /// Which receive (its index in the list given to [`Bridge::post_recvs`]).
+    /// Which receive (its index in the list given to [`Bridge::post_recvs`] or
+    /// [`Bridge::post_srq_recvs`]).
     pub index: usize,
     /// Bytes that landed (0 for a WRITE with immediate: its bytes went where the writer
     /// aimed them).
@@ -77,7 +79,8 @@ impl<'a> Source<'a> {
     }
 }
 
-/// Receives posted on one connection ([`Bridge::post_recvs`]).
+/// Receives posted on one connection ([`Bridge::post_recvs`]) or on a shared receive queue
+/// ([`Bridge::post_srq_recvs`]).
 pub struct Receives<'a> {
     source: Source<'a>,
     /// Per receive: the registered range (address and length), its offset in its
@@ -127,12 +130,15 @@ impl Bridge {
     /// [`Received::qp_num`] says which connection each message came on.
     ///
     /// Unlike a connection's, receives on a shared queue cannot be flushed: those still posted
-    /// when the handle is dropped stay posted, and a later message may land in them. The
-    /// handle's hold on their registrations ends with it, so a free of that memory then goes
-    /// ahead: its registration is revoked first (deregistered at the NIC), and a message taking
-    /// such a receive afterwards fails at the NIC (the receiving connection breaks) instead of
-    /// landing. Their completions are dropped from `cq` as they come. Take every receive before
-    /// dropping the handle, or drop the connections first.
+    /// when the handle is dropped stay posted, and a later message may land in them. Their
+    /// completions are dropped from `cq` as they come (were the SRQ's connections to use
+    /// another receive CQ, they would stay there). The handle's hold on their registrations
+    /// ends with it, so a free of that memory goes ahead, but their memory regions are leaked
+    /// rather than deregistered (a region's key could be given to a later registration of the
+    /// same addresses, which a late message would then reach): pinned memory stays pinned, and
+    /// a message can only land in the pages it had. An ODP region still maps its addresses, so
+    /// a late message could reach memory mapped there afterwards. Take every receive before
+    /// dropping the handle, or drop the connections and the SRQ first.
     ///
     /// ```no_run
     /// # use std::sync::Arc;
@@ -308,6 +314,12 @@ impl Receives<'_> {
         let conn = match self.source {
             Source::Conn(conn) => conn,
             Source::Srq { cq, .. } => {
+                // A message may still land in these, through their regions' lkeys: those
+                // regions are never deregistered (an lkey can be given to a later registration
+                // of the same addresses), only leaked when their memory goes.
+                for (i, _) in self.pending.iter().enumerate().filter(|(_, p)| **p) {
+                    self.held[self.slots[i].3].reg.pin_forever();
+                }
                 cq.discard_ids(self.ids.clone(), self.left);
                 self.left = 0;
                 return;

@@ -7,7 +7,9 @@ use std::time::Duration;
 /// polling loop (rate limits, stall checks), where the precise clock's cost shows.
 /// A reading lags the precise clock by up to one tick (1-10 ms), so a duration between two
 /// readings is within one tick of the truth: [`since`](Self::since) takes the tick off, so
-/// that a timeout compared with it never fires early.
+/// that a timeout compared with it never fires early. That holds while the kernel updates the
+/// coarse clock every tick; were an update late by more (a virtual machine descheduled at that
+/// moment), a duration could be overstated by the excess.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Coarse(Duration);
 

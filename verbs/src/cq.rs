@@ -307,11 +307,12 @@ impl CompletionQueue {
         loop {
             let n = self.poll(&mut batch)?;
             for w in &batch[..n] {
-                if taken < max && pick(w, st) {
+                if st.discard(w.wr_id) {
+                    // Given up by its owner (ids are never reused): nobody takes it, not even
+                    // a `wait_one` caller, and it is not kept.
+                } else if taken < max && pick(w, st) {
                     out.push(*w);
                     taken += 1;
-                } else if st.discard(w.wr_id) {
-                    // Nobody takes it: not kept.
                 } else {
                     others |= st.is_awaited(w.wr_id);
                     st.reaped.push(*w);

@@ -339,10 +339,8 @@ impl QueuePair {
         for (s, w) in sges.iter_mut().zip(wrs) {
             *s = w.local.sge();
         }
-        let base = raw.as_mut_ptr();
-        for (i, (w, r)) in wrs.iter().zip(raw.iter_mut()).enumerate() {
+        for (w, r) in wrs.iter().zip(raw.iter_mut()) {
             r.wr_id = w.wr_id;
-            r.sg_list = &mut sges[i];
             r.num_sge = if w.local.len == 0 { 0 } else { 1 };
             r.send_flags = w.flags.bits();
             let (opcode, remote, imm) = match w.op {
@@ -359,9 +357,19 @@ impl QueuePair {
             if let Some(rs) = remote {
                 r.wr.rdma = sys::rdma_t { remote_addr: rs.addr, rkey: rs.rkey };
             }
-            // SAFETY: `i + 1 <= len`: a pointer into (or one past) the same slice, which is
-            // not moved while the list is posted.
-            r.next = if i + 1 < wrs.len() { unsafe { base.add(i + 1) } } else { std::ptr::null_mut() };
+        }
+        // Linked last, through pointers taken after the last use of `sges` and `raw` as
+        // references: neither is reborrowed (nor moved) until the post has returned.
+        let sge_base = sges.as_mut_ptr();
+        let base = raw.as_mut_ptr();
+        for i in 0..wrs.len() {
+            let next = if i + 1 < wrs.len() { i + 1 } else { usize::MAX };
+            // SAFETY: `i < len` and `next < len`: pointers into the two slices of `len`
+            // entries, derived after their last use as references (above).
+            unsafe {
+                (*base.add(i)).sg_list = sge_base.add(i);
+                (*base.add(i)).next = if next == usize::MAX { std::ptr::null_mut() } else { base.add(next) };
+            }
         }
         let mut bad: *mut sys::ibv_send_wr = std::ptr::null_mut();
         // SAFETY: the QP is live; the chained requests and their scatter entries outlive the
