@@ -122,6 +122,10 @@ struct Stash {
     /// A waiter is asleep on the completion channel: the others wait on the condition
     /// variable, and it wakes them when it wakes.
     sleeper: bool,
+    /// Waiters on the condition variable now: it is notified only when there are some (a
+    /// notification is a system call, and setting others' completions aside happens on every
+    /// turn of a polling loop).
+    nappers: u32,
     /// Ids nobody will take ([`CompletionQueue::discard_ids`]), with how many of their
     /// completions are still to come: those are dropped as they are polled.
     discarded: Vec<(std::ops::Range<u64>, usize)>,
@@ -268,13 +272,21 @@ impl CompletionQueue {
     /// Completions with error statuses are returned as they are (see [`WorkCompletion::ok`]).
     pub fn poll(&self, out: &mut [WorkCompletion]) -> Result<usize> {
         const BATCH: usize = 32;
-        // SAFETY: ibv_wc is plain old data; zeroed values are overwritten by the provider.
-        let mut raw: [sys::ibv_wc; BATCH] = unsafe { std::mem::zeroed() };
+        // Only the entries asked for are zeroed (this runs on every turn of a polling loop):
+        // zeroed, not left uninitialized, because a provider need not write every field of a
+        // failed completion (only wr_id, status, qp_num and vendor_err are valid there).
+        let mut raw = [const { std::mem::MaybeUninit::<sys::ibv_wc>::uninit() }; BATCH];
         let want = out.len().min(BATCH);
+        for r in &mut raw[..want] {
+            *r = std::mem::MaybeUninit::zeroed();
+        }
         // SAFETY: `raw` has room for `want` entries and the CQ is live.
         let n = unsafe { result::cq::poll_cq(self.cq.as_ptr(), &mut raw[..want]) }?;
         for (o, r) in out.iter_mut().zip(&raw[..n]) {
-            *o = WorkCompletion::from_raw(r);
+            // SAFETY: the first `want` entries (so the first `n`, `n <= want`) were zeroed
+            // above, and ibv_wc is plain old data, valid when zeroed; the provider wrote over
+            // what it returned.
+            *o = WorkCompletion::from_raw(unsafe { r.assume_init_ref() });
         }
         Ok(n)
     }
@@ -322,7 +334,7 @@ impl CompletionQueue {
                 break;
             }
         }
-        if others {
+        if others && st.nappers > 0 {
             self.woken.notify_all();
         }
         Ok(taken)
@@ -376,14 +388,20 @@ impl CompletionQueue {
             if st.sleeper {
                 // Another waiter sleeps on the channel; it (or whoever sets a completion of
                 // ours aside) wakes us.
-                let _ = self.woken.wait_timeout(st, nap).unwrap_or_else(|e| e.into_inner());
+                st.nappers += 1;
+                let (mut st, _) = self.woken.wait_timeout(st, nap).unwrap_or_else(|e| e.into_inner());
+                st.nappers -= 1;
                 continue;
             }
             st.sleeper = true;
             drop(st);
             let r = self.sleep(nap);
-            self.lock().sleeper = false;
-            self.woken.notify_all();
+            let mut st = self.lock();
+            st.sleeper = false;
+            if st.nappers > 0 {
+                self.woken.notify_all();
+            }
+            drop(st);
             r?;
         }
     }

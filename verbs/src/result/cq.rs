@@ -1,5 +1,6 @@
 //! Completion queues and their completion channels.
 
+use std::mem::MaybeUninit;
 use std::ptr::NonNull;
 
 use super::{pos_errno, ptr, verb_error};
@@ -51,18 +52,22 @@ pub(crate) unsafe fn destroy_cq(cq: NonNull<sys::ibv_cq>) -> Result<()> {
     pos_errno("ibv_destroy_cq", unsafe { sys::ibv_destroy_cq(cq.as_ptr()) })
 }
 
-/// `ibv_poll_cq` into `wc`: how many completions it wrote (a negative errno on failure).
+/// `ibv_poll_cq` into `wc`: how many completions it wrote, in `wc`'s first entries (a negative
+/// errno on failure). The provider may leave fields of a failed completion unwritten (only
+/// wr_id, status, qp_num and vendor_err are valid there): initialize `wc` before reading it.
 ///
 /// # Safety
 /// `cq` is a live CQ.
-pub(crate) unsafe fn poll_cq(cq: *mut sys::ibv_cq, wc: &mut [sys::ibv_wc]) -> Result<usize> {
+pub(crate) unsafe fn poll_cq(cq: *mut sys::ibv_cq, wc: &mut [MaybeUninit<sys::ibv_wc>]) -> Result<usize> {
     let want = i32::try_from(wc.len()).unwrap_or(i32::MAX);
-    // SAFETY: the caller's contract; `wc` has room for `want` entries.
-    let n = unsafe { sys::ibv_poll_cq(cq, want, wc.as_mut_ptr()) };
+    // SAFETY: the caller's contract; `wc` has room for `want` entries (`MaybeUninit<T>` has
+    // `T`'s layout).
+    let n = unsafe { sys::ibv_poll_cq(cq, want, wc.as_mut_ptr().cast()) };
     if n < 0 {
         return Err(verb_error("ibv_poll_cq", -n));
     }
-    Ok(n as usize)
+    // A provider never returns more than asked for; were one to, the extra would not be ours.
+    Ok((n as usize).min(wc.len()))
 }
 
 /// `ibv_req_notify_cq` (`0` or a positive errno): arms the CQ, so that its next completion
