@@ -4,7 +4,7 @@
 
 use std::process::Output;
 
-use p2pbridge_test_support::process::{run_outside_fabric as run, show_output as show};
+use p2pbridge_test_support::process::{assert_help, assert_version, run_outside_fabric as run, show_output as show};
 
 const BINS: [(&str, &str); 7] = [
     ("bridge_reg", env!("CARGO_BIN_EXE_bridge_reg")),
@@ -27,24 +27,14 @@ fn assert_code(o: &Output, code: i32, what: &str) {
 #[test]
 fn help_exits_0_with_usage_and_exit_codes() {
     for (name, bin) in BINS {
-        for flag in ["--help", "-h"] {
-            let o = run(bin, &[flag]);
-            assert_code(&o, 0, &format!("{name} {flag}"));
-            let out = String::from_utf8_lossy(&o.stdout);
-            assert!(out.contains(&format!("Usage: {name}")), "{name} {flag}: {}", show(&o));
-            assert!(out.contains("Exit status: 0"), "{name} {flag} documents its exit codes: {}", show(&o));
-        }
+        assert_help(name, bin, &[]);
     }
 }
 
 #[test]
 fn version_exits_0() {
     for (name, bin) in BINS {
-        for flag in ["--version", "-V"] {
-            let o = run(bin, &[flag]);
-            assert_code(&o, 0, &format!("{name} {flag}"));
-            assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), format!("{name} {}", env!("CARGO_PKG_VERSION")));
-        }
+        assert_version(name, bin, env!("CARGO_PKG_VERSION"));
     }
 }
 

@@ -122,3 +122,29 @@ pub fn show_output(o: &std::process::Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     )
 }
+
+/// Asserts the help convention every binary of the project keeps: `--help` and `-h` exit 0
+/// and print a usage line naming `name`, the documented exit codes (`Exit status: 0`), and each
+/// of `also`.
+pub fn assert_help(name: &str, bin: &str, also: &[&str]) {
+    for flag in ["--help", "-h"] {
+        let o = run_outside_fabric(bin, &[flag]);
+        assert_eq!(o.status.code(), Some(0), "{name} {flag}: {}", show_output(&o));
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(out.contains(&format!("Usage: {name}")), "{name} {flag}: {}", show_output(&o));
+        assert!(out.contains("Exit status: 0"), "{name} {flag} documents its exit codes: {}", show_output(&o));
+        for a in also {
+            assert!(out.contains(a), "{name} {flag} mentions {a}: {}", show_output(&o));
+        }
+    }
+}
+
+/// Asserts that `--version` and `-V` exit 0 and print `name version` (the caller's
+/// `env!("CARGO_PKG_VERSION")`).
+pub fn assert_version(name: &str, bin: &str, version: &str) {
+    for flag in ["--version", "-V"] {
+        let o = run_outside_fabric(bin, &[flag]);
+        assert_eq!(o.status.code(), Some(0), "{name} {flag}: {}", show_output(&o));
+        assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), format!("{name} {version}"), "{name} {flag}");
+    }
+}
