@@ -228,8 +228,6 @@ pub struct Transfer<'a> {
     /// Completions taken so far, and how many of them [`stalled`](Self::stalled) had seen.
     events: u64,
     seen: u64,
-    /// When [`poll`](Self::poll) may next look at the connection's health.
-    next_health: Coarse,
     /// The drain marker is posted and its completion not yet taken.
     marker: bool,
     /// The device did not flush: the ids stay marked awaited for ever.
@@ -308,7 +306,6 @@ impl Bridge {
         let first = next_wr_ids(n as u64 + 1);
         let ids = first..first + n as u64 + 1;
         conn.send_cq().expect_ids(ids.clone());
-        let now = Coarse::now();
         let mut t = Transfer {
             bridge: self,
             conn,
@@ -321,10 +318,9 @@ impl Bridge {
             resolved: 0,
             credits: 0,
             error: None,
-            progress: now,
+            progress: Coarse::now(),
             events: 0,
             seen: 0,
-            next_health: now,
             marker: false,
             gave_up: false,
             finished: false,
@@ -415,16 +411,15 @@ impl<'a> Transfer<'a> {
             Err(e) => self.abort(e.into()),
         }
         if self.resolved < self.posted {
-            // One read of the coarse clock per call that finds the transfer pending, none per
-            // completion.
-            let now = Coarse::now();
-            let stalled = self.stalled(now);
+            // The coarse clock, read once per call that finds the transfer pending (none per
+            // completion); `fault` looks at the connection at most every FAULT_CHECK_INTERVAL.
+            let stalled = self.stalled(Coarse::now());
             if self.error.is_some() {
                 // Failed: the rest is being flushed; if that stalls, drain as on a timeout.
                 if stalled >= FLUSH_WAIT {
                     self.abort(self.timeout_error());
                 }
-            } else if let Some(cause) = self.health(now) {
+            } else if let Some(cause) = self.conn.fault() {
                 self.abort(p2pbridge_verbs::Error::ConnectionLost { cause }.into());
             } else if stalled >= self.bridge.inner.core.completion_timeout {
                 self.abort(self.timeout_error());
@@ -485,18 +480,6 @@ impl<'a> Transfer<'a> {
             self.progress = now;
         }
         now.since(self.progress)
-    }
-
-    /// The connection's loss, looked for at most every [`FAULT_CHECK_INTERVAL`] from `poll`
-    /// (a look takes a lock and, now and then, system calls).
-    ///
-    /// [`FAULT_CHECK_INTERVAL`]: p2pbridge_verbs::FAULT_CHECK_INTERVAL
-    fn health(&mut self, now: Coarse) -> Option<p2pbridge_verbs::Fault> {
-        if now < self.next_health {
-            return None;
-        }
-        self.next_health = now.after(p2pbridge_verbs::FAULT_CHECK_INTERVAL);
-        self.conn.fault()
     }
 
     fn timeout_error(&self) -> Error {

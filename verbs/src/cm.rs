@@ -365,9 +365,13 @@ pub struct Connection {
     on_close: std::sync::Mutex<Vec<Box<dyn FnOnce() + Send>>>,
     /// The port the connection runs on.
     port: u8,
-    /// Why the connection was lost, once known, and when its events were last read (see
-    /// [`Connection::fault`]).
-    fault: std::sync::Mutex<(Option<crate::Fault>, Option<crate::Coarse>)>,
+    /// Why the connection was lost, once known (see [`Connection::fault`]).
+    fault: std::sync::Mutex<Option<crate::Fault>>,
+    /// `fault` holds a loss: answered under its lock from then on.
+    faulted: std::sync::atomic::AtomicBool,
+    /// When the events are next due to be read ([`Coarse::nanos`](crate::Coarse::nanos));
+    /// calls before then with no loss known answer `None` without taking the lock.
+    fault_due: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Connection {
@@ -475,15 +479,18 @@ impl Connection {
     /// The events are read at most every [`FAULT_CHECK_INTERVAL`] (a read is a system call);
     /// calls in between answer from the last read.
     pub fn fault(&self) -> Option<crate::Fault> {
+        use std::sync::atomic::Ordering;
         use sys::rdma_cm_event_type as t;
-        let mut st = self.fault.lock().unwrap_or_else(|e| e.into_inner());
-        let (f, checked) = &mut *st;
-        // The coarse clock: this runs on every post and poll, where a precise read shows.
+        // This runs on every post and poll: the coarse clock, and no lock while nothing is due.
         let now = crate::Coarse::now();
-        if f.is_some() || checked.is_some_and(|c| now < c.after(FAULT_CHECK_INTERVAL)) {
-            return *f;
+        if !self.faulted.load(Ordering::Acquire) && now.nanos() < self.fault_due.load(Ordering::Acquire) {
+            return None;
         }
-        *checked = Some(now);
+        let mut f = self.fault.lock().unwrap_or_else(|e| e.into_inner());
+        if f.is_some() || now.nanos() < self.fault_due.load(Ordering::Acquire) {
+            return *f; // a loss known, or another caller read the events meanwhile
+        }
+        self.fault_due.store(now.after(FAULT_CHECK_INTERVAL).nanos(), Ordering::Release);
         if f.is_none() {
             while let Ok(Some(ev)) = next_event(&self.id.channel, Duration::ZERO) {
                 let cause = match ev.kind {
@@ -499,6 +506,9 @@ impl Connection {
         }
         if f.is_none() {
             *f = self.pd.context().fault_for(self.qp.qp_num(), self.port);
+        }
+        if f.is_some() {
+            self.faulted.store(true, Ordering::Release);
         }
         *f
     }
@@ -527,6 +537,8 @@ impl Connection {
             on_close: Default::default(),
             port,
             fault: Default::default(),
+            faulted: Default::default(),
+            fault_due: Default::default(),
         }
     }
 

@@ -30,6 +30,11 @@ impl Coarse {
     pub fn after(self, d: Duration) -> Self {
         Coarse(self.0.saturating_add(d))
     }
+
+    /// The reading in nanoseconds since the clock's start (boot), for keeping in an atomic.
+    pub fn nanos(self) -> u64 {
+        u64::try_from(self.0.as_nanos()).unwrap_or(u64::MAX)
+    }
 }
 
 /// The coarse clock's resolution (a tick).
@@ -60,5 +65,6 @@ mod tests {
         assert!(coarse <= i1 - i0, "coarse {coarse:?} > precise {:?}", i1 - i0);
         assert!(coarse + 2 * coarse_tick() >= Duration::from_millis(50), "coarse {coarse:?}, tick {:?}", coarse_tick());
         assert!(c0.after(Duration::from_secs(1)) > c0);
+        assert_eq!(c0.after(Duration::from_nanos(7)).nanos(), c0.nanos() + 7);
     }
 }
