@@ -4,7 +4,9 @@
 
 use std::process::Output;
 
-use p2pbridge_test_support::process::{assert_help, assert_version, run_outside_fabric as run, show_output as show};
+use p2pbridge_test_support::process::{
+    assert_help, assert_unknown_flag, assert_version, run_outside_fabric as run, show_output as show,
+};
 
 const BINS: [(&str, &str); 4] = [
     ("cache_loop", env!("CARGO_BIN_EXE_cache_loop")),
@@ -41,9 +43,7 @@ fn version_exits_0() {
 #[test]
 fn an_unknown_flag_exits_2() {
     for (name, bin) in BINS {
-        let o = run(bin, &["--no-such-flag"]);
-        assert_code(&o, 2);
-        assert!(String::from_utf8_lossy(&o.stderr).contains("--no-such-flag"), "{name}: {}", show(&o));
+        assert_unknown_flag(name, bin);
     }
 }
 

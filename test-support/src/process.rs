@@ -148,3 +148,10 @@ pub fn assert_version(name: &str, bin: &str, version: &str) {
         assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), format!("{name} {version}"), "{name} {flag}");
     }
 }
+
+/// Asserts that an unknown flag is a usage error: exit 2, and clap's message naming the flag.
+pub fn assert_unknown_flag(name: &str, bin: &str) {
+    let o = run_outside_fabric(bin, &["--no-such-flag"]);
+    assert_eq!(o.status.code(), Some(2), "{name}: {}", show_output(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--no-such-flag"), "{name}: {}", show_output(&o));
+}
