@@ -36,7 +36,7 @@ use crate::completion::{lost_within, next_wr_ids, ATTRIBUTE_WAIT, FAULT_POLL, FL
 use crate::error::{Error, Result};
 use crate::registration::Registered;
 use crate::staging::stage_out;
-use crate::transfer::{hold, Held};
+use crate::transfer::{hold, HeldList};
 
 /// One completed receive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,7 +86,7 @@ pub struct Receives<'a> {
     /// Per receive: the registered range (address and length), its offset in its
     /// registration, and the registration's index in `held`.
     slots: Vec<(u64, u64, u64, usize)>,
-    held: Vec<Held<'a>>,
+    held: HeldList<'a>,
     ids: Range<u64>,
     pending: Vec<bool>,
     left: usize,
@@ -197,7 +197,7 @@ fn post<'a>(source: Source<'a>, bufs: &[(&'a Registered, u64, u64)]) -> Result<R
     if bufs.is_empty() {
         return Err(Error::InvalidArgument("no receive to post".into()));
     }
-    let mut held = Vec::new();
+    let mut held = HeldList::new();
     let mut slots = Vec::with_capacity(bufs.len());
     for &(reg, offset, len) in bufs {
         let at = reg.entry_range(offset, len)?;

@@ -45,6 +45,7 @@ use std::sync::{Arc, Mutex, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use p2pbridge_gpu::MemoryBackend;
+use smallvec::SmallVec;
 use p2pbridge_verbs::{Coarse, Connection, SendFlags, SendOp, SendWr, WcStatus, WorkCompletion};
 
 use crate::bounce::{BounceConfig, BounceEngine};
@@ -59,6 +60,17 @@ use crate::staging::stage_in;
 pub const CHUNK: usize = 64;
 /// A signalled request at least this often.
 pub const SIGNAL_EVERY: usize = 16;
+
+/// Descriptors a batch (and its transfer) keeps inline: a batch of this many or fewer makes
+/// no allocation (a message-rate loop posts many one-descriptor transfers).
+const INLINE: usize = 4;
+
+/// Per-descriptor lists of a batch or transfer, inline up to [`INLINE`] entries.
+type PerDesc<T> = SmallVec<[T; INLINE]>;
+
+/// The registrations a transfer or receives hold live: inline up to two (most batches use
+/// one or two).
+pub(crate) type HeldList<'a> = SmallVec<[Held<'a>; 2]>;
 
 /// What a descriptor does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,13 +100,13 @@ struct Desc<'a> {
 /// [`Registered`]), and for RDMA a remote key with an offset in it.
 #[derive(Debug, Default)]
 pub struct Batch<'a> {
-    descs: Vec<Desc<'a>>,
+    descs: PerDesc<Desc<'a>>,
 }
 
 impl<'a> Batch<'a> {
     /// An empty batch.
     pub fn new() -> Self {
-        Batch { descs: Vec::new() }
+        Batch { descs: SmallVec::new() }
     }
 
     fn push(
@@ -193,7 +205,7 @@ impl Held<'_> {
 }
 
 /// The index of `reg` in `held`, holding it (live) first if it is not there yet.
-pub(crate) fn hold<'a>(held: &mut Vec<Held<'a>>, reg: &'a Registration) -> Result<usize> {
+pub(crate) fn hold<'a>(held: &mut HeldList<'a>, reg: &'a Registration) -> Result<usize> {
     if let Some(i) = held.iter().position(|h| std::ptr::eq(h.reg, reg)) {
         return Ok(i);
     }
@@ -205,14 +217,14 @@ pub(crate) fn hold<'a>(held: &mut Vec<Held<'a>>, reg: &'a Registration) -> Resul
 pub struct Transfer<'a> {
     bridge: &'a Bridge,
     conn: &'a Connection,
-    descs: Vec<Desc<'a>>,
+    descs: PerDesc<Desc<'a>>,
     /// Per descriptor: its offset in its registration, and the registration's index in `held`.
-    at: Vec<(u64, usize)>,
-    held: Vec<Held<'a>>,
+    at: PerDesc<(u64, usize)>,
+    held: HeldList<'a>,
     /// Work-request ids: `ids.start + i` for descriptor `i`, and the last for the drain
     /// marker.
     ids: Range<u64>,
-    status: Vec<Status>,
+    status: PerDesc<Status>,
     /// Descriptors handed to the NIC (or run by the engine) so far.
     posted: usize,
     /// Descriptors before this are no longer pending.
@@ -289,8 +301,8 @@ impl Bridge {
     pub fn post<'a>(&'a self, conn: &'a Connection, batch: Batch<'a>) -> Result<Transfer<'a>> {
         let descs = batch.descs;
         check_connection(conn)?;
-        let mut held: Vec<Held<'a>> = Vec::new();
-        let mut at = Vec::with_capacity(descs.len());
+        let mut held = HeldList::new();
+        let mut at = PerDesc::with_capacity(descs.len());
         for d in &descs {
             let off = d.local.entry_range(d.offset, d.len)?;
             if let Some((key, roff)) = d.remote {
@@ -309,7 +321,7 @@ impl Bridge {
         let mut t = Transfer {
             bridge: self,
             conn,
-            status: vec![Status::Pending; n],
+            status: SmallVec::from_elem(Status::Pending, n),
             descs,
             at,
             held,
@@ -405,10 +417,21 @@ impl<'a> Transfer<'a> {
         if self.finished {
             return Ok(true);
         }
-        let mut wcs = Vec::new();
-        match self.conn.send_cq().take_ids(self.ids.clone(), &mut wcs) {
-            Ok(_) => self.absorb(&wcs),
-            Err(e) => self.abort(e.into()),
+        // Taken into the stack, a batch at a time: a poll allocates nothing.
+        let mut wcs = [WorkCompletion::default(); SIGNAL_EVERY];
+        loop {
+            match self.conn.send_cq().take_ids_into(self.ids.clone(), &mut wcs) {
+                Ok(n) => {
+                    self.absorb(&wcs[..n]);
+                    if n < wcs.len() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    self.abort(e.into());
+                    break;
+                }
+            }
         }
         if self.resolved < self.posted {
             // The coarse clock, read once per call that finds the transfer pending (none per
@@ -522,17 +545,17 @@ impl<'a> Transfer<'a> {
             }
             self.credits += got;
             let end = i + got as usize;
-            let wrs = match self.work_requests(i..end) {
-                Ok(w) => w,
+            // The requests borrow the transfer: built and posted in one statement, so that
+            // they are gone before it changes.
+            let sent = self.work_requests(i..end).map(|wrs| self.conn.qp().post_send_list(&wrs));
+            match sent {
                 Err(e) => {
                     self.give_back(got);
                     self.fail_unposted(e);
                     return;
                 }
-            };
-            match self.conn.qp().post_send_list(&wrs) {
-                Ok(()) => self.posted = end,
-                Err(p) => {
+                Ok(Ok(())) => self.posted = end,
+                Ok(Err(p)) => {
                     self.posted = i + p.posted;
                     self.give_back(got - p.posted as u32);
                     // Requests posted unsignalled may never complete now: flush them, with the
@@ -555,7 +578,7 @@ impl<'a> Transfer<'a> {
 
     /// The work requests of descriptors `range` (direct registrations), signalled every
     /// [`SIGNAL_EVERY`] and at the end.
-    fn work_requests(&self, range: Range<usize>) -> Result<Vec<SendWr<'_>>> {
+    fn work_requests(&self, range: Range<usize>) -> Result<PerDesc<SendWr<'_>>> {
         let last = range.end - 1;
         range
             .map(|i| {

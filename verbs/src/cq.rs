@@ -153,6 +153,42 @@ impl Stash {
     }
 }
 
+/// Where taken completions go: a `Vec` (as many as there are) or a slice (as many as it holds,
+/// with no allocation).
+trait Sink {
+    /// How many more it takes.
+    fn room(&self) -> usize;
+    /// Takes one (only while `room() > 0`).
+    fn put(&mut self, wc: WorkCompletion);
+}
+
+impl Sink for Vec<WorkCompletion> {
+    fn room(&self) -> usize {
+        usize::MAX
+    }
+    fn put(&mut self, wc: WorkCompletion) {
+        self.push(wc);
+    }
+}
+
+/// A slice filled from the front.
+struct Fill<'o> {
+    buf: &'o mut [WorkCompletion],
+    n: usize,
+}
+
+impl Sink for Fill<'_> {
+    fn room(&self) -> usize {
+        self.buf.len() - self.n
+    }
+    fn put(&mut self, wc: WorkCompletion) {
+        if let Some(slot) = self.buf.get_mut(self.n) {
+            *slot = wc;
+            self.n += 1;
+        }
+    }
+}
+
 /// `now + timeout`, or no deadline where that does not fit.
 fn deadline(timeout: Duration) -> Option<Instant> {
     Instant::now().checked_add(timeout)
@@ -295,20 +331,19 @@ impl CompletionQueue {
         self.stash.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Polls the CQ dry; completions `pick` accepts go to `out`, the others are set aside
-    /// (waking their waiters). Returns how many went to `out`.
+    /// Polls the CQ dry, or until `out` is full; completions `pick` accepts go to `out`, the
+    /// others are set aside (waking their waiters). Returns how many went to `out`.
     fn drain(
         &self,
         st: &mut Stash,
         pick: &dyn Fn(&WorkCompletion, &Stash) -> bool,
-        out: &mut Vec<WorkCompletion>,
-        max: usize,
+        out: &mut dyn Sink,
     ) -> Result<usize> {
         let mut taken = 0;
         let mut i = 0;
-        while i < st.reaped.len() && taken < max {
+        while i < st.reaped.len() && out.room() > 0 {
             if pick(&st.reaped[i], st) {
-                out.push(st.reaped.remove(i));
+                out.put(st.reaped.remove(i));
                 taken += 1;
             } else {
                 i += 1;
@@ -325,15 +360,15 @@ impl CompletionQueue {
                 if st.discard(w.wr_id) {
                     // Given up by its owner (ids are never reused): nobody takes it, not even
                     // a `wait_one` caller, and it is not kept.
-                } else if taken < max && pick(w, st) {
-                    out.push(*w);
+                } else if out.room() > 0 && pick(w, st) {
+                    out.put(*w);
                     taken += 1;
                 } else {
                     others |= st.is_awaited(w.wr_id);
                     st.reaped.push(*w);
                 }
             }
-            if n < size || taken >= max {
+            if n < size || out.room() == 0 {
                 break;
             }
             size = batch.len();
@@ -351,10 +386,9 @@ impl CompletionQueue {
         &self,
         timeout: Duration,
         pick: &dyn Fn(&WorkCompletion, &Stash) -> bool,
-        out: &mut Vec<WorkCompletion>,
-        max: usize,
+        out: &mut dyn Sink,
     ) -> Result<usize> {
-        self.wait_take_spinning(timeout, SPIN, pick, out, max)
+        self.wait_take_spinning(timeout, SPIN, pick, out)
     }
 
     /// [`wait_take`](Self::wait_take), busy-polling for `spin` before it sleeps.
@@ -363,15 +397,14 @@ impl CompletionQueue {
         timeout: Duration,
         spin: Duration,
         pick: &dyn Fn(&WorkCompletion, &Stash) -> bool,
-        out: &mut Vec<WorkCompletion>,
-        max: usize,
+        out: &mut dyn Sink,
     ) -> Result<usize> {
         let start = Instant::now();
         let deadline = deadline(timeout);
         let mut spins = 0u32;
         loop {
             let mut st = self.lock();
-            let n = self.drain(&mut st, pick, out, max)?;
+            let n = self.drain(&mut st, pick, out)?;
             if n > 0 {
                 return Ok(n);
             }
@@ -420,7 +453,7 @@ impl CompletionQueue {
             let mut st = self.lock();
             let before = st.reaped.len();
             // Set everything aside: the waiters (us included) take theirs on their next turn.
-            self.drain(&mut st, &|_, _| false, &mut Vec::new(), 0)?;
+            self.drain(&mut st, &|_, _| false, &mut Fill { buf: &mut [], n: 0 })?;
             if st.reaped.len() > before {
                 return Ok(());
             }
@@ -447,9 +480,10 @@ impl CompletionQueue {
     /// [`wait_ids`](Self::wait_ids) caller is waiting for, up to `timeout`; an error status is
     /// returned as [`Error::WorkCompletion`].
     pub fn wait_one(&self, timeout: Duration) -> Result<WorkCompletion> {
-        let mut out = Vec::with_capacity(1);
-        self.wait_take(timeout, &|w, st| !st.is_awaited(w.wr_id), &mut out, 1)?;
-        out.pop().ok_or(Error::Timeout(timeout, "a work completion"))?.ok()
+        let mut one = [WorkCompletion::default()];
+        let mut out = Fill { buf: &mut one, n: 0 };
+        self.wait_take(timeout, &|w, st| !st.is_awaited(w.wr_id), &mut out)?;
+        taken_one(out, timeout)
     }
 
     /// Waits for the completion of the work request posted with `wr_id`, up to `timeout`,
@@ -487,20 +521,29 @@ impl CompletionQueue {
             }
             !marked
         };
-        let mut out = Vec::with_capacity(1);
-        let r = self.wait_take_spinning(timeout, spin, &|w, _| w.wr_id == wr_id, &mut out, 1);
+        let mut one = [WorkCompletion::default()];
+        let mut out = Fill { buf: &mut one, n: 0 };
+        let r = self.wait_take_spinning(timeout, spin, &|w, _| w.wr_id == wr_id, &mut out);
         if own {
             self.unexpect_ids(&ids);
         }
         r?;
-        out.pop().ok_or(Error::Timeout(timeout, "a work completion"))?.ok()
+        taken_one(out, timeout)
     }
 
     /// Takes, without waiting, the completions of work requests with ids in `ids` (set aside
     /// earlier or polled now), error statuses included, into `out`; returns how many.
     pub fn take_ids(&self, ids: std::ops::Range<u64>, out: &mut Vec<WorkCompletion>) -> Result<usize> {
         let mut st = self.lock();
-        self.drain(&mut st, &|w, _| ids.contains(&w.wr_id), out, usize::MAX)
+        self.drain(&mut st, &|w, _| ids.contains(&w.wr_id), out)
+    }
+
+    /// [`take_ids`](Self::take_ids) into a slice: takes at most `out.len()` completions (the
+    /// rest stay for a later call), and allocates nothing; returns how many it wrote, from
+    /// the front.
+    pub fn take_ids_into(&self, ids: std::ops::Range<u64>, out: &mut [WorkCompletion]) -> Result<usize> {
+        let mut st = self.lock();
+        self.drain(&mut st, &|w, _| ids.contains(&w.wr_id), &mut Fill { buf: out, n: 0 })
     }
 
     /// Waits up to `timeout` until at least one completion of a work request with an id in
@@ -513,7 +556,7 @@ impl CompletionQueue {
         timeout: Duration,
         out: &mut Vec<WorkCompletion>,
     ) -> Result<usize> {
-        self.wait_take(timeout, &|w, _| ids.contains(&w.wr_id), out, usize::MAX)
+        self.wait_take(timeout, &|w, _| ids.contains(&w.wr_id), out)
     }
 
     /// Marks `wr_id` as awaited before its request is posted, so that no
@@ -560,6 +603,14 @@ impl CompletionQueue {
         if left > 0 && !ids.is_empty() {
             st.discarded.push((ids, left));
         }
+    }
+}
+
+/// The one completion a single-completion wait took, as a `Result` of its status.
+fn taken_one(out: Fill<'_>, timeout: Duration) -> Result<WorkCompletion> {
+    match out.n {
+        0 => Err(Error::Timeout(timeout, "a work completion")),
+        _ => out.buf[0].ok(),
     }
 }
 
