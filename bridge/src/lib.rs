@@ -44,6 +44,7 @@ pub mod probe;
 mod receive;
 mod register;
 mod registration;
+mod small;
 mod staging;
 pub mod strategy;
 pub mod transfer;

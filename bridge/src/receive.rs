@@ -35,8 +35,9 @@ use crate::bridge::Bridge;
 use crate::completion::{lost_within, next_wr_ids, ATTRIBUTE_WAIT, FAULT_POLL, FLUSH_WAIT};
 use crate::error::{Error, Result};
 use crate::registration::Registered;
+use crate::small::HeldList;
 use crate::staging::stage_out;
-use crate::transfer::{hold, HeldList};
+use crate::transfer::hold;
 
 /// One completed receive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -326,7 +327,7 @@ impl Receives<'_> {
             }
         };
         let stuck = |rx: &mut Self| {
-            for h in &rx.held {
+            for h in rx.held.iter() {
                 h.reg.pin_forever();
             }
         };

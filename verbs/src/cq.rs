@@ -355,7 +355,13 @@ impl CompletionQueue {
         // grows with the entries it prepares.
         let mut size = 1;
         loop {
-            let n = self.poll(&mut batch[..size])?;
+            let n = match self.poll(&mut batch[..size]) {
+                Ok(n) => n,
+                // What was taken already is the caller's (a slice keeps no count of its own):
+                // the failure shows again on the next poll.
+                Err(_) if taken > 0 => break,
+                Err(e) => return Err(e),
+            };
             for w in &batch[..n] {
                 if st.discard(w.wr_id) {
                     // Given up by its owner (ids are never reused): nobody takes it, not even
@@ -379,8 +385,8 @@ impl CompletionQueue {
         Ok(taken)
     }
 
-    /// Waits until at least one completion that `pick` accepts is taken into `out` (at most
-    /// `max`), up to `timeout`: busy-polls for [`SPIN`], then sleeps on the completion
+    /// Waits until at least one completion that `pick` accepts is taken into `out` (until it
+    /// is full), up to `timeout`: busy-polls for [`SPIN`], then sleeps on the completion
     /// channel (one waiter at a time; the others on the condition variable).
     fn wait_take(
         &self,
@@ -452,8 +458,10 @@ impl CompletionQueue {
         {
             let mut st = self.lock();
             let before = st.reaped.len();
-            // Set everything aside: the waiters (us included) take theirs on their next turn.
-            self.drain(&mut st, &|_, _| false, &mut Fill { buf: &mut [], n: 0 })?;
+            // Set everything aside (the CQ polled dry, taking nothing: a `Vec` has room, and
+            // nothing is put in it, so nothing is allocated): the waiters (us included) take
+            // theirs on their next turn.
+            self.drain(&mut st, &|_, _| false, &mut Vec::new())?;
             if st.reaped.len() > before {
                 return Ok(());
             }
@@ -557,6 +565,18 @@ impl CompletionQueue {
         out: &mut Vec<WorkCompletion>,
     ) -> Result<usize> {
         self.wait_take(timeout, &|w, _| ids.contains(&w.wr_id), out)
+    }
+
+    /// [`wait_ids`](Self::wait_ids) into a slice: takes at most `out.len()` completions (the
+    /// rest stay for a later call), and allocates nothing; returns how many it wrote, from
+    /// the front.
+    pub fn wait_ids_into(
+        &self,
+        ids: std::ops::Range<u64>,
+        timeout: Duration,
+        out: &mut [WorkCompletion],
+    ) -> Result<usize> {
+        self.wait_take(timeout, &|w, _| ids.contains(&w.wr_id), &mut Fill { buf: out, n: 0 })
     }
 
     /// Marks `wr_id` as awaited before its request is posted, so that no
