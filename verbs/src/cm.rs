@@ -491,17 +491,17 @@ impl Connection {
             return *f; // a loss known, or another caller read the events meanwhile
         }
         self.fault_due.store(now.after(FAULT_CHECK_INTERVAL).nanos(), Ordering::Release);
-        if f.is_none() {
-            while let Ok(Some(ev)) = next_event(&self.id.channel, Duration::ZERO) {
-                let cause = match ev.kind {
-                    t::RDMA_CM_EVENT_DISCONNECTED => Some(crate::Fault::Disconnected),
-                    t::RDMA_CM_EVENT_DEVICE_REMOVAL => Some(crate::Fault::DeviceRemoval),
-                    t::RDMA_CM_EVENT_ADDR_CHANGE => Some(crate::Fault::AddrChange),
-                    _ => None,
-                };
-                if f.is_none() {
-                    *f = cause;
-                }
+        // No loss known yet (answered above otherwise): read every pending event, keeping the
+        // first that means one.
+        while let Ok(Some(ev)) = next_event(&self.id.channel, Duration::ZERO) {
+            let cause = match ev.kind {
+                t::RDMA_CM_EVENT_DISCONNECTED => Some(crate::Fault::Disconnected),
+                t::RDMA_CM_EVENT_DEVICE_REMOVAL => Some(crate::Fault::DeviceRemoval),
+                t::RDMA_CM_EVENT_ADDR_CHANGE => Some(crate::Fault::AddrChange),
+                _ => None,
+            };
+            if f.is_none() {
+                *f = cause;
             }
         }
         if f.is_none() {

@@ -16,9 +16,7 @@ pub struct Coarse(Duration);
 impl Coarse {
     /// The clock now.
     pub fn now() -> Self {
-        let t = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
-        // The clock is monotonic from boot: never negative.
-        Coarse(Duration::new(t.tv_sec.max(0) as u64, t.tv_nsec.clamp(0, 999_999_999) as u32))
+        Coarse(duration(rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse)))
     }
 
     /// How long from `earlier` to `self` at least: the difference less one tick.
@@ -40,10 +38,13 @@ impl Coarse {
 /// The coarse clock's resolution (a tick).
 fn coarse_tick() -> Duration {
     static TICK: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-    *TICK.get_or_init(|| {
-        let r = rustix::time::clock_getres(rustix::time::ClockId::MonotonicCoarse);
-        Duration::new(r.tv_sec.max(0) as u64, r.tv_nsec.clamp(0, 999_999_999) as u32)
-    })
+    *TICK.get_or_init(|| duration(rustix::time::clock_getres(rustix::time::ClockId::MonotonicCoarse)))
+}
+
+/// A `timespec` of the monotonic clock (a reading since boot, or a resolution: never
+/// negative) as a `Duration`.
+fn duration(t: rustix::time::Timespec) -> Duration {
+    Duration::new(t.tv_sec.max(0) as u64, t.tv_nsec.clamp(0, 999_999_999) as u32)
 }
 
 #[cfg(test)]

@@ -363,12 +363,11 @@ impl QueuePair {
         let sge_base = sges.as_mut_ptr();
         let base = raw.as_mut_ptr();
         for i in 0..wrs.len() {
-            let next = if i + 1 < wrs.len() { i + 1 } else { usize::MAX };
-            // SAFETY: `i < len` and `next < len`: pointers into the two slices of `len`
-            // entries, derived after their last use as references (above).
+            // SAFETY: `i < len`, and `i + 1 < len` where it is added: pointers into the two
+            // slices of `len` entries, derived after their last use as references (above).
             unsafe {
                 (*base.add(i)).sg_list = sge_base.add(i);
-                (*base.add(i)).next = if next == usize::MAX { std::ptr::null_mut() } else { base.add(next) };
+                (*base.add(i)).next = if i + 1 < wrs.len() { base.add(i + 1) } else { std::ptr::null_mut() };
             }
         }
         let mut bad: *mut sys::ibv_send_wr = std::ptr::null_mut();
