@@ -42,10 +42,14 @@ pub enum Error {
     /// handles are dead and its keys are refused by the NIC.
     #[error("the registration was revoked (its memory was freed, unmapped or invalidated): register the memory anew")]
     Revoked,
-    /// A memory window over a registration could not be deallocated, so its region was leaked
-    /// (kept registered) rather than deregistered.
-    #[error("a memory window over this registration could not be deallocated; its memory region is leaked, not freed")]
-    Leaked,
+    /// The NIC may still use a registration's region, so it was leaked (kept registered for
+    /// ever) rather than deregistered, and the region follows its memory (ODP, dma-buf, peer
+    /// memory): that memory's free is held back. See [`crate::leaked_registrations`].
+    #[error("the registration's memory region is leaked, never deregistered ({why}); the free of its memory is held back")]
+    Leaked {
+        /// Why the NIC may still use the region.
+        why: &'static str,
+    },
     /// A work request's completion did not come in time: the queue pair was moved to the error
     /// state and the request flushed, so the NIC no longer touches its buffers.
     #[error("no completion for {what} within {timeout:?}: the queue pair was moved to the error state and the request flushed (is the peer alive? raise BridgeOptions::completion_timeout for slow links)")]

@@ -101,7 +101,7 @@ impl KeyLedger {
             match &done {
                 Ok(_) => conn.qp().bind_completed(&mut mw, rkey),
                 // The bind may still happen: its window must never outlive the region under it.
-                Err(Error::DeviceStuck { .. }) => r.pin_forever(),
+                Err(Error::DeviceStuck { .. }) => r.pin_forever("a window bind the device never completed nor flushed"),
                 Err(_) => {}
             }
             live.windows().push(Bound { mw, region });
@@ -204,7 +204,7 @@ impl KeyLedger {
                 std::mem::forget(b.region);
                 drop(windows);
                 drop(guard);
-                r.pin_forever();
+                r.pin_forever("a memory window over it could not be deallocated");
                 return Err(e.into());
             }
             if let Some(sub) = b.region {
@@ -212,7 +212,7 @@ impl KeyLedger {
                     // Still registered: keep the memory under it registered too.
                     drop(windows);
                     drop(guard);
-                    r.pin_forever();
+                    r.pin_forever("a region under one of its windows could not be deregistered");
                     return Err(e.into());
                 }
             }

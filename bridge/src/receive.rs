@@ -133,13 +133,19 @@ impl Bridge {
     /// Unlike a connection's, receives on a shared queue cannot be flushed: those still posted
     /// when the handle is dropped stay posted, and a later message may land in them. Their
     /// completions are dropped from `cq` as they come (were the SRQ's connections to use
-    /// another receive CQ, they would stay there). The handle's hold on their registrations
-    /// ends with it, so a free of that memory goes ahead, but their memory regions are leaked
-    /// rather than deregistered (a region's key could be given to a later registration of the
-    /// same addresses, which a late message would then reach): pinned memory stays pinned, and
-    /// a message can only land in the pages it had. An ODP region still maps its addresses, so
-    /// a late message could reach memory mapped there afterwards. Take every receive before
-    /// dropping the handle, or drop the connections and the SRQ first.
+    /// another receive CQ, they would stay there). Their registrations are then leaked, never
+    /// deregistered (a region's key could be given to a later registration of the same
+    /// addresses, which a late message would then reach; see
+    /// [`leaked_registrations`](crate::leaked_registrations)), and kept where no eviction,
+    /// invalidation or bridge drop lets them go. A free of their memory goes ahead: their
+    /// regions are pinned host memory or bounce staging, which hold the pages they had, so a
+    /// late message lands only there, never in memory the process has now. Take every receive
+    /// before dropping the handle, or drop the connections and the SRQ first.
+    ///
+    /// ODP registrations are refused here ([`Error::InvalidArgument`]): an ODP region follows
+    /// the address space, so a receive left posted in one would reach whatever is mapped at its
+    /// addresses next. Register the memory with a policy that forbids ODP
+    /// (`Policy::default().forbid(Strategy::Odp)`) for receives on a shared queue.
     ///
     /// ```no_run
     /// # use std::sync::Arc;
@@ -163,6 +169,12 @@ impl Bridge {
         cq: &'a CompletionQueue,
         bufs: &[(&'a Registered, u64, u64)],
     ) -> Result<Receives<'a>> {
+        if let Some((reg, ..)) = bufs.iter().find(|(r, ..)| r.strategy() == crate::Strategy::Odp) {
+            return Err(Error::InvalidArgument(format!(
+                "receives on a shared receive queue may outlive their handle, and an ODP registration (the one at {:#x}) would then let a late message reach whatever is mapped there next: register the memory with a policy that forbids ODP (Policy::forbid(Strategy::Odp))",
+                reg.addr()
+            )));
+        }
         post(Source::Srq { srq, cq }, bufs)
     }
 
@@ -319,7 +331,7 @@ impl Receives<'_> {
                 // regions are never deregistered (an lkey can be given to a later registration
                 // of the same addresses), only leaked when their memory goes.
                 for (i, _) in self.pending.iter().enumerate().filter(|(_, p)| **p) {
-                    self.held[self.slots[i].3].reg.pin_forever();
+                    self.held[self.slots[i].3].reg.pin_forever("a receive left posted on a shared receive queue");
                 }
                 cq.discard_ids(self.ids.clone(), self.left);
                 self.left = 0;
@@ -328,7 +340,7 @@ impl Receives<'_> {
         };
         let stuck = |rx: &mut Self| {
             for h in rx.held.iter() {
-                h.reg.pin_forever();
+                h.reg.pin_forever("receives the device never flushed");
             }
         };
         if conn.qp().set_error().is_err() {

@@ -178,7 +178,11 @@ impl Bridge {
             _ => None,
         };
         let device = backend.as_ref().map(|b| b.device()).unwrap_or(0);
-        let reg = self.try_strategies(kind, backend, reg_range.clone(), access)?.watched_by(watched);
+        let alloc = match domain {
+            Domain::Alloc(key) => Some(key),
+            Domain::HostVa => None,
+        };
+        let reg = self.try_strategies(kind, backend, reg_range.clone(), access)?.watched_by(watched).of_allocation(alloc);
         let cost = cost_of(reg.strategy(), device);
         match self.inner.core.cache.insert_since(Some(epoch), domain, reg_range, access.bits(), cost, reg)? {
             Ok(ins) => {

@@ -12,10 +12,10 @@
 //! A [`Registered`] whose registration was revoked is *dead*: its operations fail with
 //! [`Error::Revoked`].
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
 
-use p2pbridge_gpu::{DmaBufExport, MemoryBackend};
+use p2pbridge_gpu::{AllocationKey, DmaBufExport, MemoryBackend};
 use p2pbridge_verbs::{
     AccessFlags, Connection, Foreign, HostBuffer, LocalSlice, MemoryRegion, MemoryWindow, VolatileSlice,
 };
@@ -171,10 +171,12 @@ pub(crate) struct Registration {
     /// ODP registrations: whether the pages were prefetched into the NIC, or why not.
     prefetch: Option<std::result::Result<(), String>>,
     pub(crate) backend: Option<Arc<dyn MemoryBackend>>,
+    /// The backend allocation it covers (None for plain host memory).
+    alloc: Option<AllocationKey>,
     state: RwLock<Option<Live>>,
-    /// A window over the region could not be deallocated: never deregister the region (the
-    /// window may still reach it), leak it instead.
-    pinned_forever: AtomicBool,
+    /// Why its region must never be deregistered (the NIC may still use it), once something
+    /// says so: it is then leaked into the graveyard on revocation ([`crate::graveyard`]).
+    leak: OnceLock<&'static str>,
     /// Host memory: the monitor watches it while this lives (dropped after the region, since
     /// fields drop after `Drop::drop` revokes).
     watched: Option<crate::uffd::Watched>,
@@ -198,8 +200,9 @@ impl Registration {
             windowed,
             prefetch,
             backend,
+            alloc: None,
             state: RwLock::new(Some(Live { mr, windows: Mutex::new(Vec::new()), export, bounce: Mutex::new(()) })),
-            pinned_forever: AtomicBool::new(false),
+            leak: OnceLock::new(),
             watched: None,
         }
     }
@@ -208,6 +211,18 @@ impl Registration {
     pub(crate) fn watched_by(mut self, watched: Option<crate::uffd::Watched>) -> Self {
         self.watched = watched;
         self
+    }
+
+    /// Records the backend allocation it covers, so that a leak can hold that allocation's free
+    /// back ([`crate::graveyard`]).
+    pub(crate) fn of_allocation(mut self, key: Option<AllocationKey>) -> Self {
+        self.alloc = key;
+        self
+    }
+
+    /// Why its region is kept registered for ever (leaked), if it is.
+    pub(crate) fn leaked(&self) -> Option<&'static str> {
+        self.leak.get().copied()
     }
 
     /// The strategy used.
@@ -250,73 +265,95 @@ impl Registration {
         Ok(g)
     }
 
-    /// A window over it could not be deallocated: its region is leaked on revocation, never
-    /// deregistered (which would let the memory go while the window may reach it).
-    pub(crate) fn pin_forever(&self) {
-        self.pinned_forever.store(true, Ordering::SeqCst);
+    /// The NIC may still use its region (`why`): the region is leaked on revocation into the
+    /// graveyard ([`crate::graveyard`]), never deregistered. The first cause given is kept.
+    pub(crate) fn pin_forever(&self, why: &'static str) {
+        let _ = self.leak.set(why);
+    }
+
+    /// The error a revocation returns for a leaked registration: only where the region follows
+    /// its memory (ODP, dma-buf, peer memory), whose free must then be held back. A pinned or
+    /// bounce region holds the pages it had, so the free may go ahead.
+    fn leak_result(&self) -> Result<()> {
+        match self.leaked() {
+            Some(why) if crate::graveyard::follows_memory(self.strategy) => Err(Error::Leaked { why }),
+            _ => Ok(()),
+        }
     }
 
     /// Revokes it: deallocates every window over it (their keys are refused by the NIC from
     /// then on), deregisters its region, releases the export. Waits for operations holding it
     /// ([`live`](Self::live)), never for handles. Idempotent.
     ///
-    /// Where a window cannot be deallocated, the region is leaked rather than deregistered (the
-    /// NIC might still reach the memory through the window), and the error is returned.
+    /// Where the NIC may still use the region ([`pin_forever`](Self::pin_forever), or a window
+    /// or region that cannot be deallocated), the region is leaked into the graveyard rather
+    /// than deregistered, and [`Error::Leaked`] is returned where the free of its memory must
+    /// be held back (regions that follow their memory; see [`crate::graveyard`]).
     pub(crate) fn revoke(&self) -> Result<()> {
         // The write lock is held until the teardown is over: a second revoker (a free racing an
         // invalidation of the same memory) returns only once the NIC can no longer reach it.
         let mut guard = self.state.write().unwrap_or_else(|e| e.into_inner());
         let Some(live) = guard.take() else {
-            return if self.pinned_forever.load(Ordering::SeqCst) { Err(Error::Leaked) } else { Ok(()) };
+            return self.leak_result();
         };
         LIVE.fetch_sub(1, Ordering::SeqCst);
         let Live { mr, windows, export, .. } = live;
-        let mut first_err = None;
         let mut regions = Vec::new();
+        let mut kept = Vec::new();
         for b in windows.into_inner().unwrap_or_else(|e| e.into_inner()) {
             match b.mw.dealloc() {
                 Ok(()) => regions.extend(b.region),
-                Err(e) => {
-                    first_err.get_or_insert(Error::from(e));
-                    std::mem::forget(b.region);
+                Err(_) => {
+                    // The window is leaked (dealloc does not hand it back), and so is the
+                    // region under it.
+                    self.pin_forever("a memory window over it could not be deallocated");
+                    kept.extend(b.region);
                 }
             }
         }
         for r in regions {
-            if let Err(e) = r.deregister() {
-                first_err.get_or_insert(Error::from(e));
+            if r.deregister().is_err() {
+                // Still registered (a failed deregistration leaks the region itself): so is
+                // the memory under it.
+                self.pin_forever("a region under one of its windows could not be deregistered");
             }
         }
-        if first_err.is_none() && self.pinned_forever.load(Ordering::SeqCst) {
-            first_err = Some(Error::Leaked);
-        }
-        let r = match first_err {
-            // A window may still be bound: the memory must stay reachable only by it, never
-            // freed under it.
-            Some(e) => {
-                std::mem::forget(mr);
-                Err(e)
+        let range = mr.addr()..mr.addr() + mr.len();
+        let parts: Box<dyn Send> = if self.leaked().is_some() {
+            Box::new((mr, export, kept))
+        } else {
+            match mr.deregister() {
+                Ok(()) => {
+                    drop(export);
+                    drop(guard);
+                    return Ok(());
+                }
+                Err(_) => {
+                    self.pin_forever("ibv_dereg_mr failed");
+                    Box::new((export, kept))
+                }
             }
-            None => mr.deregister(),
         };
-        match r {
-            Ok(()) => drop(export),
-            Err(_) => {
-                self.pin_forever();
-                std::mem::forget(export);
+        let why = self.leaked().unwrap_or("leaked");
+        // A region that follows its memory: hold that memory's free back for ever.
+        let hold = match (&self.backend, self.alloc) {
+            (Some(b), Some(key)) if crate::graveyard::follows_memory(self.strategy) => {
+                Some(b.notices().subscribe(key, 0..u64::MAX, std::mem::forget))
             }
-        }
+            _ => None,
+        };
+        crate::graveyard::bury(crate::graveyard::Grave { strategy: self.strategy, range, why, parts, hold });
         drop(guard);
-        r
+        self.leak_result()
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        if let Err(e) = self.revoke() {
-            eprintln!("p2pbridge: revoking a registration failed ({e}); its memory region is leaked, not freed");
+        // A leak was buried (and said why) by `revoke`.
+        if self.revoke().is_err() || self.leaked().is_some() {
             // The leaked region may be ODP: keep its memory watched, so that an unmap is still
-            // seen (and the bridge told) rather than leave the region reaching what comes next.
+            // seen rather than unwatched under a region that reaches what comes next.
             std::mem::forget(self.watched.take());
         }
     }
@@ -375,9 +412,17 @@ impl Registered {
     pub fn prefetch(&self) -> Option<std::result::Result<(), &str>> {
         self.handle.value().prefetch()
     }
-    /// Whether its registration is still live (the memory has not gone since).
+    /// Whether its registration is still live (the memory has not gone since). A leaked
+    /// registration (see [`leaked`](Self::leaked)) is not live: nothing can use it, though its
+    /// region stays registered.
     pub fn is_live(&self) -> bool {
         self.handle.value().is_live()
+    }
+    /// Why its region is kept registered for ever, if it is: the NIC may still use it (a
+    /// receive left posted on a shared receive queue, a request the device never flushed, a
+    /// window that could not be deallocated). See [`leaked_registrations`](crate::leaked_registrations).
+    pub fn leaked(&self) -> Option<&'static str> {
+        self.handle.value().leaked()
     }
     /// Offset of `self.addr` inside the cache entry's registration.
     pub(crate) fn entry_offset(&self) -> u64 {

@@ -639,6 +639,15 @@ pub enum SkipReason {
     },
     /// An earlier strategy was chosen: this one was not considered.
     NotReached,
+    /// It applies, but only where the caller asks for it ([`Preference::Prefer`] or
+    /// [`Preference::Require`]): ODP for host memory registered with
+    /// [`Bridge::register_host`](crate::Bridge::register_host), whose unmapping the monitor
+    /// acts on only after `munmap` has returned (a peer's WRITE in that window reaches the
+    /// memory mapped there next).
+    OptIn {
+        /// What asking for it means.
+        why: &'static str,
+    },
 }
 
 impl SkipReason {
@@ -647,6 +656,7 @@ impl SkipReason {
         match self {
             SkipReason::Unsupported(u) => Some(u.fix()),
             SkipReason::OverBudget { fix, .. } => Some(fix),
+            SkipReason::OptIn { .. } => Some("Policy::prefer(Strategy::Odp), accepting that window"),
             _ => None,
         }
     }
@@ -663,6 +673,7 @@ impl fmt::Display for SkipReason {
             SkipReason::Failed(e) => write!(f, "registration failed: {e}"),
             SkipReason::OverBudget { limit, fix, .. } => write!(f, "over budget: {limit}; {fix}"),
             SkipReason::NotReached => write!(f, "not tried: an earlier strategy was chosen"),
+            SkipReason::OptIn { why } => write!(f, "used only where the policy asks for it: {why}"),
         }
     }
 }
@@ -845,13 +856,27 @@ pub struct Plan {
     pub skipped: Vec<(Strategy, SkipReason)>,
 }
 
+/// What opting in to ODP for [`Bridge::register_host`](crate::Bridge::register_host) memory
+/// accepts.
+pub const HOST_ODP_WINDOW: &str = "an ODP region follows the address space, and the monitor revokes it only after munmap, mremap or madvise(MADV_DONTNEED) has returned: a peer's WRITE with an old key in between reaches the memory mapped there next (pinned memory keeps it in the old pages)";
+
 /// Plans the strategy for memory of `kind`, used for `ops`, under `policy`, on `caps`. Whether
-/// a backend can export the range as a dma-buf is learnt when the bridge tries it.
+/// a backend can export the range as a dma-buf is learnt when the bridge tries it. ODP for
+/// plain host memory ([`MemoryKind::Host`]) is used only where `policy` prefers or requires it
+/// ([`SkipReason::OptIn`]).
+
 pub fn plan(kind: MemoryKind, ops: OdpTransportCaps, policy: &Policy, caps: &HostCaps) -> Plan {
     let (order, mut skipped) = policy.order();
     let mut candidates = Vec::new();
     for s in order {
         match applies(s, kind, ops, caps) {
+            // Pinned host memory keeps a stale key's WRITE in the pages the registration had
+            // (never in memory the process has now), however the memory went; an ODP region
+            // follows the address space, so between an `munmap` and the monitor's revocation
+            // a peer's WRITE reaches what is mapped there next. ODP is the caller's choice.
+            Ok(()) if s == Strategy::Odp && kind == MemoryKind::Host && policy.get(s) == Preference::Allow => {
+                skipped.push((s, SkipReason::OptIn { why: HOST_ODP_WINDOW }))
+            }
             Ok(()) => candidates.push(s),
             Err(r) => skipped.push((s, r)),
         }
@@ -930,11 +955,12 @@ mod tests {
 
     #[test]
     fn host_memory_uses_odp_only_when_the_caps_cover_the_operations() {
-        let p = plan(MemoryKind::Host, RW, &Policy::default(), &caps(true, false, true));
+        let odp = Policy::default().prefer(Strategy::Odp);
+        let p = plan(MemoryKind::Host, RW, &odp, &caps(true, false, true));
         assert_eq!(p.candidates, vec![Strategy::Odp, Strategy::PinnedHost, Strategy::Bounce]);
         let mut c = caps(true, false, true);
         c.nic.odp_rc = OdpTransportCaps::SEND | OdpTransportCaps::RECV;
-        let p = plan(MemoryKind::Host, RW, &Policy::default(), &c);
+        let p = plan(MemoryKind::Host, RW, &odp, &c);
         assert_eq!(p.candidates, vec![Strategy::PinnedHost, Strategy::Bounce]);
         let (_, odp) = p.skipped.iter().find(|(s, _)| *s == Strategy::Odp).unwrap();
         assert_eq!(
@@ -945,6 +971,22 @@ mod tests {
         let p = plan(MemoryKind::Host, RW, &Policy::default(), &caps(true, false, false));
         let (_, odp) = p.skipped.iter().find(|(s, _)| *s == Strategy::Odp).unwrap();
         assert_eq!(unsupported(odp), Some(&Reason::OdpAbsent { device: "mlx5_0".into() }), "no ODP at all comes first");
+    }
+
+    #[test]
+    fn odp_for_plain_host_memory_is_opt_in_and_backend_memory_keeps_it() {
+        let c = caps(true, false, true);
+        let p = plan(MemoryKind::Host, RW, &Policy::default(), &c);
+        assert_eq!(p.candidates, vec![Strategy::PinnedHost, Strategy::Bounce]);
+        let (_, why) = p.skipped.iter().find(|(s, _)| *s == Strategy::Odp).unwrap();
+        assert_eq!(why, &SkipReason::OptIn { why: HOST_ODP_WINDOW });
+        assert!(why.to_string().contains("munmap"), "{why}");
+        assert_eq!(why.fix(), Some("Policy::prefer(Strategy::Odp), accepting that window"));
+        let p = plan(MemoryKind::Host, RW, &Policy::default().require(Strategy::Odp), &c);
+        assert_eq!(p.candidates, vec![Strategy::Odp]);
+        // Backend memory's frees wait for revocation: no window, ODP stays in the default order.
+        let p = plan(MemoryKind::Backend(BackendKind::Host), RW, &Policy::default(), &c);
+        assert_eq!(p.candidates[1], Strategy::Odp);
     }
 
     #[test]

@@ -679,7 +679,7 @@ impl<'a> Transfer<'a> {
         let timeout = self.bridge.inner.core.completion_timeout;
         let r = crate::completion::reap_on(conn, cq, id, timeout, "a bounce SEND or WRITE with immediate");
         if matches!(r, Err(Error::DeviceStuck { .. })) {
-            reg.pin_forever();
+            reg.pin_forever("a staged SEND the device never completed nor flushed");
         }
         r.map(|_| ())
     }
@@ -806,7 +806,7 @@ impl<'a> Transfer<'a> {
     /// The NIC did not flush: the requests in flight stay its own for ever.
     fn stuck(&mut self) {
         for h in self.held.iter() {
-            h.reg.pin_forever();
+            h.reg.pin_forever("a transfer's work requests the device never completed nor flushed");
         }
         self.error = Some(Error::DeviceStuck { what: "a transfer's work requests" });
         // Their slots and ids are never given back: the requests may still complete, and no

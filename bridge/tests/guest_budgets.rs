@@ -98,7 +98,8 @@ fn guest_past_the_memlock_budget_registrations_evict_then_fall_back_then_fail_ty
 /// backend (memfd, udmabuf) in every other respect.
 struct SmallAperture(HostBackend);
 
-impl MemoryBackend for SmallAperture {
+// SAFETY: every answer is the host backend's own; only the export budget differs.
+unsafe impl MemoryBackend for SmallAperture {
     fn kind(&self) -> p2pbridge::gpu::BackendKind {
         self.0.kind()
     }

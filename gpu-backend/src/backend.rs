@@ -21,7 +21,25 @@ pub enum FlushOutcome {
 ///
 /// Implementations: [`HostBackend`](crate::HostBackend), [`CudaBackend`](crate::CudaBackend).
 /// See `rocm.rs` and `level_zero.rs` for the plans for AMD and Intel devices.
-pub trait MemoryBackend: Send + Sync {
+///
+/// # Safety
+/// The bridge hands the NIC memory on the strength of this trait's answers, so an
+/// implementation must keep these promises; a wrong answer lets the NIC reach memory the
+/// program no longer owns:
+/// - [`identify`](Self::identify) returns `Some` only for memory that is mapped and belongs to
+///   the allocation it names, with that allocation's true base and length, and an
+///   [`AllocationKey`] that no other allocation of this backend ever has (keys are never
+///   reused: an address alone never identifies memory).
+/// - [`notifies`](Self::notifies) returns `true` only where every free of that allocation
+///   (and every reuse of its addresses) first goes through [`notices`](Self::notices): each
+///   subscriber overlapping it is called, and the memory is released only after every notice
+///   is acknowledged; and the allocation reads as dying, or no longer identifies as itself,
+///   from its first notice until it is released.
+/// - [`export_dmabuf`](Self::export_dmabuf) returns an export whose fd covers exactly the
+///   memory asked for (at the offset it reports), and that stays valid — or is revoked
+///   through the exporter's own move-notify — while the export lives.
+/// - The copy functions move exactly the bytes asked for, within the allocation checked.
+pub unsafe trait MemoryBackend: Send + Sync {
     /// Which backend this is.
     fn kind(&self) -> BackendKind;
 

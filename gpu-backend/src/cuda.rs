@@ -269,7 +269,11 @@ impl CudaBackend {
     }
 }
 
-impl MemoryBackend for CudaBackend {
+// SAFETY: identities are CUDA's buffer ids (never reused within a context); `notifies` is true
+// only for allocations this backend made, freed by dropping their `DeviceBuffer`, which
+// notifies and waits for every ack before `cuMemFree`; exports are
+// `cuMemGetHandleForAddressRange` fds over the range asked for.
+unsafe impl MemoryBackend for CudaBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Cuda
     }

@@ -140,7 +140,10 @@ fn open_udmabuf() -> Result<OwnedFd> {
     }
 }
 
-impl MemoryBackend for HostBackend {
+// SAFETY: identities are a process-wide counter, never reused; every allocation is made here
+// and freed only by dropping its `DeviceBuffer`, which notifies and waits for every ack before
+// the memfd mapping goes; exports are udmabuf fds over the sealed memfd's pages.
+unsafe impl MemoryBackend for HostBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Host
     }

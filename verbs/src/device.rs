@@ -53,7 +53,7 @@ pub(crate) struct ContextInner {
     name: String,
     origin: Origin,
     /// What the device's asynchronous events said.
-    pub(crate) faults: crate::fault::DeviceFaults,
+    pub(crate) faults: Arc<crate::fault::DeviceFaults>,
 }
 
 // SAFETY: libibverbs contexts may be used from any thread (rdma-core documents its verbs as
@@ -64,6 +64,7 @@ unsafe impl Sync for ContextInner {}
 
 impl Drop for ContextInner {
     fn drop(&mut self) {
+        crate::fault::DeviceFaults::release(&self.faults);
         match self.origin {
             Origin::Verbs => {
                 // SAFETY: we opened this context and no PD, CQ or MR outlives it (they hold an Arc).
@@ -122,14 +123,12 @@ impl Context {
         // SAFETY: freed once; opened contexts stay valid after the list is freed.
         unsafe { result::device::free_device_list(list) };
         match found {
-            Some(ctx) => Ok(Context {
-                inner: Arc::new(ContextInner {
-                    ctx: ctx?,
-                    name: name.to_string(),
-                    origin: Origin::Verbs,
-                    faults: Default::default(),
-                }),
-            }),
+            Some(ctx) => {
+                let ctx = ctx?;
+                // SAFETY: a context we just opened, live while the `ContextInner` holding both is.
+                let faults = unsafe { crate::fault::DeviceFaults::of(ctx.as_ptr()) };
+                Ok(Context { inner: Arc::new(ContextInner { ctx, name: name.to_string(), origin: Origin::Verbs, faults }) })
+            }
             None => Err(Error::NoSuchDevice { name: name.to_string(), present }),
         }
     }
@@ -145,13 +144,11 @@ impl Context {
             // SAFETY: librdmacm's contexts are open and their `device` is valid.
             if !ctx.is_null() && device_name(unsafe { (*ctx).device }) == name {
                 let ctx = NonNull::new(ctx)?;
+                // SAFETY: librdmacm's context stays open while the list is held, which the
+                // `ContextInner` holding both does.
+                let faults = unsafe { crate::fault::DeviceFaults::of(ctx.as_ptr()) };
                 return Some(Context {
-                    inner: Arc::new(ContextInner {
-                        ctx,
-                        name: name.to_string(),
-                        origin: Origin::Cm(list),
-                        faults: Default::default(),
-                    }),
+                    inner: Arc::new(ContextInner { ctx, name: name.to_string(), origin: Origin::Cm(list), faults }),
                 });
             }
         }

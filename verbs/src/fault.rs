@@ -2,8 +2,7 @@
 //! events (`ibv_get_async_event`), read without blocking whenever a caller asks.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 
 use crate::{result, sys};
 
@@ -45,11 +44,23 @@ impl std::fmt::Display for Fault {
 }
 
 /// What a device's asynchronous events said so far.
-#[derive(Default)]
+///
+/// One per raw `ibv_context` in the process ([`DeviceFaults::of`]): every [`Context`] over the
+/// same context (librdmacm hands the same one to every `Context::open` of a device) reads its
+/// events into the same record, so that none steals another's. Its descriptor is made
+/// non-blocking when the record is made, before any read: a read never blocks while holding
+/// the lock.
+///
+/// [`Context`]: crate::Context
 pub(crate) struct DeviceFaults {
-    nonblocking: AtomicBool,
+    /// The async event descriptor is non-blocking: reads may be made. `false` when `fcntl`
+    /// failed: events are then never read (a blocking read could hang the caller).
+    readable: bool,
     state: Mutex<FaultState>,
 }
+
+/// The records alive, by raw context address.
+static RECORDS: Mutex<Vec<(usize, Weak<DeviceFaults>)>> = Mutex::new(Vec::new());
 
 #[derive(Default)]
 struct FaultState {
@@ -80,21 +91,54 @@ mod event {
 }
 
 impl DeviceFaults {
+    /// The record of `ctx`'s asynchronous events: the one already made for this context if any
+    /// [`Context`](crate::Context) over it is alive, else a new one, whose descriptor is made
+    /// non-blocking here.
+    ///
+    /// # Safety
+    /// `ctx` must be a live device context, and stay live while the returned record is used
+    /// for it.
+    pub(crate) unsafe fn of(ctx: *mut sys::ibv_context) -> Arc<DeviceFaults> {
+        let mut records = RECORDS.lock().unwrap_or_else(|e| e.into_inner());
+        records.retain(|(_, w)| w.strong_count() > 0);
+        if let Some(f) = records.iter().find(|(c, _)| *c == ctx as usize).and_then(|(_, w)| w.upgrade()) {
+            return f;
+        }
+        // SAFETY: the caller's contract; async_fd is the context's event descriptor.
+        let fd = unsafe { (*ctx).async_fd };
+        const WHAT: &str = "fcntl(O_NONBLOCK) on a device's async event fd";
+        // SAFETY: fcntl on a descriptor the context owns; only reads its flags.
+        let readable = match unsafe { result::os::fcntl_getfl(fd, WHAT) } {
+            // SAFETY: as above; only adds O_NONBLOCK (every reader here copes with EAGAIN).
+            Ok(fl) => unsafe { result::os::fcntl_setfl(fd, fl | libc::O_NONBLOCK, WHAT) }.is_ok(),
+            Err(_) => false,
+        };
+        let f = Arc::new(DeviceFaults { readable, state: Mutex::new(FaultState::default()) });
+        records.push((ctx as usize, Arc::downgrade(&f)));
+        f
+    }
+
+    /// Forgets `this` record before its context is closed, where no other [`Context`] over that
+    /// context holds it: a context opened later at the same address starts with a record of
+    /// its own.
+    ///
+    /// [`Context`]: crate::Context
+    pub(crate) fn release(this: &Arc<DeviceFaults>) {
+        let mut records = RECORDS.lock().unwrap_or_else(|e| e.into_inner());
+        // Under the lock that `of` upgrades under: no new holder can appear meanwhile.
+        if Arc::strong_count(this) == 1 {
+            records.retain(|(_, w)| !std::ptr::eq(w.as_ptr(), Arc::as_ptr(this)));
+        }
+    }
+
     /// Reads every pending asynchronous event of `ctx` (without blocking) and records the
-    /// faults among them.
+    /// faults among them. Reads nothing where the descriptor could not be made non-blocking.
     ///
     /// # Safety
     /// `ctx` must be a live device context, the one these faults belong to.
     pub(crate) unsafe fn poll(&self, ctx: *mut sys::ibv_context) {
-        // SAFETY: the caller's contract; async_fd is the context's event descriptor.
-        let fd = unsafe { (*ctx).async_fd };
-        if !self.nonblocking.swap(true, Ordering::SeqCst) {
-            const WHAT: &str = "fcntl(O_NONBLOCK) on a device's async event fd";
-            // SAFETY: fcntl on a descriptor the context owns; only reads its flags.
-            if let Ok(fl) = unsafe { result::os::fcntl_getfl(fd, WHAT) } {
-                // SAFETY: as above; only adds O_NONBLOCK.
-                let _ = unsafe { result::os::fcntl_setfl(fd, fl | libc::O_NONBLOCK, WHAT) };
-            }
+        if !self.readable {
+            return;
         }
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         loop {
