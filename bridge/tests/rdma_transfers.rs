@@ -335,7 +335,9 @@ fn rdma_receives_through_a_shared_receive_queue_serve_many_connections() {
         b.enter().unwrap();
         let pd = ProtectionDomain::new(&p2pbridge::verbs::Context::open(&b.device).unwrap()).unwrap();
         // Slots 0..N for the connections' messages, N for one left posted, N + 1 for later.
-        let host = Host::new(&pd, Policy::default(), (N + 2) * BLK as usize, 0x22, Duration::from_secs(30)).unwrap();
+        // Not ODP: receives on a shared queue may outlive their handle (refused for ODP).
+        let no_odp = Policy::default().forbid(Strategy::Odp);
+        let host = Host::new(&pd, no_odp, (N + 2) * BLK as usize, 0x22, Duration::from_secs(30)).unwrap();
         let srq = Arc::new(SharedReceiveQueue::new(&pd, 64).unwrap());
         let cq = Arc::new(CompletionQueue::new(pd.context(), 64).unwrap());
         let slots: Vec<_> = (0..=N as u64).map(|i| (host.reg(), i * BLK, BLK)).collect();
@@ -410,4 +412,148 @@ fn rdma_receives_through_a_shared_receive_queue_serve_many_connections() {
     assert_eq!((last.index, last.imm, last.qp_num), (0, Some(2000), qpns[1]));
     assert!(block(&all, N + 1) == block(&sent, N + 1));
     assert_eq!(kept, 0, "no completion was left on the shared CQ");
+}
+
+/// Where the bridge's record of a registration with a receive left on a shared queue goes
+/// before its memory is freed.
+#[derive(Debug, Clone, Copy)]
+enum Forget {
+    /// The handle and the bridge are dropped.
+    BridgeDropped,
+    /// The handle is dropped and the entry evicted by another registration (one entry allowed).
+    Evicted,
+    /// `invalidate` of the range, then the handle dropped.
+    Invalidated,
+}
+
+/// A receive left posted on a shared receive queue when its `Receives` is dropped: whatever
+/// forgets the registration, the memory's free returns, and a late SEND from the peer never
+/// lands in the new memory mapped at the old address.
+fn srq_leak_case(route: Forget) {
+    use p2pbridge::verbs::SharedReceiveQueue;
+    let what = format!("{route:?}");
+    let fab = fabric();
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel::<()>();
+    let b = fab.b.clone();
+    let w = what.clone();
+    let server = std::thread::spawn(move || {
+        let what = w;
+        b.enter().unwrap();
+        let pd = ProtectionDomain::new(&p2pbridge::verbs::Context::open(&b.device).unwrap()).unwrap();
+        let mem = HostBackend::new();
+        let mut cache = p2pbridge::cache::CachePolicy::default();
+        cache.max_entries = 1;
+        let o = BridgeOptions { policy: Policy::default().forbid(Strategy::Odp), cache, ..Default::default() };
+        let bridge = Bridge::new(&pd, vec![Arc::new(mem.clone())], o).unwrap();
+        let len = 4 * BLK as usize;
+        let buf = mem.alloc(len).unwrap();
+        mem.copy_to_device(&buf, 0, &vec![0x22; len]).unwrap();
+        let reg = bridge.register(buf.addr(), len as u64, AccessFlags::LOCAL_WRITE).unwrap();
+        assert_eq!(reg.strategy(), Strategy::PinnedHost, "{what}: {:?}", reg.skipped());
+        let srq = Arc::new(SharedReceiveQueue::new(&pd, 16).unwrap());
+        let cq = Arc::new(CompletionQueue::new(pd.context(), 16).unwrap());
+        // ODP is refused on a shared queue: a late message would follow the address space.
+        let odp = Bridge::new(
+            &pd,
+            vec![Arc::new(mem.clone())],
+            BridgeOptions { policy: Policy::default().require(Strategy::Odp), ..Default::default() },
+        )
+        .unwrap();
+        let odp_reg = odp.register(buf.addr(), len as u64, AccessFlags::LOCAL_WRITE).unwrap();
+        assert!(
+            matches!(odp.post_srq_recvs(&srq, &cq, &[(&odp_reg, 0, BLK)]), Err(Error::InvalidArgument(_))),
+            "{what}: a receive into an ODP registration on a shared queue was accepted"
+        );
+        drop(odp_reg);
+        drop(odp);
+        let leaked = p2pbridge::leaked_registrations();
+        let rx = bridge.post_srq_recvs(&srq, &cq, &[(&reg, BLK, BLK)]).unwrap();
+        let l = Listener::bind((b.addr, 0).into()).unwrap();
+        port_tx.send(l.local_addr()).unwrap();
+        let co = ConnectionOptions { srq: Some(srq.clone()), recv_cq: Some(cq.clone()), ..opts() };
+        let conn = l.get_request(Duration::from_secs(60)).unwrap().accept(&pd, &co).unwrap();
+        drop(rx); // the receive stays posted
+        assert_eq!(reg.leaked(), Some("a receive left posted on a shared receive queue"), "{what}");
+        let old = buf.addr();
+        let mut keep = Vec::new();
+        match route {
+            Forget::BridgeDropped => {
+                drop(reg);
+                drop(bridge);
+            }
+            Forget::Evicted => {
+                drop(reg);
+                let other = mem.alloc(BLK as usize).unwrap();
+                drop(bridge.register(other.addr(), BLK, AccessFlags::LOCAL_WRITE).unwrap());
+                assert_eq!(bridge.cache_usage().0, 1, "{what}: the entry was not evicted");
+                keep.push(other);
+            }
+            Forget::Invalidated => {
+                assert_eq!(bridge.invalidate(old, len as u64).unwrap(), 1, "{what}");
+                drop(reg);
+            }
+        }
+        assert_eq!(p2pbridge::leaked_registrations(), leaked + 1, "{what}: the leaked region is not kept");
+        assert!(p2pbridge::leaked_registration_causes()
+            .iter()
+            .any(|(s, r, why)| *s == Strategy::PinnedHost
+                && r.start == old
+                && *why == "a receive left posted on a shared receive queue"));
+        // The free returns (a pinned region keeps its own pages: nothing to hold back).
+        let (freed_tx, freed_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(buf);
+            let _ = freed_tx.send(());
+        });
+        freed_rx.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| panic!("{what}: the free hangs"));
+        // New memory at the old address.
+        let mut others = Vec::new();
+        let new = loop {
+            let nb = mem.alloc(len).unwrap();
+            if nb.addr() == old || others.len() == 8 {
+                break nb;
+            }
+            others.push(nb);
+        };
+        assert_eq!(new.addr(), old, "{what}: the old address did not come back; the check below would prove nothing");
+        mem.copy_to_device(&new, 0, &vec![0x99; len]).unwrap();
+        go_tx.send(()).unwrap();
+        sent_rx.recv().unwrap();
+        let after = mem.to_vec(&new).unwrap();
+        drop(conn);
+        drop(keep);
+        after
+    });
+    fab.a.enter().unwrap();
+    let pd = ProtectionDomain::new(&p2pbridge::verbs::Context::open(&fab.a.device).unwrap()).unwrap();
+    let host = Host::new(&pd, Policy::default(), BLK as usize, 0x11, Duration::from_secs(30)).unwrap();
+    let conn = Connection::connect(&pd, port_rx.recv().unwrap(), &opts()).unwrap();
+    go_rx.recv().unwrap();
+    // The late SEND: it completes (landing in the old, still pinned pages) or fails; either way
+    // the new memory must not see it.
+    let sent = host.bridge.send(&conn, host.reg(), 0, BLK, None);
+    sent_tx.send(()).unwrap();
+    let after = server.join().unwrap();
+    assert!(after.iter().all(|&b| b == 0x99), "{what}: the late SEND ({sent:?}) wrote the new memory at the old address");
+    eprintln!("{what}: the late SEND: {sent:?}");
+}
+
+#[test]
+#[ignore = "needs the Soft-RoCE fabric (scripts/test)"]
+fn rdma_a_receive_left_on_a_shared_queue_never_reaches_later_memory_when_the_bridge_goes() {
+    srq_leak_case(Forget::BridgeDropped);
+}
+
+#[test]
+#[ignore = "needs the Soft-RoCE fabric (scripts/test)"]
+fn rdma_a_receive_left_on_a_shared_queue_never_reaches_later_memory_when_its_entry_is_evicted() {
+    srq_leak_case(Forget::Evicted);
+}
+
+#[test]
+#[ignore = "needs the Soft-RoCE fabric (scripts/test)"]
+fn rdma_a_receive_left_on_a_shared_queue_never_reaches_later_memory_after_an_invalidation() {
+    srq_leak_case(Forget::Invalidated);
 }
