@@ -46,6 +46,24 @@ impl Core {
         }
         (gone.len(), r)
     }
+
+    /// [`invalidate`](Self::invalidate) for memory that is gone already (the monitor saw it
+    /// unmapped): every key over it is revoked at the NIC before this returns, but a
+    /// registration an operation holds is deregistered later, once let go, by the teardown
+    /// thread ([`crate::teardown`]), so that this never waits for a holder.
+    pub(crate) fn invalidate_gone(&self, domain: Domain, range: Range<u64>) -> (usize, Result<()>) {
+        let gone = self.cache.remove_overlapping(domain, range);
+        let n = gone.len();
+        let mut r = Ok(());
+        for e in gone {
+            if let Err(err) = crate::teardown::revoke_without_waiting(e) {
+                if r.is_ok() {
+                    r = Err(err);
+                }
+            }
+        }
+        (n, r)
+    }
 }
 
 pub(crate) struct Inner {
@@ -157,7 +175,7 @@ impl Bridge {
         let watch = if monitor_host {
             let core = core.clone();
             crate::uffd::subscribe(Box::new(move |range| {
-                if let (_, Err(e)) = core.invalidate(Domain::HostVa, range.clone()) {
+                if let (_, Err(e)) = core.invalidate_gone(Domain::HostVa, range.clone()) {
                     eprintln!("p2pbridge: revoking registrations of unmapped host memory {range:x?} failed: {e}");
                 }
             }))

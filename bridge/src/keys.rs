@@ -83,6 +83,12 @@ impl KeyLedger {
                 // deregistered before the registration's own.
                 Some(unsafe { live.mr.sub_region(at, len) }?)
             };
+            // Held until the window is in the list: a revocation deallocates every window of
+            // the list, and closes it to later ones, under this lock.
+            let mut windows = r.windows();
+            if windows.closed {
+                return Err(Error::Revoked);
+            }
             let mut mw = pd.alloc_mw()?;
             let wr_id = next_wr_id();
             conn.send_cq().expect(wr_id);
@@ -104,7 +110,8 @@ impl KeyLedger {
                 Err(Error::DeviceStuck { .. }) => r.pin_forever("a window bind the device never completed nor flushed"),
                 Err(_) => {}
             }
-            live.windows().push(Bound { mw, region });
+            windows.list.push(Bound { mw, region });
+            drop(windows);
             done?;
             rkey
         } else {
@@ -161,7 +168,7 @@ impl KeyLedger {
         };
         let r = h.value();
         let live = match r.live() {
-            Ok(g) => !r.windowed() || g.as_ref().is_some_and(|l| l.windows().iter().any(|b| b.mw.rkey() == key.rkey)),
+            Ok(g) => g.is_some() && (!r.windowed() || r.windows().list.iter().any(|b| b.mw.rkey() == key.rkey)),
             Err(_) => false,
         };
         if live {
@@ -193,25 +200,23 @@ impl KeyLedger {
         for keys in self.by_conn.lock().unwrap_or_else(|e| e.into_inner()).values_mut() {
             keys.retain(|k| (k.generation, k.rkey) != id);
         }
-        let Ok(guard) = r.live() else { return Ok(()) };
-        let Some(live) = guard.as_ref() else { return Ok(()) };
-        let mut windows = live.windows();
-        if let Some(i) = windows.iter().position(|b| b.mw.rkey() == key.rkey) {
-            let b = windows.swap_remove(i);
-            // On failure the window is leaked with the regions under it (dealloc does not hand
+        // Under the windows' lock, not the registration's: a revocation under way has either
+        // deallocated this window already (the list is emptied under this lock) or not begun to.
+        let mut windows = r.windows();
+        if let Some(i) = windows.list.iter().position(|b| b.mw.rkey() == key.rkey) {
+            let b = windows.list.swap_remove(i);
+            // On failure the window is leaked with the region under it (dealloc does not hand
             // it back): they must then never be deregistered.
             if let Err(e) = b.mw.dealloc() {
-                std::mem::forget(b.region);
+                windows.keep(b.region);
                 drop(windows);
-                drop(guard);
                 r.pin_forever("a memory window over it could not be deallocated");
                 return Err(e.into());
             }
+            drop(windows);
             if let Some(sub) = b.region {
                 if let Err(e) = sub.deregister() {
                     // Still registered: keep the memory under it registered too.
-                    drop(windows);
-                    drop(guard);
                     r.pin_forever("a region under one of its windows could not be deregistered");
                     return Err(e.into());
                 }

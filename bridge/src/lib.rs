@@ -48,6 +48,7 @@ mod registration;
 mod small;
 mod staging;
 pub mod strategy;
+mod teardown;
 pub mod transfer;
 mod uffd;
 

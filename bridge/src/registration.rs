@@ -12,7 +12,7 @@
 //! A [`Registered`] whose registration was revoked is *dead*: its operations fail with
 //! [`Error::Revoked`].
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
 
 use p2pbridge_gpu::{AllocationKey, DmaBufExport, MemoryBackend};
@@ -138,11 +138,28 @@ pub(crate) struct Bound {
     pub(crate) region: Option<MemoryRegion<Foreign>>,
 }
 
+/// The windows bound over a registration for peers (see [`crate::keys`]), outside its
+/// read-write lock: revocation deallocates them at once, whoever holds the registration.
+#[derive(Default)]
+pub(crate) struct Windows {
+    pub(crate) list: Vec<Bound>,
+    /// Set by revocation once every window is deallocated: no window may be bound after.
+    pub(crate) closed: bool,
+    /// Regions under windows that could not be deallocated: never deregistered.
+    kept: Vec<MemoryRegion<Foreign>>,
+}
+
+impl Windows {
+    /// Keeps the region under a window that could not be deallocated, to be leaked with the
+    /// registration (never deregistered).
+    pub(crate) fn keep(&mut self, region: Option<MemoryRegion<Foreign>>) {
+        self.kept.extend(region);
+    }
+}
+
 /// What a live registration holds.
 pub(crate) struct Live {
     pub(crate) mr: Mr,
-    /// Windows bound for peers (see [`crate::keys`]); deallocated before any region goes.
-    pub(crate) windows: Mutex<Vec<Bound>>,
     /// Kept while the region exists: revoking or dropping it is the exporter's business.
     export: Option<DmaBufExport>,
     /// Serializes the bounce copies and the operations on the staging buffer.
@@ -156,9 +173,6 @@ impl Live {
         self.mr.staging().map(|_| self.bounce.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    pub(crate) fn windows(&self) -> MutexGuard<'_, Vec<Bound>> {
-        self.windows.lock().unwrap_or_else(|e| e.into_inner())
-    }
 }
 
 /// One registration in the cache: a memory region over the memory (direct strategies) or
@@ -174,6 +188,10 @@ pub(crate) struct Registration {
     /// The backend allocation it covers (None for plain host memory).
     alloc: Option<AllocationKey>,
     state: RwLock<Option<Live>>,
+    /// Windows bound for peers; deallocated before any region goes.
+    windows: Mutex<Windows>,
+    /// A revocation has begun: no new hold is given.
+    revoking: AtomicBool,
     /// Why its region must never be deregistered (the NIC may still use it), once something
     /// says so: it is then leaked into the graveyard on revocation ([`crate::graveyard`]).
     leak: OnceLock<&'static str>,
@@ -201,7 +219,9 @@ impl Registration {
             prefetch,
             backend,
             alloc: None,
-            state: RwLock::new(Some(Live { mr, windows: Mutex::new(Vec::new()), export, bounce: Mutex::new(()) })),
+            state: RwLock::new(Some(Live { mr, export, bounce: Mutex::new(()) })),
+            windows: Mutex::new(Windows::default()),
+            revoking: AtomicBool::new(false),
             leak: OnceLock::new(),
             watched: None,
         }
@@ -253,6 +273,9 @@ impl Registration {
     /// writer, and a thread already holding this registration — a `Transfer`, a `LocalGuard` —
     /// would then wait for itself). The memory is going anyway.
     pub(crate) fn live(&self) -> Result<RwLockReadGuard<'_, Option<Live>>> {
+        if self.revoking.load(Ordering::SeqCst) {
+            return Err(Error::Revoked);
+        }
         let g = match self.state.try_read() {
             Ok(g) => g,
             Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
@@ -281,36 +304,31 @@ impl Registration {
         }
     }
 
-    /// Revokes it: deallocates every window over it (their keys are refused by the NIC from
-    /// then on), deregisters its region, releases the export. Waits for operations holding it
-    /// ([`live`](Self::live)), never for handles. Idempotent.
-    ///
-    /// Where the NIC may still use the region ([`pin_forever`](Self::pin_forever), or a window
-    /// or region that cannot be deallocated), the region is leaked into the graveyard rather
-    /// than deregistered, and [`Error::Leaked`] is returned where the free of its memory must
-    /// be held back (regions that follow their memory; see [`crate::graveyard`]).
-    pub(crate) fn revoke(&self) -> Result<()> {
-        // The write lock is held until the teardown is over: a second revoker (a free racing an
-        // invalidation of the same memory) returns only once the NIC can no longer reach it.
-        let mut guard = self.state.write().unwrap_or_else(|e| e.into_inner());
-        let Some(live) = guard.take() else {
-            return self.leak_result();
-        };
-        LIVE.fetch_sub(1, Ordering::SeqCst);
-        let Live { mr, windows, export, .. } = live;
+    /// The windows bound over it for peers.
+    pub(crate) fn windows(&self) -> MutexGuard<'_, Windows> {
+        self.windows.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The first step of revocation, which waits for no holder: no new hold is given from now
+    /// on, and every window over it is deallocated (the NIC refuses their keys from the moment
+    /// this returns) and no other may be bound. Idempotent.
+    pub(crate) fn revoke_keys(&self) {
+        self.revoking.store(true, Ordering::SeqCst);
+        let mut w = self.windows();
+        w.closed = true;
         let mut regions = Vec::new();
-        let mut kept = Vec::new();
-        for b in windows.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        for b in std::mem::take(&mut w.list) {
             match b.mw.dealloc() {
                 Ok(()) => regions.extend(b.region),
                 Err(_) => {
                     // The window is leaked (dealloc does not hand it back), and so is the
                     // region under it.
                     self.pin_forever("a memory window over it could not be deallocated");
-                    kept.extend(b.region);
+                    w.kept.extend(b.region);
                 }
             }
         }
+        drop(w);
         for r in regions {
             if r.deregister().is_err() {
                 // Still registered (a failed deregistration leaks the region itself): so is
@@ -318,6 +336,44 @@ impl Registration {
                 self.pin_forever("a region under one of its windows could not be deregistered");
             }
         }
+    }
+
+    /// Revokes it: deallocates every window over it (their keys are refused by the NIC from
+    /// then on, at once: [`revoke_keys`](Self::revoke_keys)), then deregisters its region and
+    /// releases the export once the operations holding it ([`live`](Self::live)) are done. It
+    /// waits for those operations, never for handles. Idempotent.
+    ///
+    /// Where the NIC may still use the region ([`pin_forever`](Self::pin_forever), or a window
+    /// or region that cannot be deallocated), the region is leaked into the graveyard rather
+    /// than deregistered, and [`Error::Leaked`] is returned where the free of its memory must
+    /// be held back (regions that follow their memory; see [`crate::graveyard`]).
+    pub(crate) fn revoke(&self) -> Result<()> {
+        self.revoke_keys();
+        // The write lock is held until the teardown is over: a second revoker (a free racing an
+        // invalidation of the same memory) returns only once the NIC can no longer reach it.
+        let guard = self.state.write().unwrap_or_else(|e| e.into_inner());
+        self.tear_down(guard)
+    }
+
+    /// [`revoke`](Self::revoke) where no operation holds it; `None` (and the keys revoked) where
+    /// one does: the caller then finishes with `revoke` later, on a thread that may wait.
+    pub(crate) fn try_revoke(&self) -> Option<Result<()>> {
+        self.revoke_keys();
+        match self.state.try_write() {
+            Ok(guard) => Some(self.tear_down(guard)),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(self.tear_down(e.into_inner())),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Deregisters the region (or leaks it), under the write lock; windows are gone already.
+    fn tear_down(&self, mut guard: std::sync::RwLockWriteGuard<'_, Option<Live>>) -> Result<()> {
+        let Some(live) = guard.take() else {
+            return self.leak_result();
+        };
+        LIVE.fetch_sub(1, Ordering::SeqCst);
+        let Live { mr, export, .. } = live;
+        let kept = std::mem::take(&mut self.windows().kept);
         let range = mr.addr()..mr.addr() + mr.len();
         let parts: Box<dyn Send> = if self.leaked().is_some() {
             Box::new((mr, export, kept))
@@ -445,11 +501,12 @@ impl Registered {
     ///
     /// While holding it, do not free this memory through its backend: the free waits for the
     /// guard itself, for ever. (Other calls on this registration meanwhile fail with
-    /// [`Error::Revoked`] once a revocation is under way, rather than wait.) Unmapping host memory under a held guard does not
-    /// hang the caller (`munmap` returns once the monitor has read the event), but the
-    /// monitor's worker then waits for the guard before it acts on any later unmap in the
-    /// process — and a `register_host` or `sync_monitor` by the guard's holder meanwhile waits
-    /// for that worker, for ever.
+    /// [`Error::Revoked`] once a revocation is under way, rather than wait.) Unmapping host
+    /// memory under a held guard revokes its keys at the NIC at once, as without a guard; the
+    /// region itself is deregistered when the guard goes (pinned memory keeps the old pages
+    /// until then, which is where requests still in flight land). The monitor never waits
+    /// for a guard: other revocations, and `register_host` or `sync_monitor` by the guard's
+    /// holder, go on meanwhile.
     pub fn lock(&self) -> Result<LocalGuard<'_>> {
         Ok(LocalGuard { reg: self, guard: self.handle.value().live()? })
     }

@@ -40,10 +40,15 @@
 //!
 //! **Latency.** `munmap` returns once the reader has *read* its event, and the revocation
 //! follows within microseconds; [`sync`] waits until every event already read is acted on.
-//! The worker waits for nothing but the revocations themselves, which wait for
-//! operations in flight on the memory (ended by the NIC, or by `completion_timeout` or a
-//! `recv`'s own timeout) and for `LocalGuard`s held on it (as long as their holders keep
-//! them). It survives a panicking subscriber.
+//! The worker never waits for a registration's holders: the bridge's subscriber revokes the
+//! keys at the NIC at once and leaves the region's deregistration, where an operation or a
+//! `LocalGuard` still holds it, to the teardown thread (`teardown.rs`). It survives a
+//! panicking subscriber.
+//!
+//! Pinned memory (the default for [`Bridge::register_host`](crate::Bridge::register_host))
+//! keeps a stale key's WRITE in the old pages between `munmap` returning and the revocation;
+//! ODP memory, an explicit opt-in, lets it reach what is mapped there next
+//! ([`crate::strategy::HOST_ODP_WINDOW`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;

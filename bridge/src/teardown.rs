@@ -1,0 +1,58 @@
+//! Teardowns deferred past holders: the monitor's revocations never wait for a registration's
+//! holders (a `Transfer`, `Receives` or `LocalGuard` on it, however long they are kept).
+//!
+//! When the monitor sees memory go, each registration over it has its keys revoked at the NIC
+//! at once ([`Registration::revoke_keys`]: windows deallocated, no new hold given). Where an
+//! operation still holds the registration, the rest — deregistering the region — is handed to
+//! one thread here, which waits for the holders and finishes. So one held registration delays
+//! only its own region's deregistration, never another's revocation, and a holder may call
+//! [`Bridge::register_host`](crate::Bridge::register_host) or
+//! [`Bridge::sync_monitor`](crate::Bridge::sync_monitor) without waiting for itself.
+//!
+//! Until then the region stays registered: pinned memory keeps the old pages, which is where
+//! operations still in flight on it land, never memory mapped at those addresses since.
+
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Mutex, OnceLock};
+
+use crate::cache::Handle;
+use crate::registration::Registration;
+
+static QUEUE: OnceLock<Mutex<Sender<Handle<Registration>>>> = OnceLock::new();
+
+/// Revokes `reg` now if nothing holds it; else revokes its keys now and hands the rest to the
+/// teardown thread. Returns the revocation's result where it finished here.
+pub(crate) fn revoke_without_waiting(reg: Handle<Registration>) -> crate::Result<()> {
+    match reg.value().try_revoke() {
+        Some(r) => r,
+        None => {
+            defer(reg);
+            Ok(())
+        }
+    }
+}
+
+/// Hands `reg` to the teardown thread (started on first use), which revokes it once its
+/// holders let go. Where no thread can be started, it is revoked here (waiting).
+fn defer(reg: Handle<Registration>) {
+    let q = QUEUE.get_or_init(|| {
+        let (tx, rx) = channel::<Handle<Registration>>();
+        let spawned = std::thread::Builder::new().name("p2pbridge-teardown".into()).spawn(move || {
+            for reg in rx {
+                if let Err(e) = reg.value().revoke() {
+                    eprintln!("p2pbridge: a deferred revocation failed: {e}");
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            eprintln!("p2pbridge: cannot start the teardown thread ({e}): revocations wait for holders");
+        }
+        Mutex::new(tx)
+    });
+    let sent = q.lock().unwrap_or_else(|e| e.into_inner()).send(reg);
+    if let Err(std::sync::mpsc::SendError(reg)) = sent {
+        if let Err(e) = reg.value().revoke() {
+            eprintln!("p2pbridge: a revocation failed: {e}");
+        }
+    }
+}
