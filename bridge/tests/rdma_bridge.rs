@@ -16,6 +16,9 @@ fn fabric() -> SoftRoce {
 
 use p2pbridge_test_support::pattern;
 
+#[path = "support/links.rs"]
+mod links;
+
 /// One side: its bridge, backend, buffer and registration of the whole buffer.
 struct Host {
     bridge: Bridge,
@@ -64,21 +67,7 @@ fn connect(
     cpd: &p2pbridge::verbs::ProtectionDomain,
     spd: &p2pbridge::verbs::ProtectionDomain,
 ) -> (p2pbridge::verbs::Connection, p2pbridge::verbs::Connection) {
-    let fab = fabric();
-    let (port_tx, port_rx) = std::sync::mpsc::channel();
-    let (b, spd) = (fab.b.clone(), spd.clone());
-    let server = std::thread::spawn(move || {
-        b.enter().unwrap();
-        let l = p2pbridge::verbs::Listener::bind((b.addr, 0).into()).unwrap();
-        port_tx.send(l.local_addr()).unwrap();
-        l.get_request(Duration::from_secs(30)).unwrap().accept(&spd, &opts()).unwrap()
-    });
-    let (a, cpd) = (fab.a.clone(), cpd.clone());
-    let client = std::thread::spawn(move || {
-        a.enter().unwrap();
-        p2pbridge::verbs::Connection::connect(&cpd, port_rx.recv().unwrap(), &opts()).unwrap()
-    });
-    (client.join().unwrap(), server.join().unwrap())
+    links::connect(&fabric(), cpd, spd, &opts())
 }
 
 /// `len` bytes of fresh private anonymous memory, never touched.
