@@ -30,6 +30,20 @@ pub enum Error {
     /// The address is not memory of any of the bridge's backends.
     #[error("address {0:#x} belongs to none of the bridge's backends (for plain host memory use register_host)")]
     NotBackendMemory(u64),
+    /// The memory's backend does not announce its free (memory of another allocator, such as
+    /// PyTorch's caching allocator): [`Bridge::register`](crate::Bridge::register) refuses it.
+    #[error("the allocation at {addr:#x} is freed without a notice the bridge can wait for (another allocator's memory): register it with the unsafe register_foreign, and call report_free before it is freed or reused")]
+    NotAnnounced {
+        /// The address asked for.
+        addr: u64,
+    },
+    /// A staging copy found other memory at the registration's address than the allocation
+    /// registered: it was freed (and its addresses reused) without `report_free`.
+    #[error("the memory at {addr:#x} is no longer the allocation that was registered (freed without report_free?): nothing was copied")]
+    NotTheRegisteredMemory {
+        /// The address of the copy.
+        addr: u64,
+    },
     /// A descriptor whose registration is gone.
     #[error("stale remote key (generation {generation}): {why}")]
     StaleKey {

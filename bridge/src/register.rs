@@ -18,13 +18,19 @@ use crate::strategy::{plan, AppliesTo, Failure, MemoryKind, SkipReason, Strategy
 const RACE_RETRIES: usize = 64;
 
 impl Bridge {
-    /// Registers `len` bytes at `addr`, which must be memory of one of the bridge's backends.
-    /// A cached registration covering the range with at least `access` is reused.
+    /// Registers `len` bytes at `addr`, which must be memory of one of the bridge's backends
+    /// whose free the backend announces ([`MemoryBackend::notifies`]: memory the backend
+    /// allocated itself). A cached registration covering the range with at least `access` is
+    /// reused.
     ///
     /// Safe because the memory cannot go without the bridge revoking the registration first:
     /// the backend tells the bridge before it frees the memory, and the free waits until every
     /// key over it is refused by the NIC and the region is deregistered. A [`Registered`] that
     /// outlives its memory is dead: its operations fail with [`Error::Revoked`].
+    ///
+    /// Memory a backend only identifies — another allocator's, such as PyTorch's caching
+    /// allocator's CUDA memory — is freed without a notice, so it is refused here with
+    /// [`Error::NotAnnounced`]: register it with [`register_foreign`](Self::register_foreign).
     pub fn register(&self, addr: u64, len: u64, access: AccessFlags) -> Result<Registered> {
         check_range(addr, len)?;
         let access = access | AccessFlags::LOCAL_WRITE;
@@ -41,16 +47,45 @@ impl Bridge {
         if let Some(handle) = self.inner.core.cache.lookup_at(addr..addr + len, access.bits()) {
             return Ok(Registered { handle, addr, len, access });
         }
-        self.register_identified(addr, len, access)
+        self.register_identified(addr, len, access, false)
+    }
+
+    /// Registers `len` bytes at `addr` of a backend's memory whose free the backend does not
+    /// announce: memory of another allocator that the backend identifies (CUDA memory from
+    /// PyTorch's caching allocator, say). Memory whose free is announced is registered as by
+    /// [`register`](Self::register).
+    ///
+    /// # Safety
+    /// Before the memory is freed or its addresses reused (`cudaFree`, the allocator handing
+    /// the block to another tensor), [`Bridge::report_free`] must be called for it and have
+    /// returned: it revokes every registration over it (keys refused by the NIC, regions
+    /// deregistered) after the operations in flight on it. Until then the NIC may write the
+    /// memory, and the bridge's staging copies (bounce) read and write it. (Staging copies also
+    /// check, before each copy, that the address still identifies as the allocation
+    /// registered, and fail with [`Error::NotTheRegisteredMemory`] where not: a second guard,
+    /// not a substitute for `report_free`.)
+    pub unsafe fn register_foreign(&self, addr: u64, len: u64, access: AccessFlags) -> Result<Registered> {
+        check_range(addr, len)?;
+        let access = access | AccessFlags::LOCAL_WRITE;
+        if let Some(handle) = self.inner.core.cache.lookup_at(addr..addr + len, access.bits()) {
+            return Ok(Registered { handle, addr, len, access });
+        }
+        self.register_identified(addr, len, access, true)
     }
 
     /// [`register`](Self::register) past its hit path: identify the memory, then look up,
     /// then register on a miss. Out of line, so that the hit path stays a small function.
+    /// `foreign`: memory whose free is not announced is accepted (the caller's
+    /// [`register_foreign`](Self::register_foreign) contract).
     #[inline(never)]
-    fn register_identified(&self, addr: u64, len: u64, access: AccessFlags) -> Result<Registered> {
+    fn register_identified(&self, addr: u64, len: u64, access: AccessFlags, foreign: bool) -> Result<Registered> {
         for _ in 0..RACE_RETRIES {
             let (backend, info) = self.identify(addr)?;
             info.check(addr - info.base, len)?;
+            let notifies = backend.notifies(&info);
+            if !notifies && !foreign {
+                return Err(Error::NotAnnounced { addr });
+            }
             let domain = Domain::Alloc(info.key);
             // Before the second identification below: a free of this allocation that runs
             // after it is seen by the epoch.
@@ -72,7 +107,6 @@ impl Bridge {
             }
             self.note_allocation(&info);
             let kind = MemoryKind::Backend(backend.kind());
-            let notifies = backend.notifies(&info);
             if let Some(r) = self.register_in(epoch, domain, kind, Some(backend), addr, len, access)? {
                 if notifies {
                     // From now on its hits take the path above (until its last entry goes).

@@ -240,6 +240,11 @@ impl Registration {
         self
     }
 
+    /// The backend allocation it covers (None for plain host memory).
+    pub(crate) fn alloc(&self) -> Option<AllocationKey> {
+        self.alloc
+    }
+
     /// Why its region is kept registered for ever (leaked), if it is.
     pub(crate) fn leaked(&self) -> Option<&'static str> {
         self.leak.get().copied()

@@ -62,6 +62,7 @@ pub(crate) fn bounce_parts<'a>(
 pub(crate) fn stage_in(reg: &Registration, live: &Live, addr: u64, at: u64, len: u64) -> Result<()> {
     let Some((staging, b)) = bounce_parts(reg, live)? else { return Ok(()) };
     let n = checked_len(at, len, staging.len() as u64)?;
+    same_allocation(reg, b, addr, len)?;
     let mut tmp = vec![0u8; n.min(STAGE_CHUNK)];
     for done in (0..n).step_by(STAGE_CHUNK) {
         let k = (n - done).min(STAGE_CHUNK);
@@ -80,6 +81,7 @@ pub(crate) fn stage_in(reg: &Registration, live: &Live, addr: u64, at: u64, len:
 pub(crate) fn stage_out(reg: &Registration, live: &Live, addr: u64, at: u64, len: u64) -> Result<()> {
     let Some((staging, b)) = bounce_parts(reg, live)? else { return Ok(()) };
     let n = checked_len(at, len, staging.len() as u64)?;
+    same_allocation(reg, b, addr, len)?;
     let mut tmp = vec![0u8; n.min(STAGE_CHUNK)];
     for done in (0..n).step_by(STAGE_CHUNK) {
         let k = (n - done).min(STAGE_CHUNK);
@@ -90,6 +92,25 @@ pub(crate) fn stage_out(reg: &Registration, live: &Live, addr: u64, at: u64, len
         unsafe { b.copy_to_addr(addr + done as u64, &tmp[..k]) }?;
     }
     Ok(())
+}
+
+/// A second guard before a staging copy: `addr..addr+len` is still the allocation `reg` was
+/// registered over. (The first is that only memory whose frees wait for the registration's
+/// hold is registered safely; memory of `register_foreign` relies on its caller's
+/// `report_free`, and this check catches a free that was never reported once its addresses
+/// are reused.)
+pub(crate) fn same_allocation(reg: &Registration, b: &dyn MemoryBackend, addr: u64, len: u64) -> Result<()> {
+    let ok = match (reg.alloc(), b.identify(addr)?) {
+        (Some(key), Some(info)) => {
+            info.key == key && addr >= info.base && addr - info.base + len <= info.len
+        }
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::NotTheRegisteredMemory { addr })
+    }
 }
 
 fn oob(offset: u64, len: u64, size: usize) -> Error {

@@ -631,12 +631,21 @@ impl<'a> Transfer<'a> {
                 Ok(p) => p,
                 Err(e) => return (n, Err((0, e))),
             };
+            // A second guard: each piece is still the allocation registered (staging.rs).
+            // Nothing of the run is done when one fails it.
+            for (e, p) in self.descs[i..i + n].iter().zip(&pieces) {
+                if let Err(err) = crate::staging::same_allocation(e.local.handle.value(), backend.as_ref(), p.addr, p.len)
+                {
+                    return (n, Err((0, err)));
+                }
+            }
             let (conn, write) = (self.conn, d.op == Op::Write);
             let r = self.bridge.inner.engines.with(self.bridge, &backend, |e| {
-                // SAFETY: every piece's registration is held live (this transfer's guards). A
-                // free through its backend, an unmap under the monitor and `report_free` revoke
-                // it first, waiting for the guard; memory freed with none of those (another
-                // allocator's, unreported) breaks `Bridge::register`'s documented contract.
+                // SAFETY: every piece's registration is held live (this transfer's guards), and
+                // was just checked to be the allocation registered. Memory registered safely is
+                // freed only through its backend's notices, which revoke it first, waiting for
+                // the guard; memory of `register_foreign` is reported (`report_free`, which
+                // also waits) before it goes, by that function's contract.
                 Ok(unsafe {
                     if write {
                         e.write_many(conn, &pieces)

@@ -82,9 +82,13 @@ unsafe impl MemoryBackend for Wrapped {
 }
 
 fn bridge(backend: Arc<Wrapped>) -> (SoftRoce, Bridge) {
+    bridge_with(backend, Strategy::PinnedHost)
+}
+
+fn bridge_with(backend: Arc<Wrapped>, strategy: Strategy) -> (SoftRoce, Bridge) {
     let fab = SoftRoce::from_env().expect("this test needs the Soft-RoCE fabric: run it through scripts/softroce");
     let pd = ProtectionDomain::new(&Context::open(&fab.a.device).unwrap()).unwrap();
-    let opts = BridgeOptions { policy: Policy::default().require(Strategy::PinnedHost), ..Default::default() };
+    let opts = BridgeOptions { policy: Policy::default().require(strategy), ..Default::default() };
     let b = Bridge::new(&pd, vec![backend], opts).unwrap();
     (fab, b)
 }
@@ -146,10 +150,19 @@ fn rdma_memory_freed_without_a_notice_and_reused_never_hits_the_old_registration
     let (_fab, bridge) = bridge(w.clone());
     let buf = host.alloc(1 << 20).unwrap();
     let (addr, len) = (buf.addr(), buf.len());
-    let old = bridge.register(addr + 8192, 4096, AccessFlags::remote_rw()).unwrap();
+    // The safe call refuses memory whose free the bridge cannot wait for.
+    assert!(matches!(
+        bridge.register(addr + 8192, 4096, AccessFlags::remote_rw()),
+        Err(p2pbridge::Error::NotAnnounced { .. })
+    ));
+    // SAFETY: this test breaks the report_free contract on purpose (the free below is never
+    // reported), to check the defence behind it; no key is handed out and no operation or
+    // staging copy touches the memory, and the pinned region keeps the old pages.
+    let foreign = |a: u64| unsafe { bridge.register_foreign(a, 4096, AccessFlags::remote_rw()) }.unwrap();
+    let old = foreign(addr + 8192);
     // Its hits identify first (the allocation is not announced: no hit by address alone).
     let n = w.identified();
-    let hit = bridge.register(addr + 8192, 4096, AccessFlags::remote_rw()).unwrap();
+    let hit = foreign(addr + 8192);
     assert_eq!(hit.generation(), old.generation());
     assert!(w.identified() > n, "a hit of memory whose free is not announced skipped identification");
     drop(hit);
@@ -160,9 +173,41 @@ fn rdma_memory_freed_without_a_notice_and_reused_never_hits_the_old_registration
     drop(buf);
     assert!(old.is_live(), "nothing told the bridge (the test's premise)");
     let again = realloc_at(&host, addr, len as usize);
-    let fresh = bridge.register(addr + 8192, 4096, AccessFlags::remote_rw()).unwrap();
+    let fresh = foreign(addr + 8192);
     assert_ne!(fresh.generation(), old.generation(), "the freed allocation's registration was hit");
     assert!(!old.is_live(), "the freed allocation's registration was not revoked when its addresses were reused");
     drop(fresh);
+    drop(again);
+}
+
+/// The second guard behind `register_foreign`'s contract: a bounce registration's staging copy
+/// checks that the address is still the allocation registered, and copies nothing where it is
+/// not (freed without `report_free`, its addresses reused).
+#[test]
+#[ignore = "needs an RDMA device: scripts/test runs it on Soft-RoCE"]
+fn rdma_a_staging_copy_into_reused_addresses_of_unreported_memory_is_refused() {
+    let host = HostBackend::new();
+    let w = Wrapped::new(&host, false);
+    let (_fab, bridge) = bridge_with(w.clone(), Strategy::Bounce);
+    let buf = host.alloc(1 << 20).unwrap();
+    let (addr, len) = (buf.addr(), buf.len());
+    // SAFETY: this test breaks the report_free contract on purpose (the free below is never
+    // reported), to check the staging copies' identity check; no key is handed out, and the
+    // copies are the check's subject: they must not run.
+    let reg = unsafe { bridge.register_foreign(addr, 4096, AccessFlags::remote_rw()) }.unwrap();
+    assert_eq!(reg.strategy(), Strategy::Bounce);
+    bridge.sync_to_peers(&reg).unwrap();
+    bridge.sync_from_peers(&reg).unwrap();
+    drop(buf);
+    let again = realloc_at(&host, addr, len as usize);
+    host.copy_to_device(&again, 0, &vec![0x99; 4096]).unwrap();
+    for r in [bridge.sync_from_peers(&reg).map(drop), bridge.sync_to_peers(&reg)] {
+        assert!(
+            matches!(r, Err(p2pbridge::Error::NotTheRegisteredMemory { addr: a }) if a == addr),
+            "a staging copy into another allocation at the registered address: {r:?}"
+        );
+    }
+    assert!(host.to_vec(&again).unwrap()[..4096].iter().all(|&b| b == 0x99), "the new allocation was written");
+    drop(reg);
     drop(again);
 }
