@@ -276,7 +276,11 @@ impl BounceEngine {
             let local = self.slots[i % ring].slice(..c.len as u64)?;
             let id = next_wr_id();
             cq.expect(id);
-            if let Err(e) = conn.qp().post_read(id, &local, &c.remote, SendFlags::SIGNALED) {
+            // SAFETY: the slot is the engine's own region, deregistered only when the engine
+            // goes; every READ posted here is reaped (or flushed) before the transfer returns,
+            // and where the device does not flush the slots are leaked and the engine refuses
+            // further work (`settle`), so no slot is deregistered under a request.
+            if let Err(e) = unsafe { conn.qp().post_read(id, &local, &c.remote, SendFlags::SIGNALED) } {
                 cq.unexpect(id);
                 return Err(e.into());
             }

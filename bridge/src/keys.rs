@@ -273,9 +273,13 @@ impl crate::Bridge {
         let id = next_wr_id();
         conn.send_cq().expect(id);
         conn.qp().post_send(id, &slice, None, SendFlags::SIGNALED).inspect_err(|_| conn.send_cq().unexpect(id))?;
-        // `mr` lives until the completion is reaped (or the request flushed).
-        reap_on(conn, conn.send_cq(), id, self.inner.core.completion_timeout, "SEND of a key")?;
-        Ok(())
+        // `mr` lives until the completion is reaped (or the request flushed); a SEND the
+        // device never completed nor flushed keeps it for ever.
+        let r = reap_on(conn, conn.send_cq(), id, self.inner.core.completion_timeout, "SEND of a key");
+        if matches!(r, Err(Error::DeviceStuck { .. })) {
+            std::mem::forget(mr);
+        }
+        r.map(drop)
     }
 
     /// Receives a key the peer sent with [`send_key`](Self::send_key), waiting up to `timeout`.
@@ -286,8 +290,17 @@ impl crate::Bridge {
         let slice = mr.slice(..)?;
         let id = next_wr_id();
         conn.recv_cq().expect(id);
-        conn.qp().post_recv(id, &slice).inspect_err(|_| conn.recv_cq().unexpect(id))?;
-        let wc = reap_on(conn, conn.recv_cq(), id, timeout, "RECV of a key")?;
+        // SAFETY: `mr` stays registered until the receive is reaped (`reap_on` returns once it
+        // completed or was flushed), and is leaked, never deregistered, where it was not.
+        unsafe { conn.qp().post_recv(id, &slice) }.inspect_err(|_| conn.recv_cq().unexpect(id))?;
+        let wc = match reap_on(conn, conn.recv_cq(), id, timeout, "RECV of a key") {
+            Err(e @ Error::DeviceStuck { .. }) => {
+                // Not reaped: the NIC may still write it.
+                std::mem::forget(mr);
+                return Err(e);
+            }
+            r => r?,
+        };
         // The receive is complete and no peer has rights on this region: its bytes are settled.
         let bytes = mr.to_vec();
         RemoteKey::from_bytes(&bytes[..(wc.byte_len as usize).min(RemoteKey::WIRE_LEN)])

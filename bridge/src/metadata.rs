@@ -166,7 +166,10 @@ impl crate::Bridge {
         // The peer's "done" may come as soon as our announcement lands: its receive goes first.
         let done_id = next_wr_id();
         conn.recv_cq().expect(done_id);
-        conn.qp().post_recv(done_id, &done_slice).inspect_err(|_| conn.recv_cq().unexpect(done_id))?;
+        // SAFETY: `done` stays registered until this receive is reaped (below: completed, or
+        // flushed after the error state), and is kept for ever where it was not
+        // (`keep_if_stuck`).
+        unsafe { conn.qp().post_recv(done_id, &done_slice) }.inspect_err(|_| conn.recv_cq().unexpect(done_id))?;
         let id = next_wr_id();
         conn.send_cq().expect(id);
         let sent = match conn.qp().post_send(id, &msg_slice, None, SendFlags::SIGNALED) {
@@ -205,7 +208,9 @@ impl crate::Bridge {
         let slice = msg.slice(..)?;
         let id = next_wr_id();
         conn.recv_cq().expect(id);
-        conn.qp().post_recv(id, &slice).inspect_err(|_| conn.recv_cq().unexpect(id))?;
+        // SAFETY: `msg` stays registered until the receive is reaped (`reap_on` returns once it
+        // completed or was flushed), and is leaked where it was not (below).
+        unsafe { conn.qp().post_recv(id, &slice) }.inspect_err(|_| conn.recv_cq().unexpect(id))?;
         let wc = match reap_on(conn, conn.recv_cq(), id, timeout, "RECV of a metadata announcement") {
             Err(e @ Error::DeviceStuck { .. }) => {
                 // Not reaped: the NIC may still write it.
@@ -235,8 +240,9 @@ impl crate::Bridge {
         let remote = p2pbridge_verbs::RemoteSlice { addr: at.addr, len: len as u32, rkey: at.rkey };
         let rid = next_wr_id();
         conn.send_cq().expect(rid);
-        conn.qp()
-            .post_read(rid, &dst_slice, &remote, SendFlags::SIGNALED)
+        // SAFETY: `dst` stays registered until the READ is reaped (`reap_on` returns once it
+        // completed or was flushed), and is leaked where it was not (below).
+        unsafe { conn.qp().post_read(rid, &dst_slice, &remote, SendFlags::SIGNALED) }
             .inspect_err(|_| conn.send_cq().unexpect(rid))?;
         if let Err(e) = reap_on(conn, conn.send_cq(), rid, t, "RDMA READ of the peer's metadata") {
             if matches!(e, Error::DeviceStuck { .. }) {

@@ -225,9 +225,15 @@ fn post<'a>(source: Source<'a>, bufs: &[(&'a Registered, u64, u64)]) -> Result<R
     let ids = first..first + bufs.len() as u64;
     let cq = source.cq();
     cq.expect_ids(ids.clone());
-    let posted = match source {
-        Source::Conn(conn) => conn.qp().post_recv_list(first, &locals),
-        Source::Srq { srq, .. } => srq.post_recv_list(first, &locals),
+    // SAFETY: each registration is held live by `held` (revocation waits for it) until its
+    // receive is reaped: the handle's drop flushes and reaps a connection's receives, and
+    // leaks the regions of those it cannot reap (receives left on a shared queue, a device
+    // that does not flush: `pin_forever`, then the graveyard), never deregistering them.
+    let posted = unsafe {
+        match source {
+            Source::Conn(conn) => conn.qp().post_recv_list(first, &locals),
+            Source::Srq { srq, .. } => srq.post_recv_list(first, &locals),
+        }
     };
     drop(locals);
     let rx = |posted: usize| Receives {

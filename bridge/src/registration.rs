@@ -518,6 +518,12 @@ impl Registered {
 }
 
 /// A registration held live ([`Registered::lock`]), giving slices for work requests.
+///
+/// Posting a request that writes a slice (a receive, a READ) is `unsafe`
+/// ([`QueuePair::post_recv`](p2pbridge_verbs::QueuePair::post_recv) and its kin): keep this
+/// guard until every such request is reaped, which is their contract's part here. The
+/// bridge's own transfers ([`Bridge::post`](crate::Bridge::post), [`Bridge::post_recvs`](crate::Bridge::post_recvs)) hold
+/// their registrations so by themselves.
 pub struct LocalGuard<'r> {
     reg: &'r Registered,
     guard: RwLockReadGuard<'r, Option<Live>>,

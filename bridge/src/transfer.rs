@@ -542,7 +542,10 @@ impl<'a> Transfer<'a> {
             let end = i + got as usize;
             // The requests borrow the transfer: built and posted in one statement, so that
             // they are gone before it changes.
-            let sent = self.work_requests(i..end).map(|wrs| self.conn.qp().post_send_list(&wrs));
+            // SAFETY: every descriptor's registration is held live by this transfer until its
+            // requests are reaped (completed or flushed); where the device flushes nothing, the
+            // registrations are leaked (`stuck`), never deregistered.
+            let sent = self.work_requests(i..end).map(|wrs| unsafe { self.conn.qp().post_send_list(&wrs) });
             match sent {
                 Err(e) => {
                     self.give_back(got);
@@ -681,7 +684,10 @@ impl<'a> Transfer<'a> {
         let id = crate::completion::next_wr_id();
         let cq = conn.send_cq();
         cq.expect(id);
-        if let Err(p) = conn.qp().post_send_list(&[SendWr { wr_id: id, op, local, flags: SendFlags::SIGNALED }]) {
+        // SAFETY: the registration is held live (the caller's guard) until `reap_on` has reaped
+        // the request (completed or flushed); where the device did not, it is leaked below.
+        let wr = SendWr { wr_id: id, op, local, flags: SendFlags::SIGNALED };
+        if let Err(p) = unsafe { conn.qp().post_send_list(&[wr]) } {
             cq.unexpect(id);
             return Err(p.error.into());
         }
@@ -809,7 +815,9 @@ impl<'a> Transfer<'a> {
         let Ok(local) = live.mr.slice(0, 0) else { return false };
         let marker = SendWr { wr_id: self.ids.end - 1, op: SendOp::Send(None), local, flags: SendFlags::SIGNALED };
         // If it cannot be posted, the wait ends on the flushes alone, or as stuck.
-        self.conn.qp().post_send_list(&[marker]).is_ok()
+        // SAFETY: zero bytes: the marker reaches no memory; its registration is held by this
+        // transfer until reaped, or leaked (`stuck`).
+        unsafe { self.conn.qp().post_send_list(&[marker]) }.is_ok()
     }
 
     /// The NIC did not flush: the requests in flight stay its own for ever.

@@ -257,11 +257,19 @@ pub fn recv_word(conn: &Connection, timeout: Duration) -> Res<u64> {
     let mr = conn.pd().register(HostBuffer::new(8)?, AccessFlags::LOCAL_WRITE)?;
     let id = NEXT_WR.fetch_add(1, Ordering::Relaxed);
     conn.recv_cq().expect(id);
-    if let Err(e) = conn.qp().post_recv(id, &mr.slice(..)?) {
+    // SAFETY: `mr` stays registered until the receive is reaped, and is leaked (never
+    // deregistered) where `reap` fails, since the receive may then still be outstanding.
+    if let Err(e) = unsafe { conn.qp().post_recv(id, &mr.slice(..)?) } {
         conn.recv_cq().unexpect(id);
         return Err(e.into());
     }
-    let wc = reap(conn, false, id, timeout)?;
+    let wc = match reap(conn, false, id, timeout) {
+        Ok(wc) => wc,
+        Err(e) => {
+            std::mem::forget(mr);
+            return Err(e);
+        }
+    };
     if wc.byte_len != 8 {
         return Err(format!("a message of {} bytes, not 8: is the peer this example?", wc.byte_len).into());
     }

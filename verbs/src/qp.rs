@@ -221,7 +221,23 @@ impl QueuePair {
     }
 
     /// Posts an RDMA READ of `remote` into `local` (which needs LOCAL_WRITE).
-    pub fn post_read(&self, wr_id: u64, local: &LocalSlice<'_>, remote: &RemoteSlice, flags: SendFlags) -> Result<()> {
+    ///
+    /// # Safety
+    /// The NIC writes `local`'s region when the READ's response comes, which may be after this
+    /// call and the slice's borrow have ended (a READ retried, a completion not reaped yet).
+    /// `local`'s memory region must stay registered — not dropped nor deregistered — until
+    /// this request's completion is reaped (success, error or flush) or the queue pair is
+    /// destroyed: a region deregistered earlier gives its lkey back to the provider, which may
+    /// hand it to a later registration of other memory that the READ would then write. (The
+    /// request's completion comes only where it is signaled, or where a later signaled one of
+    /// the same queue completes.)
+    pub unsafe fn post_read(
+        &self,
+        wr_id: u64,
+        local: &LocalSlice<'_>,
+        remote: &RemoteSlice,
+        flags: SendFlags,
+    ) -> Result<()> {
         self.check_local(local, true, "RDMA READ")?;
         if flags.contains(SendFlags::INLINE) {
             return Err(Error::InvalidArgument("RDMA READ cannot be inline".into()));
@@ -239,7 +255,15 @@ impl QueuePair {
     }
 
     /// Posts a receive into `local` (which needs LOCAL_WRITE).
-    pub fn post_recv(&self, wr_id: u64, local: &LocalSlice<'_>) -> Result<()> {
+    ///
+    /// # Safety
+    /// A message may land in `local` at any time until the receive completes, long after this
+    /// call. `local`'s memory region must stay registered — not dropped nor deregistered —
+    /// until this receive's completion is reaped (a message, an error or a flush) or the queue
+    /// pair is destroyed: a receive never consumed needs it for as long as the QP lives. A
+    /// region deregistered earlier gives its lkey back to the provider, which may hand it to a
+    /// later registration of other memory that a late message would then write.
+    pub unsafe fn post_recv(&self, wr_id: u64, local: &LocalSlice<'_>) -> Result<()> {
         self.check_local(local, true, "RECV")?;
         let mut sge = local.sge();
         let mut wr = sys::ibv_recv_wr {
@@ -298,7 +322,14 @@ impl QueuePair {
     /// checked first (protection domain, rights, lengths, inline limit): a bad one posts
     /// nothing. If the provider refuses one part-way (a full send queue: ENOMEM), the error
     /// says how many went.
-    pub fn post_send_list(&self, wrs: &[SendWr<'_>]) -> std::result::Result<(), PostListError> {
+    ///
+    /// # Safety
+    /// As [`post_read`](Self::post_read), for every request of the list that was posted: each
+    /// local slice's memory region must stay registered until that request's completion (or a
+    /// later one of the same send queue, which vouches for it) is reaped, or the queue pair is
+    /// destroyed. (A READ writes its region; a WRITE or SEND reads it, and would send a later
+    /// registration's bytes to the peer.)
+    pub unsafe fn post_send_list(&self, wrs: &[SendWr<'_>]) -> std::result::Result<(), PostListError> {
         let none = |error| PostListError { posted: 0, error };
         if wrs.is_empty() {
             return Ok(());
@@ -389,7 +420,14 @@ impl QueuePair {
     /// Posts receives into `locals` (each needs LOCAL_WRITE), with ids `first_id`,
     /// `first_id + 1`, …, as one chained list. A bad slice posts nothing; a refusal part-way
     /// says how many went.
-    pub fn post_recv_list(&self, first_id: u64, locals: &[LocalSlice<'_>]) -> std::result::Result<(), PostListError> {
+    ///
+    /// # Safety
+    /// As [`post_recv`](Self::post_recv), for every receive that was posted.
+    pub unsafe fn post_recv_list(
+        &self,
+        first_id: u64,
+        locals: &[LocalSlice<'_>],
+    ) -> std::result::Result<(), PostListError> {
         for l in locals {
             self.check_local(l, true, "RECV").map_err(|error| PostListError { posted: 0, error })?;
         }

@@ -63,7 +63,19 @@ impl SharedReceiveQueue {
     /// Posts receives into `locals` (each in a locally writable region of the SRQ's PD), with
     /// ids `first_id`, `first_id + 1`, …, as one chained list. A bad slice posts nothing; a
     /// refusal part-way (the SRQ is full) says how many went.
-    pub fn post_recv_list(&self, first_id: u64, locals: &[LocalSlice<'_>]) -> std::result::Result<(), PostListError> {
+    ///
+    /// # Safety
+    /// A message on any QP of the SRQ may land in a receive until it completes: each local
+    /// slice's memory region must stay registered — not dropped nor deregistered — until that
+    /// receive's completion is reaped or the SRQ is destroyed (a receive never consumed needs
+    /// it for as long as the SRQ lives). A region deregistered earlier gives its lkey back to
+    /// the provider, which may hand it to a later registration that a late message would
+    /// then write.
+    pub unsafe fn post_recv_list(
+        &self,
+        first_id: u64,
+        locals: &[LocalSlice<'_>],
+    ) -> std::result::Result<(), PostListError> {
         let refuse =
             |msg: &str| PostListError { posted: 0, error: Error::InvalidArgument(format!("SRQ receive: {msg}")) };
         for l in locals {

@@ -52,7 +52,9 @@ fn write_then_read(size: usize, server_odp: bool, prefetch: bool) {
     assert_eq!((wc.wr_id, wc.opcode), (1, WcOpcode::RdmaWrite));
     assert!(server.state.to_vec() == src.to_vec(), "server buffer differs after RDMA WRITE of {size} B");
 
-    qp.post_read(2, &back.slice(..).unwrap(), &remote.slice(..).unwrap(), SendFlags::SIGNALED).unwrap();
+    // SAFETY: `back` is the client `Side`'s state, dropped after its connection (declared
+    // first), whose queue pair's destruction ends the READ if it is not reaped here.
+    unsafe { qp.post_read(2, &back.slice(..).unwrap(), &remote.slice(..).unwrap(), SendFlags::SIGNALED) }.unwrap();
     let wc = client.conn.send_cq().wait_one(TIMEOUT).unwrap();
     assert_eq!((wc.wr_id, wc.opcode), (2, WcOpcode::RdmaRead));
     assert!(back.to_vec() == src.to_vec(), "RDMA READ of {size} B brought back other bytes");
@@ -108,7 +110,8 @@ fn send_recv_with_and_without_immediate_1b_to_64mib() {
         );
         for (i, imm) in [None, Some(0xC0FFEE_u32)].into_iter().enumerate() {
             server.state.to_vec(); // (the buffer is checked after each receive below)
-            server.conn.qp().post_recv(100 + i as u64, &server.state.slice(..).unwrap()).unwrap();
+            // SAFETY: the server `Side`'s state, dropped after its connection (declared first).
+            unsafe { server.conn.qp().post_recv(100 + i as u64, &server.state.slice(..).unwrap()) }.unwrap();
             client.conn.qp().post_send(i as u64, &client.state.slice(..).unwrap(), imm, SendFlags::SIGNALED).unwrap();
             client.conn.send_cq().wait_one(TIMEOUT).unwrap();
             let wc = server.conn.recv_cq().wait_one(TIMEOUT).unwrap();
@@ -137,8 +140,9 @@ fn rdma_write_with_immediate_completes_a_receive_at_the_peer() {
             Ok((mr, d))
         },
     );
-    let empty = host_mr(&server.pd, 1, AccessFlags::LOCAL_WRITE).unwrap();
-    server.conn.qp().post_recv(7, &empty.slice(0..0).unwrap()).unwrap();
+    let empty: &'static _ = Box::leak(Box::new(host_mr(&server.pd, 1, AccessFlags::LOCAL_WRITE).unwrap()));
+    // SAFETY: `empty` is leaked: never deregistered.
+    unsafe { server.conn.qp().post_recv(7, &empty.slice(0..0).unwrap()) }.unwrap();
     let remote = RemoteBuf::from_bytes(client.conn.remote_private_data()).unwrap();
     client
         .conn
@@ -232,10 +236,11 @@ fn rdma_two_connections_share_a_receive_queue_and_a_completion_queue() {
         let pd = ProtectionDomain::new(&Context::open(&b.device).unwrap()).unwrap();
         let srq = Arc::new(SharedReceiveQueue::new(&pd, 64).unwrap());
         let cq = Arc::new(CompletionQueue::new(pd.context(), 64).unwrap());
-        let pool = host_mr(&pd, 2 * PER * MSG, AccessFlags::LOCAL_WRITE).unwrap();
+        let pool: &'static _ = Box::leak(Box::new(host_mr(&pd, 2 * PER * MSG, AccessFlags::LOCAL_WRITE).unwrap()));
         let slots: Vec<_> =
             (0..2 * PER as u64).map(|i| pool.slice(i * MSG as u64..(i + 1) * MSG as u64).unwrap()).collect();
-        srq.post_recv_list(100, &slots).unwrap();
+        // SAFETY: `pool` is leaked: never deregistered.
+        unsafe { srq.post_recv_list(100, &slots) }.unwrap();
         let l = Listener::bind((b.addr, 0).into()).unwrap();
         port_tx.send(l.local_addr()).unwrap();
         let o = ConnectionOptions { srq: Some(srq.clone()), recv_cq: Some(cq.clone()), ..Default::default() };

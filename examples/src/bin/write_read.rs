@@ -77,7 +77,10 @@ fn write_then_read(
     conn.send_cq().wait_one(TIMEOUT)?;
     let write = t.elapsed();
     let t = Instant::now();
-    conn.qp().post_read(2, &back.slice(..)?, &remote.slice(..n)?, SendFlags::SIGNALED)?;
+    // SAFETY: `back` is the caller's `Side` state, whose connection (declared first) is
+    // dropped — its queue pair destroyed, ending the READ — before `back` is, whether or not
+    // the completion is reaped here.
+    unsafe { conn.qp().post_read(2, &back.slice(..)?, &remote.slice(..n)?, SendFlags::SIGNALED) }?;
     conn.send_cq().wait_one(TIMEOUT)?;
     Ok((write, t.elapsed()))
 }
