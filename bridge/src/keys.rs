@@ -115,7 +115,35 @@ impl KeyLedger {
             done?;
             rkey
         } else {
-            live.mr.rkey()
+            // Without windows the key is a region's own rkey: a region over exactly this range
+            // with exactly these rights (the cached registration may be larger, merged, and
+            // hold more rights than this handle asked for), deregistered with the
+            // registration, or by `revoke_key`. A dma-buf region has no address to register a
+            // part of: its own key only where it is exactly that.
+            let remote = access & (AccessFlags::REMOTE_READ | AccessFlags::REMOTE_WRITE | AccessFlags::REMOTE_ATOMIC);
+            let mr_remote = match &live.mr {
+                crate::registration::Mr::Direct(m) => m.access(),
+                crate::registration::Mr::Bounce(m) => m.access(),
+            } & (AccessFlags::REMOTE_READ | AccessFlags::REMOTE_WRITE | AccessFlags::REMOTE_ATOMIC);
+            let whole = at == 0 && len == live.mr.len() && remote == mr_remote;
+            if whole {
+                live.mr.rkey()
+            } else if r.strategy() == crate::Strategy::DmaBuf {
+                return Err(Error::InvalidArgument(
+                    "without memory windows a dma-buf registration's key reaches all of it with all its rights: hand out the whole registration, registered with exactly the rights to grant, or use a device with type 2 windows".into(),
+                ));
+            } else {
+                let mut windows = r.windows();
+                if windows.closed {
+                    return Err(Error::Revoked);
+                }
+                // SAFETY: kept in the registration's list, deregistered (by revocation) before
+                // the registration's own region.
+                let exact = unsafe { live.mr.sub_region_with(at, len, AccessFlags::LOCAL_WRITE | remote) }?;
+                let rkey = exact.rkey();
+                windows.exact.push(exact);
+                rkey
+            }
         };
         let key = RemoteKey { addr: live.mr.addr() + at, len, rkey, generation: reg.generation() };
         drop(guard);
@@ -168,7 +196,12 @@ impl KeyLedger {
         };
         let r = h.value();
         let live = match r.live() {
-            Ok(g) => g.is_some() && (!r.windowed() || r.windows().list.iter().any(|b| b.mw.rkey() == key.rkey)),
+            Ok(g) => g.as_ref().is_some_and(|l| {
+                let w = r.windows();
+                w.list.iter().any(|b| b.mw.rkey() == key.rkey)
+                    || w.exact.iter().any(|m| m.rkey() == key.rkey)
+                    || (!r.windowed() && l.mr.rkey() == key.rkey)
+            }),
             Err(_) => false,
         };
         if live {
@@ -189,10 +222,22 @@ impl KeyLedger {
         };
         let r = h.value();
         if !r.windowed() {
-            // The key lives as long as the registration: it stays recorded.
-            return Err(Error::InvalidArgument(
-                "this registration has no memory windows (the device lacks them, or BridgeOptions::windows is off): its keys are revoked with the registration (free, unmap or invalidate it)".into(),
-            ));
+            // A region over exactly the range handed out goes on its own; the registration's
+            // own rkey lives as long as the registration (it stays recorded).
+            let mut w = r.windows();
+            let Some(i) = w.exact.iter().position(|m| m.rkey() == key.rkey) else {
+                return Err(Error::InvalidArgument(
+                    "this key is the registration's own rkey (no memory windows: the device lacks them, or BridgeOptions::windows is off): it is revoked with the registration (free, unmap or invalidate it)".into(),
+                ));
+            };
+            let exact = w.exact.swap_remove(i);
+            drop(w);
+            self.lock().remove(&id);
+            if let Err(e) = exact.deregister() {
+                r.pin_forever("a region over a handed-out range could not be deregistered");
+                return Err(e.into());
+            }
+            return Ok(());
         }
         self.lock().remove(&id);
         // Out of its connection's list too: a window's rkey can be reused by a later key of the
@@ -234,10 +279,15 @@ impl KeyLedger {
 
 impl crate::Bridge {
     /// Hands `len` bytes at `offset` of `reg` to the peer at the other end of `conn`, and
-    /// returns the key to send it. With memory windows ([`Bridge::key_windows`](Self::key_windows)) the key
-    /// reaches exactly that range, only over `conn`, with the remote rights `reg` was
-    /// registered with; it is refused by the NIC once the memory goes or
-    /// [`Bridge::revoke_key`](Self::revoke_key) is called.
+    /// returns the key to send it. The key reaches exactly that range, with the remote rights
+    /// `reg` was registered with (not those of a larger cached registration), and is refused
+    /// by the NIC once the memory goes or [`Bridge::revoke_key`](Self::revoke_key) is called.
+    /// With memory windows ([`Bridge::key_windows`](Self::key_windows)) it works only over
+    /// `conn`. Without, it is the rkey of a region registered over exactly that range with
+    /// exactly those rights (the registration's own where it is exactly that), usable over any
+    /// connection of the peer's; a dma-buf registration, which has no address to register a
+    /// part of, is then handed out only whole and with its own rights
+    /// ([`Error::InvalidArgument`] otherwise).
     ///
     /// For bounce registrations the key names the staging buffer: the owner calls
     /// [`Bridge::sync_to_peers`](Self::sync_to_peers) before peers read and [`Bridge::sync_from_peers`](Self::sync_from_peers) after they
@@ -254,8 +304,11 @@ impl crate::Bridge {
         self.inner.core.keys.check(key)
     }
 
-    /// Revokes one key handed out with memory windows: the NIC refuses it from the moment this
-    /// returns. Other keys of the same registration stay valid.
+    /// Revokes one key: the NIC refuses it from the moment this returns. Other keys of the same
+    /// registration stay valid. With memory windows every key can be revoked so; without, a
+    /// key over part of a registration, or with fewer rights than it holds (a region of its
+    /// own), can, and a key that is the registration's own rkey is refused with
+    /// [`Error::InvalidArgument`] (it goes with the registration).
     pub fn revoke_key(&self, key: &RemoteKey) -> Result<()> {
         self.inner.core.keys.revoke(key)
     }

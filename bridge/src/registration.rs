@@ -99,10 +99,25 @@ impl Mr {
     /// # Safety
     /// The returned region must be deregistered before this one.
     pub(crate) unsafe fn sub_region(&self, offset: u64, len: u64) -> Result<MemoryRegion<Foreign>> {
-        let (pd, access) = match self {
+        let access = match self {
+            Mr::Direct(m) => m.access(),
+            Mr::Bounce(m) => m.access(),
+        };
+        // SAFETY: forwarded from the caller.
+        unsafe { self.sub_region_with(offset, len, access) }
+    }
+
+    /// A region over exactly `offset..offset+len` of this one's memory with the rights
+    /// `access` (ODP where this one is), for a key handed out without windows.
+    ///
+    /// # Safety
+    /// As [`sub_region`](Self::sub_region).
+    pub(crate) unsafe fn sub_region_with(&self, offset: u64, len: u64, access: AccessFlags) -> Result<MemoryRegion<Foreign>> {
+        let (pd, own) = match self {
             Mr::Direct(m) => (m.pd(), m.access()),
             Mr::Bounce(m) => (m.pd(), m.access()),
         };
+        let access = access | (own & AccessFlags::ON_DEMAND);
         let len = usize::try_from(len).map_err(|_| Error::InvalidArgument("range too large".into()))?;
         // SAFETY: the range lies within this region's memory (the caller checked it), which
         // stays mapped while this region lives, and the caller drops the new region first.
@@ -145,6 +160,9 @@ pub(crate) struct Windows {
     pub(crate) list: Vec<Bound>,
     /// Set by revocation once every window is deallocated: no window may be bound after.
     pub(crate) closed: bool,
+    /// Without windows: regions over exactly a handed-out range with exactly its rights, whose
+    /// rkeys are the keys handed out; deregistered with the windows.
+    pub(crate) exact: Vec<MemoryRegion<Foreign>>,
     /// Regions under windows that could not be deallocated: never deregistered.
     kept: Vec<MemoryRegion<Foreign>>,
 }
@@ -321,7 +339,7 @@ impl Registration {
         self.revoking.store(true, Ordering::SeqCst);
         let mut w = self.windows();
         w.closed = true;
-        let mut regions = Vec::new();
+        let mut regions = std::mem::take(&mut w.exact);
         for b in std::mem::take(&mut w.list) {
             match b.mw.dealloc() {
                 Ok(()) => regions.extend(b.region),

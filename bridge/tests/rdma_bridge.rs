@@ -427,6 +427,61 @@ fn rdma_without_windows_a_free_deregisters_at_once_and_the_old_key_is_refused() 
     assert_write_refused(&c.state, &c.conn, &key, 0, 4096, "no windows, after the free");
 }
 
+/// Without windows, a key handed out for part of a registration, or with fewer rights than the
+/// cached registration holds, reaches exactly that part with exactly those rights (a region
+/// of its own), and can be revoked alone.
+#[test]
+#[ignore = "needs an RDMA device: scripts/test runs it on Soft-RoCE"]
+fn rdma_without_windows_a_key_reaches_only_its_range_with_only_its_rights() {
+    let len = 65_536usize;
+    let (c, s) = fabric()
+        .connect_pair(
+            opts(),
+            move |pd| Ok((side(pd, Policy::default().require(Strategy::PinnedHost), len, Some(0x61))?, Vec::new())),
+            move |pd| {
+                let mem = HostBackend::new();
+                let opts = BridgeOptions {
+                    windows: false,
+                    policy: Policy::default().require(Strategy::PinnedHost),
+                    ..Default::default()
+                };
+                let bridge = Bridge::new(pd, vec![Arc::new(mem.clone())], opts)?;
+                let buf = mem.alloc(len)?;
+                let reg = bridge.register(buf.addr(), len as u64, AccessFlags::remote_rw())?;
+                Ok((Host { bridge, mem, buf: Some(buf), reg: Some(reg) }, Vec::new()))
+            },
+        )
+        .unwrap();
+    let srv = &s.state;
+    let (sreg, base) = (srv.reg.as_ref().unwrap(), srv.buf.as_ref().unwrap().addr());
+    let zeros = || srv.mem.to_vec(srv.buf.as_ref().unwrap()).unwrap();
+    // Part of it: 4096..8192.
+    let part = srv.bridge.hand_out(&s.conn, sreg, 4096, 4096).unwrap();
+    assert_ne!(part.rkey, srv.bridge.hand_out(&s.conn, sreg, 0, len as u64).unwrap().rkey);
+    c.state.bridge.write(&c.conn, c.state.reg.as_ref().unwrap(), 0, 4096, &part, 0).unwrap();
+    assert!(zeros()[4096..8192] == pattern(len, 0x61)[..4096]);
+    // The same rkey claimed over the whole buffer: the NIC refuses what lies outside the part.
+    let forged = RemoteKey { addr: base, len: len as u64, ..part };
+    let (c2, _s2) = connect(&c.pd, &s.pd);
+    assert_write_refused(&c.state, &c2, &forged, 0, 4096, "a part's key used outside the part");
+    assert!(zeros()[..4096].iter().all(|&b| b == 0), "the WRITE outside the part landed");
+    // Fewer rights than the cached registration: a write-only handle's key cannot be read.
+    let wonly = srv.bridge.register(base, len as u64, AccessFlags::REMOTE_WRITE).unwrap();
+    assert_eq!(wonly.generation(), sreg.generation(), "the write-only handle is a hit of the same registration");
+    let wkey = srv.bridge.hand_out(&s.conn, &wonly, 0, len as u64).unwrap();
+    let (c3, _s3) = connect(&c.pd, &s.pd);
+    assert_read_refused(&c.state, &c3, &wkey, 4096, "a READ with a write-only key");
+    // Revoked alone: the part's key is refused, the whole registration's still works.
+    srv.bridge.revoke_key(&part).unwrap();
+    let (c4, _s4) = connect(&c.pd, &s.pd);
+    assert_write_refused(&c.state, &c4, &part, 0, 4096, "a revoked part's key");
+    assert!(matches!(srv.bridge.check_key(&part), Err(Error::StaleKey { .. })));
+    let whole = srv.bridge.hand_out(&s.conn, sreg, 0, len as u64).unwrap();
+    assert!(matches!(srv.bridge.revoke_key(&whole), Err(Error::InvalidArgument(_))), "the region's own key");
+    let (c5, _s5) = connect(&c.pd, &s.pd);
+    c.state.bridge.write(&c5, c.state.reg.as_ref().unwrap(), 0, 4096, &whole, 8192).unwrap();
+}
+
 #[test]
 #[ignore = "needs an RDMA device: scripts/test runs it on Soft-RoCE"]
 fn rdma_bad_ranges_get_typed_errors_never_panics() {
