@@ -38,7 +38,7 @@ impl Core {
         let gone = self.cache.remove_overlapping(domain, range);
         let mut r = Ok(());
         for e in &gone {
-            if let Err(err) = e.value().revoke() {
+            if let Err(err) = unwound(|| e.value().revoke()) {
                 if r.is_ok() {
                     r = Err(err);
                 }
@@ -56,7 +56,7 @@ impl Core {
         let n = gone.len();
         let mut r = Ok(());
         for e in gone {
-            if let Err(err) = crate::teardown::revoke_without_waiting(e) {
+            if let Err(err) = unwound(|| crate::teardown::revoke_without_waiting(e)) {
                 if r.is_ok() {
                     r = Err(err);
                 }
@@ -64,6 +64,13 @@ impl Core {
         }
         (n, r)
     }
+}
+
+/// Runs one revocation of a list, a panic in it turned into an error: the entries after it,
+/// taken out of the cache already, are revoked all the same (none is left live and forgotten).
+fn unwound(f: impl FnOnce() -> Result<()>) -> Result<()> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or(Err(crate::Error::InvalidArgument("a revocation panicked".into())))
 }
 
 pub(crate) struct Inner {

@@ -37,6 +37,15 @@ pub enum Error {
         /// The address asked for.
         addr: u64,
     },
+    /// [`Transfer::wait`](crate::Transfer::wait) of a transfer whose error an earlier
+    /// [`Transfer::poll`](crate::Transfer::poll) returned: not every descriptor is done.
+    #[error("the transfer failed (an earlier poll returned its error): descriptor {index} is {status:?}")]
+    TransferFailed {
+        /// The first descriptor not done.
+        index: usize,
+        /// Its status.
+        status: crate::transfer::Status,
+    },
     /// A staging copy found other memory at the registration's address than the allocation
     /// registered: it was freed (and its addresses reused) without `report_free`.
     #[error("the memory at {addr:#x} is no longer the allocation that was registered (freed without report_free?): nothing was copied")]

@@ -458,6 +458,13 @@ impl<'a> Transfer<'a> {
     }
 
     fn wait_mut(&mut self) -> Result<()> {
+        if self.finished {
+            // Its outcome was returned by a poll: `Ok` only if every descriptor is done.
+            return match self.status.iter().position(|s| *s != Status::Done) {
+                None => Ok(()),
+                Some(index) => Err(Error::TransferFailed { index, status: self.status[index] }),
+            };
+        }
         let mut wcs = [WorkCompletion::default(); SIGNAL_EVERY];
         loop {
             self.post_more();

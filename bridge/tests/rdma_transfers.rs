@@ -166,8 +166,12 @@ fn rdma_transfer_with_a_bad_key_in_the_middle_reports_each_descriptor() {
         let want = if i < 7 { &cp } else { &sp };
         assert!(s.state.bytes(i * BLK, BLK) == want[(i * BLK) as usize..((i + 1) * BLK) as usize], "server block {i}");
     }
+    // A wait after the poll that returned the error still says it failed, and where.
+    match t.wait() {
+        Err(Error::TransferFailed { index: 7, status: Status::Failed(Some(WcStatus::RemoteAccess)) }) => {}
+        other => panic!("wait after a failed poll: {other:?}"),
+    }
     // Later transfers on the connection fail at once; the registration is free to go.
-    drop(t);
     let mut b = Batch::new();
     b.write(c.state.reg(), 0, BLK, &key, 0);
     assert!(c.state.bridge.post(&c.conn, b).and_then(|t| t.wait()).is_err());

@@ -58,6 +58,8 @@ pub struct QueuePair {
     max_inline: u32,
     /// Send-queue slots not reserved ([`reserve_send`](QueuePair::reserve_send)).
     send_credits: AtomicU32,
+    /// The slots reservations share (the queue less the room kept for unreserved posts).
+    max_credits: u32,
 }
 
 // SAFETY: posting and querying are thread-safe verbs (providers lock the queues).
@@ -83,7 +85,7 @@ impl QueuePair {
     ) -> Self {
         // Some room is never reserved: for requests posted without reserving (binds, raw posts).
         let credits = max_send_wr.saturating_sub(max_send_wr / 8).max(1);
-        QueuePair { qp, pd: pd.inner.clone(), max_inline, send_credits: AtomicU32::new(credits) }
+        QueuePair { qp, pd: pd.inner.clone(), max_inline, send_credits: AtomicU32::new(credits), max_credits: credits }
     }
 
     /// Reserves up to `want` send-queue slots for requests about to be posted, and returns
@@ -99,9 +101,11 @@ impl QueuePair {
         got
     }
 
-    /// Gives back `n` slots of [`reserve_send`](Self::reserve_send).
+    /// Gives back `n` slots of [`reserve_send`](Self::reserve_send). More than were reserved
+    /// never raises the count past the queue's share for reservations (nor wraps it).
     pub fn release_send(&self, n: u32) {
-        self.send_credits.fetch_add(n, Ordering::AcqRel);
+        let max = self.max_credits;
+        let _ = self.send_credits.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| Some(c.saturating_add(n).min(max)));
     }
 
     /// The QP number.
