@@ -529,9 +529,14 @@ impl<'a> Transfer<'a> {
                 match r {
                     Ok(()) => self.status[i..i + n].fill(Status::Done),
                     Err((done, e)) => {
+                        // `done` counts the run's descriptors settled before the failure (at
+                        // most `n`, whatever the engine says: never an index past the run).
+                        let done = done.min(n);
                         self.status[i..i + done].fill(Status::Done);
-                        self.status[i + done] = Status::Failed(wc_status(&e));
-                        self.status[i + done + 1..i + n].fill(Status::Failed(None));
+                        if done < n {
+                            self.status[i + done] = Status::Failed(wc_status(&e));
+                            self.status[i + done + 1..i + n].fill(Status::Failed(None));
+                        }
                         self.error = Some(e);
                     }
                 }

@@ -561,3 +561,56 @@ fn rdma_a_receive_left_on_a_shared_queue_never_reaches_later_memory_when_its_ent
 fn rdma_a_receive_left_on_a_shared_queue_never_reaches_later_memory_after_an_invalidation() {
     srq_leak_case(Forget::Invalidated);
 }
+
+/// A free of memory racing a 16 MiB WRITE from it: the free returns only after the WRITE's
+/// completion is reaped (every byte arrives intact), and the key the owner handed out over that
+/// memory is refused by the NIC afterwards.
+fn free_racing_a_write(strategy: Strategy) {
+    const LEN: usize = 16 << 20;
+    let policy = Policy::default().require(strategy);
+    let (mut c, s, key) = pair(policy, LEN, Duration::from_secs(60));
+    let buf = c.state.buf.take().unwrap();
+    let reg = c.state.reg.take().unwrap();
+    // The peer's key over the memory about to be freed.
+    let back = c.state.bridge.hand_out(&c.conn, &reg, 0, LEN as u64).unwrap();
+    let mut b = Batch::new();
+    b.write(&reg, 0, LEN as u64, &key, 0);
+    let mut t = c.state.bridge.post(&c.conn, b).unwrap();
+    let freed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let f = freed.clone();
+    let freer = std::thread::spawn(move || {
+        drop(buf);
+        f.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let mut saw_pending = false;
+    loop {
+        // Read before the poll: a free that returned while the transfer was still pending is
+        // caught (a true here with the transfer not done yet).
+        let was_freed = freed.load(std::sync::atomic::Ordering::SeqCst);
+        let done = t.poll().unwrap();
+        assert!(done || !was_freed, "{strategy}: the free returned while the WRITE from its memory was in flight");
+        if done {
+            break;
+        }
+        saw_pending = true;
+        std::thread::yield_now();
+    }
+    assert!(saw_pending, "{strategy}: the WRITE completed before the test could race it");
+    freer.join().unwrap();
+    assert!(s.state.bytes(0, LEN as u64) == pattern(LEN, 0x11), "{strategy}: the WRITE's bytes arrived changed");
+    // The memory is gone: the key the client handed out over it is refused at the NIC.
+    let r = s.state.bridge.write(&s.conn, s.state.reg(), 0, 4096, &back, 0);
+    assert!(
+        matches!(r, Err(Error::Verbs(p2pbridge::verbs::Error::WorkCompletion { status: WcStatus::RemoteAccess, .. }))),
+        "{strategy}: a WRITE with the freed memory's key: {r:?}"
+    );
+    assert!(!reg.is_live());
+}
+
+#[test]
+#[ignore = "needs the Soft-RoCE fabric (scripts/test)"]
+fn rdma_a_free_racing_a_write_from_its_memory_returns_after_the_completion() {
+    for strategy in [Strategy::PinnedHost, Strategy::Odp] {
+        free_racing_a_write(strategy);
+    }
+}
