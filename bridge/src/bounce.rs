@@ -212,7 +212,10 @@ impl BounceEngine {
             let local = mr.slice(..c.len as u64)?;
             let id = next_wr_id();
             cq.expect(id);
-            if let Err(e) = conn.qp().post_write(id, &local, &c.remote, SendFlags::SIGNALED) {
+            // SAFETY: as for the READs: the slot is the engine's own region, every WRITE posted
+            // is reaped (or flushed) before the transfer returns, and where the device does
+            // not flush the slots are leaked and the engine refuses further work.
+            if let Err(e) = unsafe { conn.qp().post_write(id, &local, &c.remote, SendFlags::SIGNALED) } {
                 cq.unexpect(id);
                 return Err(e.into());
             }

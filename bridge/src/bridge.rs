@@ -111,7 +111,7 @@ impl Inner {
         match r {
             Ok(()) => notice.ack(),
             Err(e) => {
-                eprintln!("p2pbridge: cannot revoke a registration of {:?} ({e}): its free is held back for ever, since the NIC may still reach the memory", notice.key);
+                tracing::error!("cannot revoke a registration of {:?} ({e}): its free is held back for ever, since the NIC may still reach the memory", notice.key);
                 std::mem::forget(notice);
             }
         }
@@ -125,7 +125,9 @@ impl Drop for Inner {
         self.core.keys.clear();
         for e in self.core.cache.drain() {
             if let Err(err) = e.value().revoke() {
-                eprintln!("p2pbridge: revoking a registration as the bridge goes failed ({err}); its memory region is leaked, not freed");
+                tracing::error!(
+                    "revoking a registration as the bridge goes failed ({err}); its memory region is leaked, not freed"
+                );
             }
         }
     }
@@ -183,7 +185,7 @@ impl Bridge {
             let core = core.clone();
             crate::uffd::subscribe(Box::new(move |range| {
                 if let (_, Err(e)) = core.invalidate_gone(Domain::HostVa, range.clone()) {
-                    eprintln!("p2pbridge: revoking registrations of unmapped host memory {range:x?} failed: {e}");
+                    tracing::error!("revoking registrations of unmapped host memory {range:x?} failed: {e}");
                 }
             }))
             .map_err(|e| Reason::UserfaultfdUnavailable { error: e.to_string() })

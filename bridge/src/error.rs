@@ -68,7 +68,9 @@ pub enum Error {
     /// The NIC may still use a registration's region, so it was leaked (kept registered for
     /// ever) rather than deregistered, and the region follows its memory (ODP, dma-buf, peer
     /// memory): that memory's free is held back. See [`crate::leaked_registrations`].
-    #[error("the registration's memory region is leaked, never deregistered ({why}); the free of its memory is held back")]
+    #[error(
+        "the registration's memory region is leaked, never deregistered ({why}); the free of its memory is held back"
+    )]
     Leaked {
         /// Why the NIC may still use the region.
         why: &'static str,

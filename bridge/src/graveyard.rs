@@ -54,15 +54,17 @@ pub(crate) fn follows_memory(strategy: Strategy) -> bool {
 
 /// Keeps `grave` for the life of the process.
 pub(crate) fn bury(grave: Grave) {
-    eprintln!(
-        "p2pbridge: a {} registration of {:#x}..{:#x} is leaked, never deregistered: {}{}",
-        grave.strategy,
-        grave.range.start,
-        grave.range.end,
-        grave.why,
-        if follows_memory(grave.strategy) { " (its memory's free is held back for ever)" } else { "" }
-    );
+    // Kept first: nothing after this may let it go.
+    let (strategy, range, why) = (grave.strategy, grave.range.clone(), grave.why);
     GRAVES.lock().unwrap_or_else(|e| e.into_inner()).push(grave);
+    tracing::error!(
+        %strategy,
+        start = range.start,
+        end = range.end,
+        why,
+        free_held_back = follows_memory(strategy),
+        "a registration is leaked, never deregistered: the NIC may still use its region"
+    );
 }
 
 /// How many registrations of this process are leaked (kept registered for ever because the NIC
@@ -100,8 +102,8 @@ mod tests {
             hold: None,
         });
         assert_eq!(leaked_registrations(), before + 1);
-        assert!(leaked_registration_causes().iter().any(|(s, r, w)| *s == Strategy::PinnedHost
-            && *r == (0x1000..0x2000)
-            && *w == "a test grave"));
+        assert!(leaked_registration_causes()
+            .iter()
+            .any(|(s, r, w)| *s == Strategy::PinnedHost && *r == (0x1000..0x2000) && *w == "a test grave"));
     }
 }

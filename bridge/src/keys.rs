@@ -125,8 +125,11 @@ impl KeyLedger {
                 crate::registration::Mr::Direct(m) => m.access(),
                 crate::registration::Mr::Bounce(m) => m.access(),
             } & (AccessFlags::REMOTE_READ | AccessFlags::REMOTE_WRITE | AccessFlags::REMOTE_ATOMIC);
+            // A region of its own even for the whole registration: revoking the keys (a free,
+            // an unmap) then kills it at once, before the registration's own region goes
+            // (which waits for operations holding it).
             let whole = at == 0 && len == live.mr.len() && remote == mr_remote;
-            if whole {
+            if r.strategy() == crate::Strategy::DmaBuf && whole {
                 live.mr.rkey()
             } else if r.strategy() == crate::Strategy::DmaBuf {
                 return Err(Error::InvalidArgument(
@@ -187,8 +190,10 @@ impl KeyLedger {
 
     /// `Ok` while `key` (handed out by this ledger) still reaches its memory.
     pub(crate) fn check(&self, key: &RemoteKey) -> Result<()> {
-        let mut handed = self.lock();
-        let Some(h) = handed.get(&(key.generation, key.rkey)) else {
+        let id = (key.generation, key.rkey);
+        // The ledger's lock is not held while the registration's locks are taken: a hand-out
+        // holding those (a bind in progress) never stalls the ledger.
+        let Some(h) = self.lock().get(&id).cloned() else {
             return Err(Error::StaleKey {
                 generation: key.generation,
                 why: "not a key this bridge handed out, or one revoked and forgotten since",
@@ -200,44 +205,52 @@ impl KeyLedger {
                 let w = r.windows();
                 w.list.iter().any(|b| b.mw.rkey() == key.rkey)
                     || w.exact.iter().any(|m| m.rkey() == key.rkey)
-                    || (!r.windowed() && l.mr.rkey() == key.rkey)
+                    || (!r.windowed() && r.strategy() == crate::Strategy::DmaBuf && l.mr.rkey() == key.rkey)
             }),
             Err(_) => false,
         };
         if live {
             return Ok(());
         }
-        handed.remove(&(key.generation, key.rkey));
+        self.lock().remove(&id);
         Err(Error::StaleKey {
             generation: key.generation,
             why: "its registration was revoked (memory freed, unmapped or invalidated) or the key itself was",
         })
     }
 
-    /// Revokes one key at the NIC (its window is deallocated) and forgets it.
+    /// Revokes one key at the NIC (its window deallocated, or its own region deregistered) and
+    /// forgets it.
     pub(crate) fn revoke(&self, key: &RemoteKey) -> Result<()> {
         let id = (key.generation, key.rkey);
         let Some(h) = self.lock().get(&id).cloned() else {
             return Err(Error::StaleKey { generation: key.generation, why: "not a live key of this bridge" });
         };
         let r = h.value();
+        // Everything under the windows' lock, which a revocation's teardown takes too: a
+        // revocation under way has either revoked this key already (the lists are emptied, and
+        // closed, under this lock) or waits until this is done, leak included.
+        let mut w = r.windows();
         if !r.windowed() {
-            // A region over exactly the range handed out goes on its own; the registration's
-            // own rkey lives as long as the registration (it stays recorded).
-            let mut w = r.windows();
-            let Some(i) = w.exact.iter().position(|m| m.rkey() == key.rkey) else {
-                return Err(Error::InvalidArgument(
-                    "this key is the registration's own rkey (no memory windows: the device lacks them, or BridgeOptions::windows is off): it is revoked with the registration (free, unmap or invalidate it)".into(),
-                ));
-            };
-            let exact = w.exact.swap_remove(i);
-            drop(w);
-            self.lock().remove(&id);
-            if let Err(e) = exact.deregister() {
-                r.pin_forever("a region over a handed-out range could not be deregistered");
-                return Err(e.into());
+            if let Some(i) = w.exact.iter().position(|m| m.rkey() == key.rkey) {
+                let exact = w.exact.swap_remove(i);
+                self.lock().remove(&id);
+                if let Err(e) = exact.deregister() {
+                    r.pin_forever("a region over a handed-out range could not be deregistered");
+                    return Err(e.into());
+                }
+                return Ok(());
             }
-            return Ok(());
+            if w.closed {
+                // Revoked with its registration.
+                self.lock().remove(&id);
+                return Ok(());
+            }
+            // A dma-buf registration's own rkey (handed out whole): it goes with the
+            // registration, and stays recorded.
+            return Err(Error::InvalidArgument(
+                "this key is a dma-buf registration's own rkey (no memory windows: the device lacks them, or BridgeOptions::windows is off): it is revoked with the registration (free or invalidate it)".into(),
+            ));
         }
         self.lock().remove(&id);
         // Out of its connection's list too: a window's rkey can be reused by a later key of the
@@ -245,20 +258,15 @@ impl KeyLedger {
         for keys in self.by_conn.lock().unwrap_or_else(|e| e.into_inner()).values_mut() {
             keys.retain(|k| (k.generation, k.rkey) != id);
         }
-        // Under the windows' lock, not the registration's: a revocation under way has either
-        // deallocated this window already (the list is emptied under this lock) or not begun to.
-        let mut windows = r.windows();
-        if let Some(i) = windows.list.iter().position(|b| b.mw.rkey() == key.rkey) {
-            let b = windows.list.swap_remove(i);
+        if let Some(i) = w.list.iter().position(|b| b.mw.rkey() == key.rkey) {
+            let b = w.list.swap_remove(i);
             // On failure the window is leaked with the region under it (dealloc does not hand
             // it back): they must then never be deregistered.
             if let Err(e) = b.mw.dealloc() {
-                windows.keep(b.region);
-                drop(windows);
                 r.pin_forever("a memory window over it could not be deallocated");
+                w.keep(b.region);
                 return Err(e.into());
             }
-            drop(windows);
             if let Some(sub) = b.region {
                 if let Err(e) = sub.deregister() {
                     // Still registered: keep the memory under it registered too.
@@ -284,8 +292,8 @@ impl crate::Bridge {
     /// by the NIC once the memory goes or [`Bridge::revoke_key`](Self::revoke_key) is called.
     /// With memory windows ([`Bridge::key_windows`](Self::key_windows)) it works only over
     /// `conn`. Without, it is the rkey of a region registered over exactly that range with
-    /// exactly those rights (the registration's own where it is exactly that), usable over any
-    /// connection of the peer's; a dma-buf registration, which has no address to register a
+    /// exactly those rights, usable over any connection of the peer's; a dma-buf
+    /// registration, which has no address to register a
     /// part of, is then handed out only whole and with its own rights
     /// ([`Error::InvalidArgument`] otherwise).
     ///
@@ -305,10 +313,9 @@ impl crate::Bridge {
     }
 
     /// Revokes one key: the NIC refuses it from the moment this returns. Other keys of the same
-    /// registration stay valid. With memory windows every key can be revoked so; without, a
-    /// key over part of a registration, or with fewer rights than it holds (a region of its
-    /// own), can, and a key that is the registration's own rkey is refused with
-    /// [`Error::InvalidArgument`] (it goes with the registration).
+    /// registration stay valid. Every key can be revoked so, except, without memory windows, a
+    /// dma-buf registration's own rkey (refused with [`Error::InvalidArgument`]: it goes with
+    /// the registration).
     pub fn revoke_key(&self, key: &RemoteKey) -> Result<()> {
         self.inner.core.keys.revoke(key)
     }
@@ -325,7 +332,10 @@ impl crate::Bridge {
         let slice = mr.slice(..RemoteKey::WIRE_LEN as u64)?;
         let id = next_wr_id();
         conn.send_cq().expect(id);
-        conn.qp().post_send(id, &slice, None, SendFlags::SIGNALED).inspect_err(|_| conn.send_cq().unexpect(id))?;
+        // SAFETY: `mr` stays registered until the SEND is reaped, and is leaked where it was not
+        // (below).
+        unsafe { conn.qp().post_send(id, &slice, None, SendFlags::SIGNALED) }
+            .inspect_err(|_| conn.send_cq().unexpect(id))?;
         // `mr` lives until the completion is reaped (or the request flushed); a SEND the
         // device never completed nor flushed keeps it for ever.
         let r = reap_on(conn, conn.send_cq(), id, self.inner.core.completion_timeout, "SEND of a key");

@@ -172,7 +172,9 @@ impl crate::Bridge {
         unsafe { conn.qp().post_recv(done_id, &done_slice) }.inspect_err(|_| conn.recv_cq().unexpect(done_id))?;
         let id = next_wr_id();
         conn.send_cq().expect(id);
-        let sent = match conn.qp().post_send(id, &msg_slice, None, SendFlags::SIGNALED) {
+        // SAFETY: `msg` stays registered until the SEND is reaped (`reap_on`), and is kept for
+        // ever where it was not (`keep_if_stuck`).
+        let sent = match unsafe { conn.qp().post_send(id, &msg_slice, None, SendFlags::SIGNALED) } {
             Ok(()) => reap_on(conn, conn.send_cq(), id, timeout, "SEND of a metadata announcement"),
             Err(e) => {
                 conn.send_cq().unexpect(id);
@@ -256,8 +258,9 @@ impl crate::Bridge {
         // Tell the peer it may let its blob go, whether or not it made sense to us.
         let aid = next_wr_id();
         conn.send_cq().expect(aid);
-        conn.qp()
-            .post_send(aid, &ack_slice, None, SendFlags::SIGNALED)
+        // SAFETY: `ack` stays registered until the SEND is reaped (`reap_on`), and is kept for
+        // ever where it was not (`keep_if_stuck`).
+        unsafe { conn.qp().post_send(aid, &ack_slice, None, SendFlags::SIGNALED) }
             .inspect_err(|_| conn.send_cq().unexpect(aid))?;
         let r = reap_on(conn, conn.send_cq(), aid, t, "SEND of a metadata receipt");
         keep_if_stuck(&r, ack);

@@ -142,10 +142,11 @@ impl Bridge {
     /// late message lands only there, never in memory the process has now. Take every receive
     /// before dropping the handle, or drop the connections and the SRQ first.
     ///
-    /// ODP registrations are refused here ([`Error::InvalidArgument`]): an ODP region follows
-    /// the address space, so a receive left posted in one would reach whatever is mapped at its
-    /// addresses next. Register the memory with a policy that forbids ODP
-    /// (`Policy::default().forbid(Strategy::Odp)`) for receives on a shared queue.
+    /// ODP, dma-buf and peer-memory registrations are refused here ([`Error::InvalidArgument`]):
+    /// their regions follow their memory, so a receive left posted in one would reach whatever
+    /// is at its addresses next, unless the memory's free were held back for ever. Register
+    /// the memory pinned or bounce (`Policy::default().require(Strategy::PinnedHost)`) for
+    /// receives on a shared queue.
     ///
     /// ```no_run
     /// # use std::sync::Arc;
@@ -169,9 +170,10 @@ impl Bridge {
         cq: &'a CompletionQueue,
         bufs: &[(&'a Registered, u64, u64)],
     ) -> Result<Receives<'a>> {
-        if let Some((reg, ..)) = bufs.iter().find(|(r, ..)| r.strategy() == crate::Strategy::Odp) {
+        if let Some((reg, ..)) = bufs.iter().find(|(r, ..)| crate::graveyard::follows_memory(r.strategy())) {
             return Err(Error::InvalidArgument(format!(
-                "receives on a shared receive queue may outlive their handle, and an ODP registration (the one at {:#x}) would then let a late message reach whatever is mapped there next: register the memory with a policy that forbids ODP (Policy::forbid(Strategy::Odp))",
+                "receives on a shared receive queue may outlive their handle, and a {} registration (the one at {:#x}) follows its memory: a late message would reach whatever is there next, or its free would be held back for ever: register the memory pinned or bounce for receives on a shared queue (Policy::require(Strategy::PinnedHost) or Strategy::Bounce)",
+                reg.strategy(),
                 reg.addr()
             )));
         }

@@ -58,8 +58,10 @@ impl Bridge {
     /// # Safety
     /// Before the memory is freed or its addresses reused (`cudaFree`, the allocator handing
     /// the block to another tensor), [`Bridge::report_free`] must be called for it and have
-    /// returned: it revokes every registration over it (keys refused by the NIC, regions
-    /// deregistered) after the operations in flight on it. Until then the NIC may write the
+    /// returned `Ok`: it revokes every registration over it (keys refused by the NIC, regions
+    /// deregistered) after the operations in flight on it. Where it returns
+    /// [`Error::Leaked`] (the NIC may still use a region that follows the memory), the memory
+    /// must never be freed nor reused. Until then the NIC may write the
     /// memory, and the bridge's staging copies (bounce) read and write it. (Staging copies also
     /// check, before each copy, that the address still identifies as the allocation
     /// registered, and fail with [`Error::NotTheRegisteredMemory`] where not: a second guard,
@@ -181,7 +183,7 @@ impl Bridge {
         };
         for k in stale {
             if let (_, Err(e)) = self.inner.core.invalidate(Domain::Alloc(k), 0..u64::MAX) {
-                eprintln!("p2pbridge: revoking registrations of a freed allocation failed: {e}");
+                tracing::error!("revoking registrations of a freed allocation failed: {e}");
             }
         }
     }
@@ -216,7 +218,8 @@ impl Bridge {
             Domain::Alloc(key) => Some(key),
             Domain::HostVa => None,
         };
-        let reg = self.try_strategies(kind, backend, reg_range.clone(), access)?.watched_by(watched).of_allocation(alloc);
+        let reg =
+            self.try_strategies(kind, backend, reg_range.clone(), access)?.watched_by(watched).of_allocation(alloc);
         let cost = cost_of(reg.strategy(), device);
         match self.inner.core.cache.insert_since(Some(epoch), domain, reg_range, access.bits(), cost, reg)? {
             Ok(ins) => {

@@ -112,7 +112,12 @@ impl Mr {
     ///
     /// # Safety
     /// As [`sub_region`](Self::sub_region).
-    pub(crate) unsafe fn sub_region_with(&self, offset: u64, len: u64, access: AccessFlags) -> Result<MemoryRegion<Foreign>> {
+    pub(crate) unsafe fn sub_region_with(
+        &self,
+        offset: u64,
+        len: u64,
+        access: AccessFlags,
+    ) -> Result<MemoryRegion<Foreign>> {
         let (pd, own) = match self {
             Mr::Direct(m) => (m.pd(), m.access()),
             Mr::Bounce(m) => (m.pd(), m.access()),
@@ -190,7 +195,6 @@ impl Live {
     pub(crate) fn bounce_lock(&self) -> Option<MutexGuard<'_, ()>> {
         self.mr.staging().map(|_| self.bounce.lock().unwrap_or_else(|e| e.into_inner()))
     }
-
 }
 
 /// One registration in the cache: a memory region over the memory (direct strategies) or
@@ -351,7 +355,9 @@ impl Registration {
                 }
             }
         }
-        drop(w);
+        // Under the lock, which `tear_down` takes too: a second revoker's teardown (a free
+        // racing an invalidation) never deregisters the region, nor lets the memory go, while a
+        // key's region over it is still registered here, and sees a failure's leak.
         for r in regions {
             if r.deregister().is_err() {
                 // Still registered (a failed deregistration leaks the region itself): so is
@@ -359,6 +365,12 @@ impl Registration {
                 self.pin_forever("a region under one of its windows could not be deregistered");
             }
         }
+        drop(w);
+    }
+
+    /// Whether a revocation has begun (no new hold is given; work not yet posted must not be).
+    pub(crate) fn is_revoking(&self) -> bool {
+        self.revoking.load(Ordering::SeqCst)
     }
 
     /// Revokes it: deallocates every window over it (their keys are refused by the NIC from
@@ -390,13 +402,17 @@ impl Registration {
     }
 
     /// Deregisters the region (or leaks it), under the write lock; windows are gone already.
+    /// The windows' lock is held throughout: a key's region being deregistered (or leaked) by
+    /// `revoke_key` or another revoker is done with before this one decides.
     fn tear_down(&self, mut guard: std::sync::RwLockWriteGuard<'_, Option<Live>>) -> Result<()> {
+        let mut w = self.windows();
         let Some(live) = guard.take() else {
+            drop(w);
             return self.leak_result();
         };
         LIVE.fetch_sub(1, Ordering::SeqCst);
         let Live { mr, export, .. } = live;
-        let kept = std::mem::take(&mut self.windows().kept);
+        let kept = std::mem::take(&mut w.kept);
         let range = mr.addr()..mr.addr() + mr.len();
         let parts: Box<dyn Send> = if self.leaked().is_some() {
             Box::new((mr, export, kept))
@@ -422,6 +438,7 @@ impl Registration {
             _ => None,
         };
         crate::graveyard::bury(crate::graveyard::Grave { strategy: self.strategy, range, why, parts, hold });
+        drop(w);
         drop(guard);
         self.leak_result()
     }
@@ -541,7 +558,9 @@ impl Registered {
 /// ([`QueuePair::post_recv`](p2pbridge_verbs::QueuePair::post_recv) and its kin): keep this
 /// guard until every such request is reaped, which is their contract's part here. The
 /// bridge's own transfers ([`Bridge::post`](crate::Bridge::post), [`Bridge::post_recvs`](crate::Bridge::post_recvs)) hold
-/// their registrations so by themselves.
+/// their registrations so by themselves. Work-request ids from 2^63 up are the bridge's own
+/// (its waiters take completions by id): on connections the bridge also uses, post with ids
+/// below 2^63.
 pub struct LocalGuard<'r> {
     reg: &'r Registered,
     guard: RwLockReadGuard<'r, Option<Live>>,

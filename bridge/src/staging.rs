@@ -101,9 +101,7 @@ pub(crate) fn stage_out(reg: &Registration, live: &Live, addr: u64, at: u64, len
 /// are reused.)
 pub(crate) fn same_allocation(reg: &Registration, b: &dyn MemoryBackend, addr: u64, len: u64) -> Result<()> {
     let ok = match (reg.alloc(), b.identify(addr)?) {
-        (Some(key), Some(info)) => {
-            info.key == key && addr >= info.base && addr - info.base + len <= info.len
-        }
+        (Some(key), Some(info)) => info.key == key && addr >= info.base && addr - info.base + len <= info.len,
         _ => false,
     };
     if ok {

@@ -864,7 +864,6 @@ pub const HOST_ODP_WINDOW: &str = "an ODP region follows the address space, and 
 /// a backend can export the range as a dma-buf is learnt when the bridge tries it. ODP for
 /// plain host memory ([`MemoryKind::Host`]) is used only where `policy` prefers or requires it
 /// ([`SkipReason::OptIn`]).
-
 pub fn plan(kind: MemoryKind, ops: OdpTransportCaps, policy: &Policy, caps: &HostCaps) -> Plan {
     let (order, mut skipped) = policy.order();
     let mut candidates = Vec::new();

@@ -518,6 +518,12 @@ impl<'a> Transfer<'a> {
     /// chained lists while the send queue has room.
     fn post_more(&mut self) {
         while self.posted < self.descs.len() && self.error.is_none() {
+            // A registration whose revocation has begun (its memory unmapped, say) takes no
+            // new work: what is in flight finishes, nothing more reaches the memory.
+            if self.held.iter().any(|h| h.reg.is_revoking()) {
+                self.fail_unposted(Error::Revoked);
+                return;
+            }
             let i = self.posted;
             if self.is_bounce(i) {
                 // Earlier direct requests first: the engine waits on the same queue.
@@ -649,7 +655,8 @@ impl<'a> Transfer<'a> {
             // A second guard: each piece is still the allocation registered (staging.rs).
             // Nothing of the run is done when one fails it.
             for (e, p) in self.descs[i..i + n].iter().zip(&pieces) {
-                if let Err(err) = crate::staging::same_allocation(e.local.handle.value(), backend.as_ref(), p.addr, p.len)
+                if let Err(err) =
+                    crate::staging::same_allocation(e.local.handle.value(), backend.as_ref(), p.addr, p.len)
                 {
                     return (n, Err((0, err)));
                 }
@@ -696,9 +703,9 @@ impl<'a> Transfer<'a> {
         let id = crate::completion::next_wr_id();
         let cq = conn.send_cq();
         cq.expect(id);
+        let wr = SendWr { wr_id: id, op, local, flags: SendFlags::SIGNALED };
         // SAFETY: the registration is held live (the caller's guard) until `reap_on` has reaped
         // the request (completed or flushed); where the device did not, it is leaked below.
-        let wr = SendWr { wr_id: id, op, local, flags: SendFlags::SIGNALED };
         if let Err(p) = unsafe { conn.qp().post_send_list(&[wr]) } {
             cq.unexpect(id);
             return Err(p.error.into());

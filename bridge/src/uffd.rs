@@ -566,7 +566,7 @@ fn notify(m: &Monitor, range: Range<u64>) {
         // One subscriber's panic must not stop the monitor (every later munmap of watched
         // memory would then go unseen).
         if catch_unwind(AssertUnwindSafe(|| f(range.clone()))).is_err() {
-            eprintln!("p2pbridge: a host-memory monitor subscriber panicked on {range:x?}; the monitor goes on");
+            tracing::error!("a host-memory monitor subscriber panicked on {range:x?}; the monitor goes on");
         }
     }
 }

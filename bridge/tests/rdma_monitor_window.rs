@@ -95,9 +95,8 @@ fn go(p: u64, gone: Gone) -> (u64, usize, Option<(u64, usize)>) {
         }
         Gone::Mremap => {
             // SAFETY: the test's own mapping, moved wholesale; the old address gets new memory.
-            let q = unsafe {
-                rustix::mm::mremap(p as *mut _, LEN, LEN, rustix::mm::MremapFlags::MAYMOVE).unwrap() as u64
-            };
+            let q =
+                unsafe { rustix::mm::mremap(p as *mut _, LEN, LEN, rustix::mm::MremapFlags::MAYMOVE).unwrap() as u64 };
             // The moved pages are the same memory, not new memory: the check is at the old
             // address. Keep q mapped until the round ends; the caller unmaps it.
             let _ = host_va::map(Some(p), LEN);
@@ -215,7 +214,8 @@ fn rdma_a_held_registration_never_delays_another_revocation_nor_deadlocks_its_ho
             srv.register_host(y, LEN as u64, AccessFlags::remote_rw()).unwrap(),
         )
     };
-    let (kx, ky) = (srv.hand_out(&s.conn, &rx, 0, LEN as u64).unwrap(), srv.hand_out(&s.conn, &ry, 0, LEN as u64).unwrap());
+    let (kx, ky) =
+        (srv.hand_out(&s.conn, &rx, 0, LEN as u64).unwrap(), srv.hand_out(&s.conn, &ry, 0, LEN as u64).unwrap());
     let live_before = p2pbridge::live_registrations();
     let guard = rx.lock().unwrap();
     host_va::unmap(x, LEN);
@@ -244,9 +244,12 @@ fn rdma_a_held_registration_never_delays_another_revocation_nor_deadlocks_its_ho
     while p2pbridge::live_registrations() >= live_before && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert_eq!(p2pbridge::live_registrations(), live_before - 1, "X's region was not deregistered after its guard went");
+    assert_eq!(
+        p2pbridge::live_registrations(),
+        live_before - 1,
+        "X's region was not deregistered after its guard went"
+    );
     drop((rx, ry, rz));
     host_va::unmap(y, LEN);
     host_va::unmap(z, LEN);
 }
-

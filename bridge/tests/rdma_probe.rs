@@ -30,7 +30,13 @@ fn rdma_probe_on_soft_roce_reports_devices_reasons_and_strategies() {
     assert!(advise["supported"] == true || advise["reason"]["kind"] == "advise_mr_unimplemented", "{advise}");
     assert_eq!(r["udmabuf"]["supported"], true, "the guest kernel has udmabuf");
     assert_eq!(r["host_monitor"]["supported"], true);
-    assert_eq!(r["host_memory"]["chosen"], "odp");
+    // Plain host memory is pinned by default: ODP only where the policy asks (the monitor's
+    // window), and the plan says so.
+    assert_eq!(r["host_memory"]["chosen"], "pinned");
+    let host_odp = r["host_memory"]["skipped"].as_array().unwrap().iter().find(|s| s["strategy"] == "odp").cloned();
+    let host_odp = host_odp.expect("host memory's ODP has a reason");
+    assert_eq!(host_odp["reason"]["kind"], "opt_in", "{host_odp}");
+    assert!(host_odp["reason"]["why"].as_str().unwrap().contains("munmap"), "{host_odp}");
     assert_eq!(r["device_memory"]["chosen"], "bounce");
     let skipped = r["device_memory"]["skipped"].as_array().unwrap();
     // Each skipped strategy's reason as fields: the same answer the device's report gives.
@@ -58,6 +64,9 @@ fn rdma_probe_on_soft_roce_reports_devices_reasons_and_strategies() {
     let text = std::process::Command::new(env!("CARGO_BIN_EXE_p2pbridge")).arg("probe").output().unwrap();
     assert_eq!(text.status.code(), Some(0));
     let text = String::from_utf8_lossy(&text.stdout);
-    assert!(text.contains("chosen: odp") && text.contains("chosen: bounce") && text.contains("OK: at least"), "{text}");
+    assert!(
+        text.contains("chosen: pinned") && text.contains("chosen: bounce") && text.contains("OK: at least"),
+        "{text}"
+    );
     assert!(text.contains("dma-buf MRs: NO — ") && text.contains("not peermem: "), "{text}");
 }

@@ -339,8 +339,9 @@ fn rdma_receives_through_a_shared_receive_queue_serve_many_connections() {
         b.enter().unwrap();
         let pd = ProtectionDomain::new(&p2pbridge::verbs::Context::open(&b.device).unwrap()).unwrap();
         // Slots 0..N for the connections' messages, N for one left posted, N + 1 for later.
-        // Not ODP: receives on a shared queue may outlive their handle (refused for ODP).
-        let no_odp = Policy::default().forbid(Strategy::Odp);
+        // Pinned: receives on a shared queue may outlive their handle (refused for regions that
+        // follow their memory).
+        let no_odp = Policy::default().require(Strategy::PinnedHost);
         let host = Host::new(&pd, no_odp, (N + 2) * BLK as usize, 0x22, Duration::from_secs(30)).unwrap();
         let srq = Arc::new(SharedReceiveQueue::new(&pd, 64).unwrap());
         let cq = Arc::new(CompletionQueue::new(pd.context(), 64).unwrap());
@@ -447,9 +448,8 @@ fn srq_leak_case(route: Forget) {
         b.enter().unwrap();
         let pd = ProtectionDomain::new(&p2pbridge::verbs::Context::open(&b.device).unwrap()).unwrap();
         let mem = HostBackend::new();
-        let mut cache = p2pbridge::cache::CachePolicy::default();
-        cache.max_entries = 1;
-        let o = BridgeOptions { policy: Policy::default().forbid(Strategy::Odp), cache, ..Default::default() };
+        let cache = p2pbridge::cache::CachePolicy { max_entries: 1, ..Default::default() };
+        let o = BridgeOptions { policy: Policy::default().require(Strategy::PinnedHost), cache, ..Default::default() };
         let bridge = Bridge::new(&pd, vec![Arc::new(mem.clone())], o).unwrap();
         let len = 4 * BLK as usize;
         let buf = mem.alloc(len).unwrap();
@@ -500,11 +500,9 @@ fn srq_leak_case(route: Forget) {
             }
         }
         assert_eq!(p2pbridge::leaked_registrations(), leaked + 1, "{what}: the leaked region is not kept");
-        assert!(p2pbridge::leaked_registration_causes()
-            .iter()
-            .any(|(s, r, why)| *s == Strategy::PinnedHost
-                && r.start == old
-                && *why == "a receive left posted on a shared receive queue"));
+        assert!(p2pbridge::leaked_registration_causes().iter().any(|(s, r, why)| *s == Strategy::PinnedHost
+            && r.start == old
+            && *why == "a receive left posted on a shared receive queue"));
         // The free returns (a pinned region keeps its own pages: nothing to hold back).
         let (freed_tx, freed_rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -540,7 +538,10 @@ fn srq_leak_case(route: Forget) {
     let sent = host.bridge.send(&conn, host.reg(), 0, BLK, None);
     sent_tx.send(()).unwrap();
     let after = server.join().unwrap();
-    assert!(after.iter().all(|&b| b == 0x99), "{what}: the late SEND ({sent:?}) wrote the new memory at the old address");
+    assert!(
+        after.iter().all(|&b| b == 0x99),
+        "{what}: the late SEND ({sent:?}) wrote the new memory at the old address"
+    );
     eprintln!("{what}: the late SEND: {sent:?}");
 }
 

@@ -244,11 +244,16 @@ pub fn send_word(conn: &Connection, word: u64) -> Res {
     let mr = conn.pd().register(buf, AccessFlags::LOCAL_WRITE)?;
     let id = NEXT_WR.fetch_add(1, Ordering::Relaxed);
     conn.send_cq().expect(id);
-    if let Err(e) = conn.qp().post_send(id, &mr.slice(..)?, None, SendFlags::SIGNALED) {
+    // SAFETY: `mr` stays registered until the SEND is reaped, and is leaked (never
+    // deregistered) where `reap` fails, since the SEND may then still be outstanding.
+    if let Err(e) = unsafe { conn.qp().post_send(id, &mr.slice(..)?, None, SendFlags::SIGNALED) } {
         conn.send_cq().unexpect(id);
         return Err(e.into());
     }
-    reap(conn, true, id, Duration::from_secs(3600))?;
+    if let Err(e) = reap(conn, true, id, Duration::from_secs(3600)) {
+        std::mem::forget(mr);
+        return Err(e);
+    }
     Ok(())
 }
 

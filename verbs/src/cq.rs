@@ -235,7 +235,7 @@ impl Drop for CompChannel {
         // SAFETY: destroyed once, after the CQ that used it (field order in CompletionQueue's
         // drop: the CQ is destroyed in `Drop::drop`, the channel afterwards).
         if let Err(e) = unsafe { result::cq::destroy_comp_channel(self.0) } {
-            eprintln!("p2pbridge-verbs: ibv_destroy_comp_channel failed ({}); it is leaked", result::errno_of(&e));
+            tracing::error!("ibv_destroy_comp_channel failed ({}); it is leaked", result::errno_of(&e));
         }
     }
 }
@@ -640,7 +640,7 @@ impl Drop for CompletionQueue {
         // Arc and destroy their QP first). Every channel event was acked when it was got. The
         // channel (a field) is destroyed after this.
         if let Err(e) = unsafe { result::cq::destroy_cq(self.cq) } {
-            eprintln!("p2pbridge-verbs: ibv_destroy_cq failed ({}); the CQ is leaked", result::errno_of(&e));
+            tracing::error!("ibv_destroy_cq failed ({}); the CQ is leaked", result::errno_of(&e));
         }
     }
 }

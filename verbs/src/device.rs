@@ -127,7 +127,9 @@ impl Context {
                 let ctx = ctx?;
                 // SAFETY: a context we just opened, live while the `ContextInner` holding both is.
                 let faults = unsafe { crate::fault::DeviceFaults::of(ctx.as_ptr()) };
-                Ok(Context { inner: Arc::new(ContextInner { ctx, name: name.to_string(), origin: Origin::Verbs, faults }) })
+                Ok(Context {
+                    inner: Arc::new(ContextInner { ctx, name: name.to_string(), origin: Origin::Verbs, faults }),
+                })
             }
             None => Err(Error::NoSuchDevice { name: name.to_string(), present }),
         }

@@ -353,8 +353,7 @@ impl<B> Drop for MemoryRegion<B> {
             Err(e) => {
                 // The NIC may still reach the memory (a provider refuses to deregister a region
                 // with memory windows bound over it, for one): leak it rather than free it.
-                eprintln!(
-                    "p2pbridge-verbs: ibv_dereg_mr failed ({}); the region's memory is leaked, not freed, since the NIC may still reach it",
+                tracing::error!("ibv_dereg_mr failed ({}); the region's memory is leaked, not freed, since the NIC may still reach it",
                     result::errno_of(&e)
                 );
             }

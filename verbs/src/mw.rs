@@ -93,7 +93,7 @@ impl Drop for MemoryWindow {
     fn drop(&mut self) {
         // SAFETY: deallocated exactly once.
         if let Err(e) = unsafe { result::mw::dealloc_mw(self.mw) } {
-            eprintln!("p2pbridge-verbs: ibv_dealloc_mw failed ({}); the window is leaked", result::errno_of(&e));
+            tracing::error!("ibv_dealloc_mw failed ({}); the window is leaked", result::errno_of(&e));
         }
     }
 }

@@ -105,7 +105,8 @@ impl QueuePair {
     /// never raises the count past the queue's share for reservations (nor wraps it).
     pub fn release_send(&self, n: u32) {
         let max = self.max_credits;
-        let _ = self.send_credits.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| Some(c.saturating_add(n).min(max)));
+        let _ =
+            self.send_credits.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| Some(c.saturating_add(n).min(max)));
     }
 
     /// The QP number.
@@ -201,7 +202,21 @@ impl QueuePair {
     }
 
     /// Posts an RDMA WRITE of `local` to `remote` (lengths must match).
-    pub fn post_write(&self, wr_id: u64, local: &LocalSlice<'_>, remote: &RemoteSlice, flags: SendFlags) -> Result<()> {
+    ///
+    /// # Safety
+    /// The NIC reads `local` whenever the WRITE goes out, which may be after this call (a full
+    /// queue, retries). `local`'s memory region must stay registered — not dropped nor
+    /// deregistered — until this request's completion (or a later one of the same send queue,
+    /// which vouches for it) is reaped, or the queue pair is destroyed: a region deregistered
+    /// earlier gives its lkey back to the provider, which may hand it to a later registration
+    /// whose bytes the WRITE would then send to the peer.
+    pub unsafe fn post_write(
+        &self,
+        wr_id: u64,
+        local: &LocalSlice<'_>,
+        remote: &RemoteSlice,
+        flags: SendFlags,
+    ) -> Result<()> {
         self.check_local(local, false, "RDMA WRITE")?;
         self.check_inline(local, flags)?;
         check_same_len(local, remote)?;
@@ -210,7 +225,10 @@ impl QueuePair {
 
     /// Posts an RDMA WRITE with immediate: the peer also gets a receive completion carrying
     /// `imm` (it must have a receive posted).
-    pub fn post_write_imm(
+    ///
+    /// # Safety
+    /// As [`post_write`](Self::post_write).
+    pub unsafe fn post_write_imm(
         &self,
         wr_id: u64,
         local: &LocalSlice<'_>,
@@ -251,7 +269,17 @@ impl QueuePair {
     }
 
     /// Posts a SEND of `local`, with immediate data if `imm` is given.
-    pub fn post_send(&self, wr_id: u64, local: &LocalSlice<'_>, imm: Option<u32>, flags: SendFlags) -> Result<()> {
+    ///
+    /// # Safety
+    /// As [`post_write`](Self::post_write): a SEND waiting for the peer's receive (RNR
+    /// retries) reads its region long after the call.
+    pub unsafe fn post_send(
+        &self,
+        wr_id: u64,
+        local: &LocalSlice<'_>,
+        imm: Option<u32>,
+        flags: SendFlags,
+    ) -> Result<()> {
         self.check_local(local, false, "SEND")?;
         self.check_inline(local, flags)?;
         let op = if imm.is_some() { sys::ibv_wr_opcode::IBV_WR_SEND_WITH_IMM } else { sys::ibv_wr_opcode::IBV_WR_SEND };
@@ -328,11 +356,11 @@ impl QueuePair {
     /// says how many went.
     ///
     /// # Safety
-    /// As [`post_read`](Self::post_read), for every request of the list that was posted: each
-    /// local slice's memory region must stay registered until that request's completion (or a
-    /// later one of the same send queue, which vouches for it) is reaped, or the queue pair is
-    /// destroyed. (A READ writes its region; a WRITE or SEND reads it, and would send a later
-    /// registration's bytes to the peer.)
+    /// As [`post_read`](Self::post_read) and [`post_write`](Self::post_write), for every
+    /// request of the list that was posted: each local slice's memory region must stay
+    /// registered until that request's completion (or a later one of the same send queue, which
+    /// vouches for it) is reaped, or the queue pair is destroyed. (A READ writes its region; a
+    /// WRITE or SEND reads it, and would send a later registration's bytes to the peer.)
     pub unsafe fn post_send_list(&self, wrs: &[SendWr<'_>]) -> std::result::Result<(), PostListError> {
         let none = |error| PostListError { posted: 0, error };
         if wrs.is_empty() {

@@ -102,7 +102,7 @@ impl Drop for SharedReceiveQueue {
     fn drop(&mut self) {
         // SAFETY: destroyed once; connections using it hold it (Arc) and destroy their QP first.
         if let Err(e) = unsafe { result::srq::destroy_srq(self.srq) } {
-            eprintln!("p2pbridge-verbs: ibv_destroy_srq failed ({}); the SRQ is leaked", result::errno_of(&e));
+            tracing::error!("ibv_destroy_srq failed ({}); the SRQ is leaked", result::errno_of(&e));
         }
     }
 }

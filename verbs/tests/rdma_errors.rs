@@ -49,7 +49,8 @@ fn write_fails_with(client: &common::Side<MemoryRegion<HostBuffer>>, remote: Rem
     let qp = client.conn.qp();
     let local = client.state.slice(0..len).unwrap();
     let rs = remote.slice(0..len).unwrap();
-    qp.post_write(77, &local, &rs, SendFlags::SIGNALED).unwrap();
+    // SAFETY: the client `Side`'s state, dropped after its connection (declared first).
+    unsafe { qp.post_write(77, &local, &rs, SendFlags::SIGNALED) }.unwrap();
     let status = match client.conn.send_cq().wait_one(TIMEOUT) {
         Err(Error::WorkCompletion { status, wr_id, qp_num, .. }) => {
             assert_eq!(wr_id, 77);
@@ -60,7 +61,8 @@ fn write_fails_with(client: &common::Side<MemoryRegion<HostBuffer>>, remote: Rem
     };
     assert_eq!(qp.state().unwrap(), QpState::Error, "the QP should be in the error state");
     // A request posted after the failure is flushed.
-    let _ = qp.post_write(78, &local, &rs, SendFlags::SIGNALED);
+    // SAFETY: the client `Side`'s state, dropped after its connection (declared first).
+    let _ = unsafe { qp.post_write(78, &local, &rs, SendFlags::SIGNALED) };
     match client.conn.send_cq().wait_one(TIMEOUT) {
         Err(Error::WorkCompletion { status: WcStatus::WrFlush, wr_id: 78, .. }) => {}
         other => panic!("expected the next request flushed, got {other:?}"),
@@ -109,10 +111,16 @@ fn local_misuse_is_refused_before_posting() {
     // Local range out of the MR.
     assert!(matches!(client.state.slice(4000..4097), Err(Error::OutOfBounds { .. })));
     // Lengths that differ.
-    let e = qp.post_write(1, &client.state.slice(0..10).unwrap(), &remote.slice(0..11).unwrap(), SendFlags::SIGNALED);
+    // SAFETY: refused before posting (asserted): nothing is outstanding.
+    let e = unsafe {
+        qp.post_write(1, &client.state.slice(0..10).unwrap(), &remote.slice(0..11).unwrap(), SendFlags::SIGNALED)
+    };
     assert!(matches!(e, Err(Error::InvalidArgument(_))), "{e:?}");
     // An MR of another PD (the server's) on the client's QP.
-    let e = qp.post_write(1, &server.state.slice(0..8).unwrap(), &remote.slice(0..8).unwrap(), SendFlags::SIGNALED);
+    // SAFETY: as above.
+    let e = unsafe {
+        qp.post_write(1, &server.state.slice(0..8).unwrap(), &remote.slice(0..8).unwrap(), SendFlags::SIGNALED)
+    };
     assert!(matches!(e, Err(Error::InvalidArgument(ref m)) if m.contains("protection domain")), "{e:?}");
     // RDMA READ into memory without LOCAL_WRITE.
     let ro = client.pd.register(HostBuffer::new(64).unwrap(), AccessFlags::empty()).unwrap();
@@ -121,12 +129,17 @@ fn local_misuse_is_refused_before_posting() {
     assert!(matches!(e, Err(Error::InvalidArgument(ref m)) if m.contains("LOCAL_WRITE")), "{e:?}");
     // Inline beyond the QP's limit.
     let big = client.state.slice(0..4096).unwrap();
-    let e = qp.post_write(1, &big, &remote.slice(..).unwrap(), SendFlags::INLINE | SendFlags::SIGNALED);
+    // SAFETY: as above.
+    let e = unsafe { qp.post_write(1, &big, &remote.slice(..).unwrap(), SendFlags::INLINE | SendFlags::SIGNALED) };
     assert!(matches!(e, Err(Error::InvalidArgument(ref m)) if m.contains("inline")), "{e:?}");
     // Nothing of the refused requests reached the server.
     assert_server_unchanged(&server, "a request refused before posting");
     // The QP is still usable after all that: the next WRITE lands.
-    qp.post_write(5, &client.state.slice(0..16).unwrap(), &remote.slice(0..16).unwrap(), SendFlags::SIGNALED).unwrap();
+    // SAFETY: the client `Side`'s state, dropped after its connection (declared first).
+    unsafe {
+        qp.post_write(5, &client.state.slice(0..16).unwrap(), &remote.slice(0..16).unwrap(), SendFlags::SIGNALED)
+    }
+    .unwrap();
     assert_eq!(client.conn.send_cq().wait_one(TIMEOUT).unwrap().wr_id, 5);
     assert_eq!(qp.state().unwrap(), QpState::Rts);
     let (now, client_bytes, server_bytes) = (server.state.to_vec(), pattern(LEN, CLIENT), pattern(LEN, SERVER));

@@ -47,7 +47,8 @@ fn write_then_read(size: usize, server_odp: bool, prefetch: bool) {
     assert_eq!(remote.len, size as u64);
     let (src, back) = &client.state;
     let qp = client.conn.qp();
-    qp.post_write(1, &src.slice(..).unwrap(), &remote.slice(..).unwrap(), SendFlags::SIGNALED).unwrap();
+    // SAFETY: the client `Side`'s state, dropped after its connection (declared first).
+    unsafe { qp.post_write(1, &src.slice(..).unwrap(), &remote.slice(..).unwrap(), SendFlags::SIGNALED) }.unwrap();
     let wc = client.conn.send_cq().wait_one(TIMEOUT).unwrap();
     assert_eq!((wc.wr_id, wc.opcode), (1, WcOpcode::RdmaWrite));
     assert!(server.state.to_vec() == src.to_vec(), "server buffer differs after RDMA WRITE of {size} B");
@@ -86,8 +87,11 @@ fn rdma_write_into_a_sub_range_leaves_the_rest_untouched() {
     );
     let remote = RemoteBuf::from_bytes(client.conn.remote_private_data()).unwrap();
     let qp = client.conn.qp();
-    qp.post_write(9, &client.state.slice(10..50).unwrap(), &remote.slice(1000..1040).unwrap(), SendFlags::SIGNALED)
-        .unwrap();
+    // SAFETY: the client `Side`'s state, dropped after its connection (declared first).
+    unsafe {
+        qp.post_write(9, &client.state.slice(10..50).unwrap(), &remote.slice(1000..1040).unwrap(), SendFlags::SIGNALED)
+    }
+    .unwrap();
     client.conn.send_cq().wait_one(TIMEOUT).unwrap();
     let s = server.state.to_vec();
     assert!(s[..1000].iter().all(|&b| b == 0));
@@ -110,9 +114,11 @@ fn send_recv_with_and_without_immediate_1b_to_64mib() {
         );
         for (i, imm) in [None, Some(0xC0FFEE_u32)].into_iter().enumerate() {
             server.state.to_vec(); // (the buffer is checked after each receive below)
-            // SAFETY: the server `Side`'s state, dropped after its connection (declared first).
+                                   // SAFETY: the server `Side`'s state, dropped after its connection (declared first).
             unsafe { server.conn.qp().post_recv(100 + i as u64, &server.state.slice(..).unwrap()) }.unwrap();
-            client.conn.qp().post_send(i as u64, &client.state.slice(..).unwrap(), imm, SendFlags::SIGNALED).unwrap();
+            // SAFETY: the client `Side`'s state, dropped after its connection (declared first).
+            unsafe { client.conn.qp().post_send(i as u64, &client.state.slice(..).unwrap(), imm, SendFlags::SIGNALED) }
+                .unwrap();
             client.conn.send_cq().wait_one(TIMEOUT).unwrap();
             let wc = server.conn.recv_cq().wait_one(TIMEOUT).unwrap();
             assert_eq!(wc.wr_id, 100 + i as u64);
@@ -144,11 +150,17 @@ fn rdma_write_with_immediate_completes_a_receive_at_the_peer() {
     // SAFETY: `empty` is leaked: never deregistered.
     unsafe { server.conn.qp().post_recv(7, &empty.slice(0..0).unwrap()) }.unwrap();
     let remote = RemoteBuf::from_bytes(client.conn.remote_private_data()).unwrap();
-    client
-        .conn
-        .qp()
-        .post_write_imm(1, &client.state.slice(..).unwrap(), &remote.slice(..).unwrap(), 42, SendFlags::SIGNALED)
-        .unwrap();
+    // SAFETY: the client `Side`'s state, dropped after its connection (declared first).
+    unsafe {
+        client.conn.qp().post_write_imm(
+            1,
+            &client.state.slice(..).unwrap(),
+            &remote.slice(..).unwrap(),
+            42,
+            SendFlags::SIGNALED,
+        )
+    }
+    .unwrap();
     client.conn.send_cq().wait_one(TIMEOUT).unwrap();
     let wc = server.conn.recv_cq().wait_one(TIMEOUT).unwrap();
     assert_eq!((wc.wr_id, wc.opcode, wc.imm), (7, WcOpcode::RecvRdmaWithImm, Some(42)));
@@ -208,11 +220,16 @@ fn implicit_odp_mr_receives_rdma_write() {
         },
     );
     let remote = RemoteBuf::from_bytes(client.conn.remote_private_data()).unwrap();
-    client
-        .conn
-        .qp()
-        .post_write(1, &client.state.slice(..).unwrap(), &remote.slice(..).unwrap(), SendFlags::SIGNALED)
-        .unwrap();
+    // SAFETY: the client `Side`'s state, dropped after its connection (declared first).
+    unsafe {
+        client.conn.qp().post_write(
+            1,
+            &client.state.slice(..).unwrap(),
+            &remote.slice(..).unwrap(),
+            SendFlags::SIGNALED,
+        )
+    }
+    .unwrap();
     client.conn.send_cq().wait_one(TIMEOUT).unwrap();
     assert!(server.state.1.as_slice() == client.state.to_vec());
 }
@@ -260,19 +277,21 @@ fn rdma_two_connections_share_a_receive_queue_and_a_completion_queue() {
     let conns: Vec<Connection> =
         (0..2).map(|_| Connection::connect(&pd, to, &ConnectionOptions::default()).unwrap()).collect();
     ready_rx.recv().unwrap();
-    let src = host_mr(&pd, 2 * PER * MSG, AccessFlags::LOCAL_WRITE).unwrap();
+    let src: &'static _ = Box::leak(Box::new(host_mr(&pd, 2 * PER * MSG, AccessFlags::LOCAL_WRITE).unwrap()));
     src.bytes().copy_from(&pattern(2 * PER * MSG, 0x77)[..]);
     for (c, conn) in conns.iter().enumerate() {
         for m in 0..PER {
             let at = ((c * PER + m) * MSG) as u64;
-            conn.qp()
-                .post_send(
+            // SAFETY: `src` is leaked: never deregistered.
+            unsafe {
+                conn.qp().post_send(
                     m as u64,
                     &src.slice(at..at + MSG as u64).unwrap(),
                     Some((c * PER + m) as u32),
                     SendFlags::SIGNALED,
                 )
-                .unwrap();
+            }
+            .unwrap();
             conn.send_cq().wait_wr(m as u64, TIMEOUT).unwrap();
         }
     }

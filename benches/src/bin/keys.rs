@@ -74,19 +74,28 @@ fn write_bw(conn: &Connection, local: &Registered, key: &RemoteKey, size: u64, s
     let mut wcs = [WorkCompletion::default(); 16];
     let (mut posted, mut done, mut counted) = (0u64, 0u64, 0u64);
     let t = Instant::now();
+    use p2pbridge_benches::drain::drain;
     loop {
         while posted - done < 16 && t.elapsed().as_secs_f64() < secs {
-            conn.qp().post_write(posted, &l, &r, SendFlags::SIGNALED)?;
+            // SAFETY: `held` keeps the registration live until every WRITE is reaped here, or
+            // flushed and reaped by `drain` (which exits where the device flushes nothing,
+            // before the region could go).
+            unsafe { conn.qp().post_write(posted, &l, &r, SendFlags::SIGNALED) }
+                .map_err(|e| drain(conn, posted - done, e))?;
             posted += 1;
         }
         if done == posted {
             break;
         }
-        let n = conn.send_cq().poll(&mut wcs)?;
+        let n = conn.send_cq().poll(&mut wcs).map_err(|e| drain(conn, posted - done, e))?;
         let in_time = t.elapsed().as_secs_f64() < secs;
-        for wc in &wcs[..n] {
-            wc.ok()?;
+        for (k, wc) in wcs[..n].iter().enumerate() {
             done += 1;
+            if let Err(e) = wc.ok() {
+                // The rest of this batch is reaped already.
+                let rest = (n - k - 1) as u64;
+                return Err(drain(conn, posted - done - rest, e).into());
+            }
             if in_time {
                 counted += 1;
             }

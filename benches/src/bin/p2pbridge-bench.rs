@@ -168,41 +168,24 @@ enum Mover<'a> {
     Bounce(&'a std::cell::RefCell<BounceEngine>, u64),
 }
 
-/// After a failure with `outstanding` requests possibly still posted on `conn`: moves its
-/// queue pair to the error state and reaps their flushes, so that the registration they use
-/// may be let go. A device that flushes nothing keeps them for ever: the process exits at once,
-/// before anything could deregister their memory.
-fn drain(conn: &Connection, mut outstanding: u64, e: p2pbridge::Error) -> p2pbridge::Error {
-    let _ = conn.qp().set_error();
-    let mut wcs = [WorkCompletion::default(); 16];
-    let t = Instant::now();
-    while outstanding > 0 && t.elapsed() < Duration::from_secs(30) {
-        match conn.send_cq().poll(&mut wcs) {
-            Ok(n) => outstanding = outstanding.saturating_sub(n as u64),
-            Err(_) => outstanding = outstanding.saturating_sub(1),
-        }
-    }
-    if outstanding > 0 {
-        eprintln!("p2pbridge-bench: {e}; the device did not flush {outstanding} requests: exiting");
-        std::process::exit(1);
-    }
-    e
-}
+use p2pbridge_benches::drain::drain;
 
 fn one_op(conn: &Connection, m: &Mover<'_>, read: bool, size: usize, key: &RemoteKey) -> p2pbridge::Result<()> {
     match m {
         Mover::Direct(reg) => {
             let held = reg.lock()?;
             let (l, r) = (held.slice(0, size as u64)?, key.slice(0, size as u64)?);
-            if read {
-                // SAFETY: `held` keeps the registration live until the READ is reaped below,
-                // or flushed and reaped by `drain` (which exits where the device flushes
-                // nothing, before the region could go).
-                unsafe { conn.qp().post_read(0, &l, &r, SendFlags::SIGNALED) }?;
-            } else {
-                conn.qp().post_write(0, &l, &r, SendFlags::SIGNALED)?;
+            // SAFETY: `held` keeps the registration live until the request is reaped below, or
+            // flushed and reaped by `drain` (which exits where the device flushes nothing,
+            // before the region could go).
+            unsafe {
+                if read {
+                    conn.qp().post_read(0, &l, &r, SendFlags::SIGNALED)?;
+                } else {
+                    conn.qp().post_write(0, &l, &r, SendFlags::SIGNALED)?;
+                }
             }
-            conn.send_cq().wait_one(Duration::from_secs(60)).map_err(|e| drain(conn, 1, e.into()))?;
+            conn.send_cq().wait_one(Duration::from_secs(60)).map_err(|e| drain(conn, 1, p2pbridge::Error::from(e)))?;
             Ok(())
         }
         // SAFETY: the harness holds the client buffer for the whole run.
@@ -237,27 +220,30 @@ fn bandwidth(
             let depth = (16u64).min(((64 << 20) / size as u64).max(1));
             loop {
                 while posted - done < depth && t.elapsed().as_secs_f64() < secs {
-                    let r = if read {
-                        // SAFETY: `held` keeps the registration live until every READ is
-                        // reaped here, or flushed and reaped by `drain` (which exits where the
-                        // device flushes nothing, before the region could go).
-                        unsafe { conn.qp().post_read(posted, &l, &r, SendFlags::SIGNALED) }
-                    } else {
-                        conn.qp().post_write(posted, &l, &r, SendFlags::SIGNALED)
+                    // SAFETY: `held` keeps the registration live until every request is reaped
+                    // here, or flushed and reaped by `drain` (which exits where the device
+                    // flushes nothing, before the region could go).
+                    let r = unsafe {
+                        if read {
+                            conn.qp().post_read(posted, &l, &r, SendFlags::SIGNALED)
+                        } else {
+                            conn.qp().post_write(posted, &l, &r, SendFlags::SIGNALED)
+                        }
                     };
-                    r.map_err(|e| drain(conn, posted - done, e.into()))?;
+                    r.map_err(|e| drain(conn, posted - done, p2pbridge::Error::from(e)))?;
                     posted += 1;
                 }
                 if done == posted {
                     break;
                 }
-                let n = conn.send_cq().poll(&mut wcs).map_err(|e| drain(conn, posted - done, e.into()))?;
+                let n =
+                    conn.send_cq().poll(&mut wcs).map_err(|e| drain(conn, posted - done, p2pbridge::Error::from(e)))?;
                 for (k, wc) in wcs[..n].iter().enumerate() {
                     done += 1;
                     if let Err(e) = wc.ok() {
                         // The rest of this batch is reaped already.
                         let rest = (n - k - 1) as u64;
-                        return Err(drain(conn, posted - done - rest, e.into()));
+                        return Err(drain(conn, posted - done - rest, p2pbridge::Error::from(e)));
                     }
                 }
             }

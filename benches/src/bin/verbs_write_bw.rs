@@ -71,7 +71,9 @@ fn ours(fabric: &SoftRoce, size: usize, o: &Opts) -> Res<Figures> {
     loop {
         while posted - completed < o.depth {
             let signal = if (posted + 1) % o.cq_mod == 0 { SendFlags::SIGNALED } else { SendFlags::empty() };
-            qp.post_write(posted as u64, &local, &remote, signal | inline)?;
+            // SAFETY: `local` is `client.state`'s region, which is dropped after `client.conn`
+            // (declared first in `Side`), whose queue pair's destruction ends every request.
+            unsafe { qp.post_write(posted as u64, &local, &remote, signal | inline) }?;
             posted += 1;
         }
         let n = cq.poll(&mut wcs)?;

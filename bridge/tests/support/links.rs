@@ -8,7 +8,12 @@ use p2pbridge_test_support::fabric::SoftRoce;
 
 /// One more connection between the two hosts, over existing protection domains: (client on
 /// host A, server on host B).
-pub fn connect(fab: &SoftRoce, cpd: &ProtectionDomain, spd: &ProtectionDomain, opts: &ConnectionOptions) -> (Connection, Connection) {
+pub fn connect(
+    fab: &SoftRoce,
+    cpd: &ProtectionDomain,
+    spd: &ProtectionDomain,
+    opts: &ConnectionOptions,
+) -> (Connection, Connection) {
     let (port_tx, port_rx) = std::sync::mpsc::channel();
     let (b, spd, so) = (fab.b.clone(), spd.clone(), opts.clone());
     let server = std::thread::spawn(move || {

@@ -73,7 +73,9 @@ fn write_then_read(
 ) -> Result<(Duration, Duration), Error> {
     let n = src.len();
     let t = Instant::now();
-    conn.qp().post_write(1, &src.slice(..)?, &remote.slice(..n)?, SendFlags::SIGNALED)?;
+    // SAFETY: `src` is the caller's `Side` state, whose connection (declared first) is
+    // dropped — its queue pair destroyed, ending the WRITE — before `src` is.
+    unsafe { conn.qp().post_write(1, &src.slice(..)?, &remote.slice(..n)?, SendFlags::SIGNALED) }?;
     conn.send_cq().wait_one(TIMEOUT)?;
     let write = t.elapsed();
     let t = Instant::now();
