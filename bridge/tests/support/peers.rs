@@ -1,7 +1,7 @@
 //! Peer processes for the fault tests: the test binary runs itself again, in a child process,
 //! with one `role_*` entry selected, so that a peer can be killed as a real peer process is
 //! (and, for the link tests, so that a process holding a device can let it go by exiting).
-#![allow(dead_code)] // each test binary uses its own part
+#![allow(dead_code, unused_imports)] // each test binary uses its own part
 
 use std::process::{Child, Command};
 use std::sync::Arc;
