@@ -361,9 +361,11 @@ impl<V> Index<V> {
 
 /// Why an insert could not be kept within the limits.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("registration cache full on {limit}: {asked} more bytes asked, {used} of {max} in use by registrations still held ({entries} entries / {bytes} bytes held; limits: {max_entries} entries, {max_bytes} bytes)")]
+#[error("{}", self.describe())]
 pub struct CacheFull {
-    /// Which limit could not be kept: "entries or bytes", "pinned bytes", "exported bytes of the device".
+    /// Which limit could not be kept: "entries or bytes", "pinned bytes", "exported bytes of
+    /// the device"; or [`CacheFull::EMPTY_RANGE`], for an insert of an empty or reversed range
+    /// (whose entry no invalidation could ever find), refused.
     pub limit: &'static str,
     /// Entries held.
     pub entries: usize,
@@ -379,6 +381,21 @@ pub struct CacheFull {
     pub max: u64,
     /// The bytes asked for.
     pub asked: u64,
+}
+
+impl CacheFull {
+    /// The `limit` of a refused insert of an empty or reversed range.
+    pub const EMPTY_RANGE: &'static str = "a non-empty range (start < end)";
+
+    fn describe(&self) -> String {
+        if self.limit == Self::EMPTY_RANGE {
+            return "a registration cache entry needs a non-empty range (start < end): the insert was refused".into();
+        }
+        format!(
+            "registration cache full on {}: {} more bytes asked, {} of {} in use by registrations still held ({} entries / {} bytes held; limits: {} entries, {} bytes)",
+            self.limit, self.asked, self.used, self.max, self.entries, self.bytes, self.max_entries, self.max_bytes
+        )
+    }
 }
 
 /// The unused entries (least recently used first) whose eviction makes room for an entry of
@@ -625,6 +642,19 @@ impl<V> RegCache<V> {
         value: V,
     ) -> Result<Result<Inserted<V>, V>, CacheFull> {
         let mut idx = self.write();
+        if range.start >= range.end {
+            let p = &self.policy;
+            return Err(CacheFull {
+                limit: CacheFull::EMPTY_RANGE,
+                entries: idx.entries,
+                bytes: idx.bytes,
+                max_entries: p.max_entries,
+                max_bytes: p.max_bytes,
+                used: 0,
+                max: 0,
+                asked: 0,
+            });
+        }
         if since.is_some_and(|e| e != self.epoch_of(domain).load(Ordering::SeqCst)) {
             return Ok(Err(value));
         }
@@ -781,6 +811,18 @@ mod tests {
             max_exported_bytes_per_device: u64::MAX,
             merge: true,
         })
+    }
+
+    #[test]
+    #[allow(clippy::reversed_empty_ranges)]
+    fn an_empty_or_reversed_range_is_refused_not_kept_where_no_invalidation_finds_it() {
+        let c = cache(8);
+        for r in [10..10, 20..10] {
+            let e = c.insert(Domain::HostVa, r.clone(), 1, Cost::Unpinned, "x").err().expect("refused");
+            assert_eq!(e.limit, CacheFull::EMPTY_RANGE);
+            assert!(e.to_string().contains("non-empty range"), "{e}");
+        }
+        assert_eq!(c.usage(), (0, 0), "nothing was kept");
     }
 
     #[test]
