@@ -195,14 +195,28 @@ fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static)
     rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("{what} did not return: deadlock"))
 }
 
-/// A registration of range X is held (a `LocalGuard`, as an operation in flight holds it)
-/// while X is unmapped, and range Y is unmapped and new memory mapped there: Y's key is refused
-/// by the NIC and Y's new memory is unchanged; X's key is refused too, though X is held; the
-/// holder's own `sync_monitor` and `register_host` return. When the guard goes, X's region
-/// is deregistered.
+/// What holds range X's registration while X is unmapped.
+#[derive(Debug, Clone, Copy)]
+enum Holder {
+    /// A `LocalGuard` (`Registered::lock`).
+    Guard,
+    /// A transfer from X, posted and never polled.
+    Transfer,
+}
+
+/// A registration of range X is held (`holder`) while X is unmapped, and range Y is unmapped
+/// and new memory mapped there: Y's key is refused by the NIC and Y's new memory is unchanged;
+/// X's key is refused too, though X is held; the holder's own `sync_monitor` and
+/// `register_host` return. When the holder goes, X's region is deregistered.
 #[test]
 #[ignore = "needs an RDMA device: scripts/test runs it on Soft-RoCE"]
 fn rdma_a_held_registration_never_delays_another_revocation_nor_deadlocks_its_holder() {
+    for holder in [Holder::Guard, Holder::Transfer] {
+        held_case(holder);
+    }
+}
+
+fn held_case(holder: Holder) {
     let (c, s) = pair();
     let srv = s.state.clone();
     srv.host_monitor().as_result().expect("the userfaultfd monitor runs on the fabric");
@@ -217,28 +231,51 @@ fn rdma_a_held_registration_never_delays_another_revocation_nor_deadlocks_its_ho
     let (kx, ky) =
         (srv.hand_out(&s.conn, &rx, 0, LEN as u64).unwrap(), srv.hand_out(&s.conn, &ry, 0, LEN as u64).unwrap());
     let live_before = p2pbridge::live_registrations();
-    let guard = rx.lock().unwrap();
+    let back = c.state.bridge.hand_out(&c.conn, &c.state.reg, 0, LEN as u64).unwrap();
+    let (mut guard, mut transfer) = (None, None);
+    match holder {
+        Holder::Guard => guard = Some(rx.lock().unwrap()),
+        Holder::Transfer => {
+            let mut b = p2pbridge::Batch::new();
+            b.write(&rx, 0, 4096, &back, 0);
+            transfer = Some(srv.post(&s.conn, b).unwrap());
+        }
+    }
     host_va::unmap(x, LEN);
     host_va::unmap(y, LEN);
     host_va::map(Some(y), LEN);
     host_va::fill(y, LEN, 0x77);
     // The holder waits for the monitor, and registers: neither waits for the guard it holds.
     let b = srv.clone();
-    within("sync_monitor by the guard's holder", move || b.sync_monitor().unwrap());
+    within(&format!("sync_monitor by the holder ({holder:?})"), move || b.sync_monitor().unwrap());
     let b = srv.clone();
     let z = host_va::map(None, LEN);
     // SAFETY: mapped; unmapped below after its registration is dropped.
-    let rz = within("register_host by the guard's holder", move || unsafe {
+    let rz = within(&format!("register_host by the holder ({holder:?})"), move || unsafe {
         b.register_host(z, LEN as u64, AccessFlags::remote_rw()).unwrap()
     });
     let r = c.state.bridge.write(&c.conn, &c.state.reg, 0, LEN as u64, &ky, 0);
-    assert!(is_remote_access(&r), "Y's key must be refused at the NIC while X is held: {r:?}");
-    assert!(host_va::bytes(y, LEN).iter().all(|&b| b == 0x77), "the WRITE with Y's key changed Y's new memory");
-    assert!(matches!(srv.check_key(&kx), Err(Error::StaleKey { .. })), "X's key is revoked though X is held");
+    assert!(is_remote_access(&r), "{holder:?}: Y's key must be refused at the NIC while X is held: {r:?}");
+    assert!(
+        host_va::bytes(y, LEN).iter().all(|&b| b == 0x77),
+        "{holder:?}: the WRITE with Y's key changed Y's new memory"
+    );
+    assert!(
+        matches!(srv.check_key(&kx), Err(Error::StaleKey { .. })),
+        "{holder:?}: X's key is revoked though X is held"
+    );
     assert!(!rx.is_live() && !ry.is_live());
     // X's region is still registered (held); Y's is gone.
-    assert_eq!(p2pbridge::live_registrations(), live_before, "only Y's region (and Z's new one) changed the count");
+    assert_eq!(
+        p2pbridge::live_registrations(),
+        live_before,
+        "{holder:?}: only Y's region (and Z's new one) changed the count"
+    );
     drop(guard);
+    if let Some(t) = transfer {
+        // Its WRITE read X's old pages (pinned): it completed.
+        t.wait().unwrap();
+    }
     // The teardown thread deregisters X once let go.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while p2pbridge::live_registrations() >= live_before && std::time::Instant::now() < deadline {
@@ -247,9 +284,9 @@ fn rdma_a_held_registration_never_delays_another_revocation_nor_deadlocks_its_ho
     assert_eq!(
         p2pbridge::live_registrations(),
         live_before - 1,
-        "X's region was not deregistered after its guard went"
+        "{holder:?}: X's region was not deregistered after its holder went"
     );
-    drop((rx, ry, rz));
+    drop((ry, rz));
     host_va::unmap(y, LEN);
     host_va::unmap(z, LEN);
 }
