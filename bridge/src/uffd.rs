@@ -615,7 +615,8 @@ pub(crate) fn sync() -> Result<()> {
     Ok(())
 }
 
-fn register(m: &Monitor, r: &Range<u64>, mode: Mode) -> std::result::Result<(), Errno> {
+/// Registers `r` with the kernel in `mode`; returns the ioctls the kernel supports on it.
+fn register(m: &Monitor, r: &Range<u64>, mode: Mode) -> std::result::Result<u64, Errno> {
     let mode_bits = match mode {
         Mode::Wp => uapi::UFFDIO_REGISTER_MODE_WP,
         Mode::Missing => uapi::UFFDIO_REGISTER_MODE_MISSING,
@@ -626,7 +627,8 @@ fn register(m: &Monitor, r: &Range<u64>, mode: Mode) -> std::result::Result<(), 
         ioctls: 0,
     };
     // SAFETY: UFFDIO_REGISTER takes a struct uffdio_register, read and written.
-    unsafe { rustix::ioctl::ioctl(&m.fd, Updater::<UFFDIO_REGISTER, _>::new(&mut reg)) }
+    unsafe { rustix::ioctl::ioctl(&m.fd, Updater::<UFFDIO_REGISTER, _>::new(&mut reg)) }?;
+    Ok(reg.ioctls)
 }
 
 /// Stops watching `r` (errors ignored: the memory may be gone already, which unregisters it).
@@ -710,7 +712,7 @@ pub(crate) fn watch_with(range: Range<u64>, force_missing: bool) -> Result<Watch
             w.overlapping(&pages).iter().fold(pages.clone(), |h, (x, _)| h.start.min(x.start)..h.end.max(x.end));
         for candidate in [hull, local, pages.clone()] {
             match register(&m, &candidate, Mode::Wp) {
-                Ok(()) => {
+                Ok(_) => {
                     let id = w.insert(candidate, Mode::Wp);
                     return Ok(Watched { mode: Mode::Wp, id });
                 }
@@ -734,8 +736,16 @@ pub(crate) fn watch_with(range: Range<u64>, force_missing: bool) -> Result<Watch
             tried.join("; ")
         )));
     }
-    register(&m, &pages, Mode::Missing)
+    let ioctls = register(&m, &pages, Mode::Missing)
         .map_err(|e| err("UFFDIO_REGISTER (is the range anonymous or shared memory?)", e))?;
+    // A fault in MISSING mode is resolved with a zero page: memory without UFFDIO_ZEROPAGE
+    // (hugetlbfs) would have its faulting thread woken to fault again, for ever.
+    if ioctls & (1u64 << uapi::_UFFDIO_ZEROPAGE) == 0 {
+        unregister(&m, &pages);
+        return Err(Error::Monitor(format!(
+            "cannot watch {pages:x?}: the kernel offers neither write-protect mode nor zero pages for it (hugetlbfs memory on a kernel before 5.19?); without the monitor, call Bridge::invalidate_host before unmapping it"
+        )));
+    }
     let id = w.insert(pages.clone(), Mode::Missing);
     Ok(Watched { mode: Mode::Missing, id })
 }
@@ -970,6 +980,70 @@ mod tests {
         assert_eq!(fds(), before, "fork left userfaultfd descriptors behind in the parent");
         // SAFETY: our mapping.
         unsafe { rustix::mm::munmap(a as *mut _, len) }.unwrap();
+    }
+
+    /// Puts the kernel's huge-page pool back as it was, however the test ends.
+    struct Pool(Option<String>);
+
+    impl Drop for Pool {
+        fn drop(&mut self) {
+            if let Some(v) = self.0.take() {
+                let _ = std::fs::write("/proc/sys/vm/nr_hugepages", v);
+            }
+        }
+    }
+
+    /// One 2 MiB huge page of anonymous hugetlb memory, reserving one in the kernel's pool where
+    /// there is none and this process may (root); why not where it cannot be had.
+    fn huge_page() -> std::result::Result<(u64, Pool), String> {
+        const POOL: &str = "/proc/sys/vm/nr_hugepages";
+        let before = std::fs::read_to_string(POOL).map_err(|e| format!("{POOL}: {e}"))?;
+        let restore = if before.trim() == "0" {
+            std::fs::write(POOL, "1")
+                .map_err(|e| format!("no huge page reserved, and {POOL} cannot be raised: {e}"))?;
+            Some(before.trim().to_string())
+        } else {
+            None
+        };
+        // SAFETY: a fresh private anonymous huge-page mapping.
+        let p = unsafe {
+            rustix::mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                2 << 20,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::HUGETLB,
+            )
+        };
+        let pool = Pool(restore);
+        match p {
+            Ok(p) => Ok((p as u64, pool)),
+            Err(e) => Err(format!("mmap(MAP_HUGETLB) of 2 MiB: {}", std::io::Error::from(e))),
+        }
+    }
+
+    #[test]
+    fn hugetlb_memory_is_refused_in_missing_mode_rather_than_faulting_for_ever() {
+        const TEST: &str = "hugetlb_memory_is_refused_in_missing_mode_rather_than_faulting_for_ever";
+        if !need_monitor(TEST) {
+            return;
+        }
+        let (p, _pool) = match huge_page() {
+            Ok(x) => x,
+            Err(why) => {
+                eprintln!("SKIPPED {TEST}: {why}");
+                return;
+            }
+        };
+        // As on a kernel without write-protect mode for hugetlb (before 5.19): MISSING mode
+        // would resolve a fault with UFFDIO_ZEROPAGE, which hugetlbfs lacks.
+        let r = watch_with(p..p + (2 << 20), true);
+        assert!(matches!(&r, Err(Error::Monitor(m)) if m.contains("zero pages")), "{:?}", r.map(|w| w.mode()));
+        // Unwatched: touching it faults as usual, nothing waits on the monitor.
+        // SAFETY: our mapping.
+        unsafe {
+            std::ptr::write_volatile(p as *mut u8, 1);
+            rustix::mm::munmap(p as *mut _, 2 << 20).unwrap();
+        }
     }
 
     #[test]
