@@ -241,10 +241,20 @@ impl KeyLedger {
                 }
                 return Ok(());
             }
+            let own = r.strategy() == crate::Strategy::DmaBuf;
             if w.closed {
-                // Revoked with its registration.
+                // Revoked with its registration: a key region went with `revoke_keys`; the
+                // dma-buf region's own rkey only once its teardown is done (it waits for the
+                // operations holding it).
+                if own && !r.torn_down() {
+                    return Err(Error::Revoked);
+                }
                 self.lock().remove(&id);
                 return Ok(());
+            }
+            if !own {
+                // Another revoke_key of the same key got there first.
+                return Err(Error::StaleKey { generation: key.generation, why: "revoked already" });
             }
             // A dma-buf registration's own rkey (handed out whole): it goes with the
             // registration, and stays recorded.
@@ -302,6 +312,12 @@ impl crate::Bridge {
     /// write.
     pub fn hand_out(&self, conn: &Connection, reg: &Registered, offset: u64, len: u64) -> Result<RemoteKey> {
         let end = offset.checked_add(len).ok_or(Error::OutOfBounds { offset, len, size: reg.len })?;
+        // Host memory: an munmap that has returned but is not acted on yet must not leave its
+        // registration live for this hand-out, which may register a region over the range
+        // (pinning whatever is mapped there now): catch up with the monitor first.
+        if reg.handle.value().alloc().is_none() && self.inner.watch.is_ok() && !crate::uffd::settled() {
+            crate::uffd::sync()?;
+        }
         let access = reg.access;
         self.inner.core.keys.hand_out(&self.inner.core, conn, reg, offset..end, access)
     }

@@ -172,7 +172,7 @@ impl Bridge {
     ) -> Result<Receives<'a>> {
         if let Some((reg, ..)) = bufs.iter().find(|(r, ..)| crate::graveyard::follows_memory(r.strategy())) {
             return Err(Error::InvalidArgument(format!(
-                "receives on a shared receive queue may outlive their handle, and a {} registration (the one at {:#x}) follows its memory: a late message would reach whatever is there next, or its free would be held back for ever: register the memory pinned or bounce for receives on a shared queue (Policy::require(Strategy::PinnedHost) or Strategy::Bounce)",
+                "receives on a shared receive queue may outlive their handle, and a {} registration (the one at {:#x}) follows its memory: a late message would reach whatever is there next, or its free would be held back for ever: register the memory pinned for receives on a shared queue (Policy::require(Strategy::PinnedHost); device memory: Strategy::Bounce)",
                 reg.strategy(),
                 reg.addr()
             )));

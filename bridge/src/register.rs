@@ -248,12 +248,19 @@ impl Bridge {
         })?;
         let pd = &self.inner.core.pd;
         let windowed = self.inner.windows;
-        // With windows, the region itself grants no remote rights: only windows reach it.
-        let mr_access = if windowed {
-            (access & !(AccessFlags::REMOTE_READ | AccessFlags::REMOTE_WRITE | AccessFlags::REMOTE_ATOMIC))
-                | AccessFlags::MW_BIND
-        } else {
-            access
+        // The region itself grants no remote rights: with windows only windows reach it, and
+        // without, keys are regions of their own over exactly what is handed out. A dma-buf
+        // region without windows is the exception: it has no address to register a part of,
+        // so its own rkey is the key (handed out whole only).
+        let local = access & !(AccessFlags::REMOTE_READ | AccessFlags::REMOTE_WRITE | AccessFlags::REMOTE_ATOMIC);
+        let mr_access_for = |s: Strategy| {
+            if windowed {
+                local | AccessFlags::MW_BIND
+            } else if s == Strategy::DmaBuf {
+                access
+            } else {
+                local
+            }
         };
         let device = backend.as_ref().map(|b| b.device()).unwrap_or(0);
         let mut over_budget = None;
@@ -295,7 +302,7 @@ impl Bridge {
                         // SAFETY: the exporter keeps the memory valid until it notifies us
                         // (the backend's notices), and a notice revokes the registration —
                         // windows, then the region — before it is acknowledged.
-                        Ok(x) => unsafe { pd.register_dmabuf(x.fd(), x.offset(), len, range.start, mr_access) }
+                        Ok(x) => unsafe { pd.register_dmabuf(x.fd(), x.offset(), len, range.start, mr_access_for(s)) }
                             .map(|m| (Mr::Direct(m), Some(x)))
                             .map_err(Error::from),
                     }
@@ -304,14 +311,14 @@ impl Bridge {
                     // SAFETY: backend memory is revoked (deregistered) through its notices
                     // before it is freed; host VA memory is the caller's `register_host`
                     // contract, and its unmapping revokes through the monitor.
-                    unsafe { pd.register_raw(range.start as *mut u8, len, mr_access) }
+                    unsafe { pd.register_raw(range.start as *mut u8, len, mr_access_for(s)) }
                         .map(|m| (Mr::Direct(m), None))
                         .map_err(Error::from)
                 }
                 Strategy::Odp => {
                     // SAFETY: as for pinned registrations above; ODP pins nothing, and the
                     // kernel's MMU notifier also drops pages that are unmapped.
-                    unsafe { pd.register_raw(range.start as *mut u8, len, mr_access | AccessFlags::ON_DEMAND) }
+                    unsafe { pd.register_raw(range.start as *mut u8, len, mr_access_for(s) | AccessFlags::ON_DEMAND) }
                         .map(|m| (Mr::Direct(m), None))
                         .map_err(Error::from)
                 }
@@ -320,7 +327,7 @@ impl Bridge {
                     continue;
                 }
                 Strategy::Bounce => HostBuffer::new(len)
-                    .and_then(|b| pd.register(b, mr_access))
+                    .and_then(|b| pd.register(b, mr_access_for(s)))
                     .map(|m| (Mr::Bounce(m), None))
                     .map_err(Error::from),
             };

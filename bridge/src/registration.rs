@@ -124,8 +124,12 @@ impl Mr {
         };
         let access = access | (own & AccessFlags::ON_DEMAND);
         let len = usize::try_from(len).map_err(|_| Error::InvalidArgument("range too large".into()))?;
-        // SAFETY: the range lies within this region's memory (the caller checked it), which
-        // stays mapped while this region lives, and the caller drops the new region first.
+        // SAFETY: the range lies within this region's memory (the caller checked it) and the
+        // caller drops the new region first. That memory is mapped: a backend's allocation is
+        // freed only after this registration is revoked (its notices), a staging buffer is
+        // ours, and host memory is the `register_host` contract, whose unmapping revokes it
+        // (the hand-out catches up with the monitor before it registers, so an unmap that
+        // has returned is acted on first).
         Ok(unsafe { pd.register_raw((self.addr() + offset) as *mut u8, len, access) }?)
     }
 
@@ -217,6 +221,11 @@ pub(crate) struct Registration {
     /// Why its region must never be deregistered (the NIC may still use it), once something
     /// says so: it is then leaked into the graveyard on revocation ([`crate::graveyard`]).
     leak: OnceLock<&'static str>,
+    /// For a leaked region that follows its memory: the subscription, made when the leak is
+    /// known, that holds the allocation's free back for ever (moved to the grave).
+    hold: Mutex<Option<p2pbridge_gpu::Subscription>>,
+    /// Its teardown has been handed to a thread ([`crate::teardown`]): not again.
+    deferred: AtomicBool,
     /// Host memory: the monitor watches it while this lives (dropped after the region, since
     /// fields drop after `Drop::drop` revokes).
     watched: Option<crate::uffd::Watched>,
@@ -245,6 +254,8 @@ impl Registration {
             windows: Mutex::new(Windows::default()),
             revoking: AtomicBool::new(false),
             leak: OnceLock::new(),
+            hold: Mutex::new(None),
+            deferred: AtomicBool::new(false),
             watched: None,
         }
     }
@@ -317,8 +328,34 @@ impl Registration {
 
     /// The NIC may still use its region (`why`): the region is leaked on revocation into the
     /// graveyard ([`crate::graveyard`]), never deregistered. The first cause given is kept.
+    ///
+    /// Where the region follows its memory (ODP, dma-buf, peer memory) of a backend, the
+    /// allocation's free is held back from now on (a subscription to its notices that never
+    /// acknowledges), whatever becomes of this registration's cache entry meanwhile.
     pub(crate) fn pin_forever(&self, why: &'static str) {
-        let _ = self.leak.set(why);
+        if self.leak.set(why).is_err() {
+            return;
+        }
+        if let (Some(b), Some(key)) = (&self.backend, self.alloc) {
+            if crate::graveyard::follows_memory(self.strategy) {
+                let sub = b.notices().subscribe(key, 0..u64::MAX, std::mem::forget);
+                *self.hold.lock().unwrap_or_else(|e| e.into_inner()) = Some(sub);
+            }
+        }
+    }
+
+    /// Whether its teardown is done (the region deregistered or leaked).
+    pub(crate) fn torn_down(&self) -> bool {
+        match self.state.try_read() {
+            Ok(g) => g.is_none(),
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner().is_none(),
+            Err(std::sync::TryLockError::WouldBlock) => false,
+        }
+    }
+
+    /// Marks its teardown as handed to a thread; `false` if it already was.
+    pub(crate) fn defer_once(&self) -> bool {
+        !self.deferred.swap(true, Ordering::SeqCst)
     }
 
     /// The error a revocation returns for a leaked registration: only where the region follows
@@ -431,12 +468,8 @@ impl Registration {
         };
         let why = self.leaked().unwrap_or("leaked");
         // A region that follows its memory: hold that memory's free back for ever.
-        let hold = match (&self.backend, self.alloc) {
-            (Some(b), Some(key)) if crate::graveyard::follows_memory(self.strategy) => {
-                Some(b.notices().subscribe(key, 0..u64::MAX, std::mem::forget))
-            }
-            _ => None,
-        };
+        // Made when the leak became known (`pin_forever`).
+        let hold = self.hold.lock().unwrap_or_else(|e| e.into_inner()).take();
         crate::graveyard::bury(crate::graveyard::Grave { strategy: self.strategy, range, why, parts, hold });
         drop(w);
         drop(guard);
@@ -554,8 +587,8 @@ impl Registered {
 
 /// A registration held live ([`Registered::lock`]), giving slices for work requests.
 ///
-/// Posting a request that writes a slice (a receive, a READ) is `unsafe`
-/// ([`QueuePair::post_recv`](p2pbridge_verbs::QueuePair::post_recv) and its kin): keep this
+/// Posting a request over a slice is `unsafe` ([`QueuePair::post_write`](p2pbridge_verbs::QueuePair::post_write),
+/// [`QueuePair::post_recv`](p2pbridge_verbs::QueuePair::post_recv) and their kin): keep this
 /// guard until every such request is reaped, which is their contract's part here. The
 /// bridge's own transfers ([`Bridge::post`](crate::Bridge::post), [`Bridge::post_recvs`](crate::Bridge::post_recvs)) hold
 /// their registrations so by themselves. Work-request ids from 2^63 up are the bridge's own

@@ -27,7 +27,11 @@ pub(crate) fn revoke_without_waiting(reg: Handle<Registration>) -> crate::Result
     match reg.value().try_revoke() {
         Some(r) => r,
         None => {
-            defer(reg);
+            // Once per registration: a later unmap over the same (retired, still held) entry
+            // finds it again, and must not start another thread.
+            if reg.value().defer_once() {
+                defer(reg);
+            }
             Ok(())
         }
     }
