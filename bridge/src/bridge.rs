@@ -102,12 +102,19 @@ impl Inner {
     pub(crate) fn on_notice(core: &Core, inner: Option<Arc<Inner>>, notice: Notice) {
         // The notice's range is in offsets of the allocation, the cache's in addresses: the
         // whole allocation's registrations go (a part going is as rare as it is final).
-        let (_, r) = core.invalidate(Domain::Alloc(notice.key), 0..u64::MAX);
-        if let Some(inner) = inner.filter(|_| notice.reason == p2pbridge_gpu::InvalidationReason::Free) {
+        let (_, mut r) = core.invalidate(Domain::Alloc(notice.key), 0..u64::MAX);
+        // A registration of it leaked meanwhile by another revoker (and forgotten by the cache
+        // since) still holds the free back.
+        if r.is_ok() && crate::graveyard::holds_back(notice.key) {
+            r = Err(crate::Error::Leaked { why: "a region that follows this memory is leaked" });
+        }
+        if let Some(inner) = inner.as_ref().filter(|_| notice.reason == p2pbridge_gpu::InvalidationReason::Free) {
             inner.subs.lock().unwrap_or_else(|e| e.into_inner()).remove(&notice.key);
             let mut allocs = inner.allocs.lock().unwrap_or_else(|e| e.into_inner());
             allocs.retain(|_, (k, _)| *k != notice.key);
         }
+        // `inner` (maybe the last handle on the bridge) lives until the notice is answered: the
+        // bridge's drop, which revokes everything, never runs before that on this thread.
         match r {
             Ok(()) => notice.ack(),
             Err(e) => {
@@ -115,6 +122,7 @@ impl Inner {
                 std::mem::forget(notice);
             }
         }
+        drop(inner);
     }
 }
 

@@ -38,6 +38,8 @@ pub(crate) struct Grave {
     /// never dropped (a static is never dropped).
     #[allow(dead_code)] // kept, never read: what matters is that it is never dropped
     pub(crate) parts: Box<dyn Send>,
+    /// The backend allocation it covers, if any.
+    pub(crate) alloc: Option<p2pbridge_gpu::AllocationKey>,
     /// For strategies whose region follows the allocation: a subscription to its notices that
     /// never acknowledges, so that its free is held back for ever.
     #[allow(dead_code)] // kept, never read: dropping it would unsubscribe
@@ -65,6 +67,13 @@ pub(crate) fn bury(grave: Grave) {
         free_held_back = follows_memory(strategy),
         "a registration is leaked, never deregistered: the NIC may still use its region"
     );
+}
+
+/// Whether a leaked region that follows its memory covers allocation `key`: its free must be
+/// held back (a free whose notices went out before the leak's own hold was made finds it
+/// here).
+pub(crate) fn holds_back(key: p2pbridge_gpu::AllocationKey) -> bool {
+    GRAVES.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|g| g.alloc == Some(key) && follows_memory(g.strategy))
 }
 
 /// How many registrations of this process are leaked (kept registered for ever because the NIC
@@ -98,6 +107,7 @@ mod tests {
             strategy: Strategy::PinnedHost,
             range: 0x1000..0x2000,
             why: "a test grave",
+            alloc: None,
             parts: Box::new(()),
             hold: None,
         });

@@ -9,8 +9,10 @@
 //! - dies at the NIC when the window is deallocated: when the registration is revoked (its
 //!   memory freed, unmapped or invalidated), or by [`crate::Bridge::revoke_key`].
 //!
-//! Without windows the key is the region's rkey; revoking the registration deregisters the
-//! region, which kills the key as well (and every other key of that registration).
+//! Without windows the key is the rkey of a region registered over exactly the handed-out
+//! range with exactly its rights (the registration's own region has no remote rights; a
+//! dma-buf registration's own rkey is its key, handed out whole only); revoking the key, or
+//! the registration, deregisters that region, which kills the key at the NIC.
 //!
 //! The ledger holds a handle on each registration with keys out, so that the cache never
 //! evicts memory a peer was given; only an invalidation (the memory going) or
@@ -262,12 +264,16 @@ impl KeyLedger {
                 "this key is a dma-buf registration's own rkey (no memory windows: the device lacks them, or BridgeOptions::windows is off): it is revoked with the registration (free or invalidate it)".into(),
             ));
         }
-        self.lock().remove(&id);
-        // Out of its connection's list too: a window's rkey can be reused by a later key of the
-        // same registration, which closing this key's connection must not revoke.
-        for keys in self.by_conn.lock().unwrap_or_else(|e| e.into_inner()).values_mut() {
-            keys.retain(|k| (k.generation, k.rkey) != id);
-        }
+        // Forgotten (below) only once its window is gone: a key whose window could not be
+        // deallocated stays recorded, as reaching its memory.
+        let forget = || {
+            self.lock().remove(&id);
+            // Out of its connection's list too: a window's rkey can be reused by a later key of
+            // the same registration, which closing this key's connection must not revoke.
+            for keys in self.by_conn.lock().unwrap_or_else(|e| e.into_inner()).values_mut() {
+                keys.retain(|k| (k.generation, k.rkey) != id);
+            }
+        };
         if let Some(i) = w.list.iter().position(|b| b.mw.rkey() == key.rkey) {
             let b = w.list.swap_remove(i);
             // On failure the window is leaked with the region under it (dealloc does not hand
@@ -277,6 +283,7 @@ impl KeyLedger {
                 w.keep(b.region);
                 return Err(e.into());
             }
+            forget();
             if let Some(sub) = b.region {
                 if let Err(e) = sub.deregister() {
                     // Still registered: keep the memory under it registered too.
@@ -284,6 +291,9 @@ impl KeyLedger {
                     return Err(e.into());
                 }
             }
+        } else {
+            // Deallocated already (by a revocation, or a revoke_key before this one).
+            forget();
         }
         Ok(())
     }
@@ -315,7 +325,7 @@ impl crate::Bridge {
         // Host memory: an munmap that has returned but is not acted on yet must not leave its
         // registration live for this hand-out, which may register a region over the range
         // (pinning whatever is mapped there now): catch up with the monitor first.
-        if reg.handle.value().alloc().is_none() && self.inner.watch.is_ok() && !crate::uffd::settled() {
+        if reg.handle.value().alloc().is_none() && !crate::uffd::settled() {
             crate::uffd::sync()?;
         }
         let access = reg.access;

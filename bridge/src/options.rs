@@ -20,8 +20,9 @@ pub struct BridgeOptions {
     /// and `MADV_DONTNEED` revoke its registrations by themselves.
     pub monitor_host: bool,
     /// Hand out memory-window keys where the device has type 2 windows (one window per
-    /// hand-out, over exactly its range, bound to the peer's queue pair). Off: keys are the
-    /// region's rkey, revoked only with the whole registration.
+    /// hand-out, over exactly its range, bound to the peer's queue pair). Off: each key is a
+    /// region of its own over exactly its range with exactly its rights, usable over any
+    /// connection (a dma-buf registration's own rkey, handed out whole only).
     pub windows: bool,
     /// The shape of the bounce engine that transfers of bounce registrations run through
     /// (chunk size, chunks in flight); its timeout is `completion_timeout`.

@@ -294,8 +294,8 @@ impl Registration {
         self.prefetch.as_ref().map(|r| r.as_ref().map(|_| ()).map_err(|e| e.as_str()))
     }
 
-    /// Whether the keys handed out for it are memory windows (revocable one by one) rather
-    /// than the region's own rkey.
+    /// Whether the keys handed out for it are memory windows (bound to one connection) rather
+    /// than regions of their own over the handed-out ranges.
     pub fn windowed(&self) -> bool {
         self.windowed
     }
@@ -470,7 +470,8 @@ impl Registration {
         // A region that follows its memory: hold that memory's free back for ever.
         // Made when the leak became known (`pin_forever`).
         let hold = self.hold.lock().unwrap_or_else(|e| e.into_inner()).take();
-        crate::graveyard::bury(crate::graveyard::Grave { strategy: self.strategy, range, why, parts, hold });
+        let alloc = self.alloc;
+        crate::graveyard::bury(crate::graveyard::Grave { strategy: self.strategy, range, why, alloc, parts, hold });
         drop(w);
         drop(guard);
         self.leak_result()

@@ -423,7 +423,7 @@ impl Reason {
                 "a newer rdma-core whose provider implements advise_mr (rxe's from rdma-core v57)"
             }
             Reason::MemWindowsAbsent { .. } => {
-                "keys are then the region's rkey, revoked with the whole registration; mlx5 and rxe (Linux >= 5.12) have type 2 windows"
+                "keys are then regions of their own (one more registration per hand-out) that work over any connection; mlx5 and rxe (Linux >= 5.12) have type 2 windows"
             }
             Reason::PeerMemMissing { .. } => "`modprobe nvidia-peermem` (shipped with the NVIDIA driver)",
             Reason::CudaDriverMissing { .. } => "install the NVIDIA driver (libcuda.so.1) on a host with an NVIDIA GPU",

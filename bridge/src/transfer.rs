@@ -259,6 +259,17 @@ pub(crate) struct Engines {
     engines: Mutex<Vec<(Arc<dyn MemoryBackend>, BounceEngine)>>,
 }
 
+impl Drop for Engines {
+    /// Engines whose transfer panicked may have chunks in flight, unreaped: their staging
+    /// slots are never deregistered (leaked with them), rather than given to later memory.
+    fn drop(&mut self) {
+        if self.engines.is_poisoned() {
+            let all = std::mem::take(self.engines.get_mut().unwrap_or_else(|e| e.into_inner()));
+            std::mem::forget(all);
+        }
+    }
+}
+
 impl Engines {
     /// Runs `f` with the engine for `backend` (exclusively: one bounce transfer at a time per
     /// backend and bridge).
@@ -269,7 +280,7 @@ impl Engines {
         f: impl FnOnce(&mut BounceEngine) -> Result<R>,
     ) -> Result<R> {
         // A panic in an engine's run (a backend copy) may have left its chunks in flight and
-        // unreaped: such engines are never used again.
+        // unreaped: such engines are never used again, nor their slots freed (`Drop`).
         let mut all = self.engines.lock().map_err(|_| Error::DeviceStuck {
             what: "a bounce engine whose transfer panicked (its staging slots are not reused)",
         })?;

@@ -742,6 +742,12 @@ pub(crate) fn watch_with(range: Range<u64>, force_missing: bool) -> Result<Watch
     // (hugetlbfs) would have its faulting thread woken to fault again, for ever.
     if ioctls & (1u64 << uapi::_UFFDIO_ZEROPAGE) == 0 {
         unregister(&m, &pages);
+        // Watched intervals inside these pages were unregistered with them: watched again, as
+        // they were (a failure leaves them to their tokens' owners: nothing better to do).
+        for (r, iv) in w.overlapping(&pages) {
+            let r = r.start.max(pages.start)..r.end.min(pages.end);
+            let _ = register(&m, &r, iv.mode);
+        }
         return Err(Error::Monitor(format!(
             "cannot watch {pages:x?}: the kernel offers neither write-protect mode nor zero pages for it (hugetlbfs memory on a kernel before 5.19?); without the monitor, call Bridge::invalidate_host before unmapping it"
         )));

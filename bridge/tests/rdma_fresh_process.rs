@@ -65,12 +65,19 @@ fn rdma_two_threads_starting_transfers_in_a_fresh_process_never_hang() {
         let bridge = Bridge::new(&pd, vec![Arc::new(mem.clone())], BridgeOptions::default()).unwrap();
         let buf = mem.alloc(2 * RUNS * 4096).unwrap();
         let reg = bridge.register(buf.addr(), (2 * RUNS * 4096) as u64, AccessFlags::LOCAL_WRITE).unwrap();
+        // Each connection is kept until every run is over: one dropped as soon as its message
+        // came could reach the child as a disconnection before its SEND's completion did.
         std::thread::scope(|s| {
+            let mut kept = Vec::new();
             for k in 0..2 * RUNS {
                 let conn = l.get_request(Duration::from_secs(120)).unwrap().accept(&pd, &opts()).unwrap();
                 let (bridge, reg) = (&bridge, &reg);
-                s.spawn(move || bridge.recv(&conn, reg, k as u64 * 4096, 4096, Duration::from_secs(120)).unwrap());
+                kept.push(s.spawn(move || {
+                    bridge.recv(&conn, reg, k as u64 * 4096, 4096, Duration::from_secs(120)).unwrap();
+                    conn
+                }));
             }
+            kept.into_iter().map(|t| t.join().unwrap()).collect::<Vec<_>>()
         });
     });
     let to = port_rx.recv().unwrap();
@@ -92,12 +99,13 @@ fn rdma_two_threads_starting_transfers_in_a_fresh_process_never_hang() {
         };
         match status {
             Some(st) => {
-                assert!(st.success(), "run {run}: the child failed ({st})");
+                assert!(st.success(), "run {run}: the child failed ({st}):\n{}", r.log());
                 assert_eq!(r.heard(Duration::from_secs(1)), "done", "run {run}");
             }
             None => {
+                let log = r.log();
                 peers::kill(r.child);
-                panic!("run {run}: two threads starting their first transfers hung (60 s)");
+                panic!("run {run}: two threads starting their first transfers hung (60 s):\n{log}");
             }
         }
     }

@@ -194,8 +194,9 @@ fn run(args: &Args, fabric: &SoftRoce) -> Res {
         with_mw.push(us(t.elapsed()));
         windowed.revoke_key(&k)?;
         let t = Instant::now();
-        let _ = plain.hand_out(conn, &preg, 0, max as u64)?;
+        let k = plain.hand_out(conn, &preg, 0, max as u64)?;
         without.push(us(t.elapsed()));
+        plain.revoke_key(&k)?;
     }
     let (m_with, m_without) = (percentile(&mut with_mw, 0.5), percentile(&mut without, 0.5));
     println!(

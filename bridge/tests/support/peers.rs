@@ -79,6 +79,11 @@ impl Role {
         Role { child, out }
     }
 
+    /// The role's own output (its log file), for a failure's message.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.out.with_extension("log")).unwrap_or_else(|e| format!("(no log: {e})"))
+    }
+
     /// What the role said, waiting up to `wait` for it.
     pub fn heard(&self, wait: Duration) -> String {
         let t = Instant::now();
