@@ -16,7 +16,7 @@ mod peers;
 use peers::{fabric, opts, say, Role};
 
 /// Child processes started, one after another.
-const RUNS: usize = 20;
+const RUNS: usize = 40;
 /// Where a child connects to.
 const TO_ENV: &str = "P2PB_ROLE_TO";
 
