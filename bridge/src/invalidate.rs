@@ -12,6 +12,10 @@ impl Bridge {
     /// Host memory, `len` bytes at `addr`, is going away: revokes what covers it (keys refused
     /// by the NIC, regions deregistered, handles dead), after in-flight operations on it finish.
     /// Returns how many registrations were revoked.
+    ///
+    /// It waits for every `Transfer`, `Receives` and `LocalGuard` holding those registrations:
+    /// called by their holder, it waits for itself, for ever. (So do [`invalidate`](Self::invalidate)
+    /// and [`report_free`](Self::report_free), and dropping the last clone of the bridge.)
     pub fn invalidate_host(&self, addr: u64, len: u64) -> Result<usize> {
         let end = addr
             .checked_add(len)

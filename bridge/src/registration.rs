@@ -592,9 +592,11 @@ impl Registered {
 /// [`QueuePair::post_recv`](p2pbridge_verbs::QueuePair::post_recv) and their kin): keep this
 /// guard until every such request is reaped, which is their contract's part here. The
 /// bridge's own transfers ([`Bridge::post`](crate::Bridge::post), [`Bridge::post_recvs`](crate::Bridge::post_recvs)) hold
-/// their registrations so by themselves. Work-request ids from 2^63 up are the bridge's own
-/// (its waiters take completions by id): on connections the bridge also uses, post with ids
-/// below 2^63.
+/// their registrations so by themselves. A thread holding a guard must not itself invalidate
+/// the memory ([`Bridge::invalidate_host`](crate::Bridge::invalidate_host) and its kin), free it
+/// through its backend, or drop the last clone of the bridge: each waits for the guard.
+/// Work-request ids from 2^63 up are the bridge's own (its waiters take completions by id): on
+/// connections the bridge also uses, post with ids below 2^63.
 pub struct LocalGuard<'r> {
     reg: &'r Registered,
     guard: RwLockReadGuard<'r, Option<Live>>,
