@@ -11,8 +11,9 @@
 //!
 //! Without windows the key is the rkey of a region registered over exactly the handed-out
 //! range with exactly its rights (the registration's own region has no remote rights; a
-//! dma-buf registration's own rkey is its key, handed out whole only); revoking the key, or
-//! the registration, deregisters that region, which kills the key at the NIC.
+//! dma-buf registration's own rkey is its key, handed out whole only, and dies only with the
+//! registration); revoking the key, or the registration, deregisters its region, which kills
+//! the key at the NIC.
 //!
 //! The ledger holds a handle on each registration with keys out, so that the cache never
 //! evicts memory a peer was given; only an invalidation (the memory going) or
@@ -205,11 +206,14 @@ impl KeyLedger {
         let live = match r.live() {
             Ok(g) => g.as_ref().is_some_and(|l| {
                 let w = r.windows();
-                w.list.iter().any(|b| b.mw.rkey() == key.rkey)
+                w.failed.contains(&key.rkey)
+                    || w.list.iter().any(|b| b.mw.rkey() == key.rkey)
                     || w.exact.iter().any(|m| m.rkey() == key.rkey)
                     || (!r.windowed() && r.strategy() == crate::Strategy::DmaBuf && l.mr.rkey() == key.rkey)
             }),
-            Err(_) => false,
+            // Revoked, but a key whose window (or region) could not be deallocated still
+            // reaches the memory.
+            Err(_) => r.windows().failed.contains(&key.rkey),
         };
         if live {
             return Ok(());
@@ -233,14 +237,21 @@ impl KeyLedger {
         // revocation under way has either revoked this key already (the lists are emptied, and
         // closed, under this lock) or waits until this is done, leak included.
         let mut w = r.windows();
+        if w.failed.contains(&key.rkey) {
+            // Its window (or region) could not be deallocated: it may still reach the memory.
+            return Err(Error::Leaked { why: "this key's window or region could not be deallocated" });
+        }
         if !r.windowed() {
             if let Some(i) = w.exact.iter().position(|m| m.rkey() == key.rkey) {
                 let exact = w.exact.swap_remove(i);
-                self.lock().remove(&id);
                 if let Err(e) = exact.deregister() {
+                    // Still registered (a failed deregistration leaks the region itself): the
+                    // key stays recorded, as reaching its memory.
                     r.pin_forever("a region over a handed-out range could not be deregistered");
+                    w.failed.push(key.rkey);
                     return Err(e.into());
                 }
+                self.lock().remove(&id);
                 return Ok(());
             }
             let own = r.strategy() == crate::Strategy::DmaBuf;
@@ -277,16 +288,18 @@ impl KeyLedger {
         if let Some(i) = w.list.iter().position(|b| b.mw.rkey() == key.rkey) {
             let b = w.list.swap_remove(i);
             // On failure the window is leaked with the region under it (dealloc does not hand
-            // it back): they must then never be deregistered.
+            // it back): they must then never be deregistered, and the key stays recorded.
             if let Err(e) = b.mw.dealloc() {
                 r.pin_forever("a memory window over it could not be deallocated");
+                w.failed.push(key.rkey);
                 w.keep(b.region);
                 return Err(e.into());
             }
             forget();
             if let Some(sub) = b.region {
                 if let Err(e) = sub.deregister() {
-                    // Still registered: keep the memory under it registered too.
+                    // Still registered: keep the memory under it registered too. (The window
+                    // is gone: the key itself is refused.)
                     r.pin_forever("a region under one of its windows could not be deregistered");
                     return Err(e.into());
                 }

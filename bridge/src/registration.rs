@@ -174,6 +174,9 @@ pub(crate) struct Windows {
     pub(crate) exact: Vec<MemoryRegion<Foreign>>,
     /// Regions under windows that could not be deallocated: never deregistered.
     kept: Vec<MemoryRegion<Foreign>>,
+    /// The rkeys of windows (or key regions) that could not be deallocated (deregistered):
+    /// they may still reach the memory, so their keys are never forgotten nor said revoked.
+    pub(crate) failed: Vec<u32>,
 }
 
 impl Windows {
@@ -382,12 +385,14 @@ impl Registration {
         w.closed = true;
         let mut regions = std::mem::take(&mut w.exact);
         for b in std::mem::take(&mut w.list) {
+            let rkey = b.mw.rkey();
             match b.mw.dealloc() {
                 Ok(()) => regions.extend(b.region),
                 Err(_) => {
                     // The window is leaked (dealloc does not hand it back), and so is the
                     // region under it.
                     self.pin_forever("a memory window over it could not be deallocated");
+                    w.failed.push(rkey);
                     w.kept.extend(b.region);
                 }
             }
@@ -396,10 +401,12 @@ impl Registration {
         // racing an invalidation) never deregisters the region, nor lets the memory go, while a
         // key's region over it is still registered here, and sees a failure's leak.
         for r in regions {
+            let rkey = r.rkey();
             if r.deregister().is_err() {
                 // Still registered (a failed deregistration leaks the region itself): so is
-                // the memory under it.
+                // the memory under it, and a key that is this region's rkey still reaches it.
                 self.pin_forever("a region under one of its windows could not be deregistered");
+                w.failed.push(rkey);
             }
         }
         drop(w);

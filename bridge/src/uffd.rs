@@ -743,10 +743,19 @@ pub(crate) fn watch_with(range: Range<u64>, force_missing: bool) -> Result<Watch
     if ioctls & (1u64 << uapi::_UFFDIO_ZEROPAGE) == 0 {
         unregister(&m, &pages);
         // Watched intervals inside these pages were unregistered with them: watched again, as
-        // they were (a failure leaves them to their tokens' owners: nothing better to do).
+        // they were. What cannot be is no longer watched: treated as gone (forgotten, and its
+        // registrations revoked), outside the watch list's lock.
+        let mut lost = Vec::new();
         for (r, iv) in w.overlapping(&pages) {
             let r = r.start.max(pages.start)..r.end.min(pages.end);
-            let _ = register(&m, &r, iv.mode);
+            if register(&m, &r, iv.mode).is_err() {
+                lost.push(r);
+            }
+        }
+        drop(w);
+        for r in lost {
+            forget(&m, &r);
+            notify(&m, r);
         }
         return Err(Error::Monitor(format!(
             "cannot watch {pages:x?}: the kernel offers neither write-protect mode nor zero pages for it (hugetlbfs memory on a kernel before 5.19?); without the monitor, call Bridge::invalidate_host before unmapping it"
