@@ -39,6 +39,11 @@ impl Bridge {
             let (m, rk) = self.inner.core.invalidate(Domain::Alloc(k), 0..u64::MAX);
             n += m;
             r = r.and(rk);
+            // A leaked region that follows this memory, forgotten by the cache since, still
+            // reaches it: the memory must not go.
+            if r.is_ok() && crate::graveyard::holds_back(k) {
+                r = Err(Error::Leaked { why: "a region that follows this memory is leaked" });
+            }
         }
         r.map(|()| n)
     }

@@ -157,7 +157,8 @@ impl KeyLedger {
         // Keys of revoked registrations are forgotten once the record grows, so that a process
         // that churns buffers does not grow it without bound (amortized O(1)).
         if handed.len() >= 64 && handed.len().is_power_of_two() {
-            handed.retain(|_, h| h.value().is_live());
+            // (Keys of a leaked registration stay: one may still reach its memory.)
+            handed.retain(|_, h| h.value().is_live() || h.value().leaked().is_some());
         }
         handed.insert((key.generation, key.rkey), reg.handle.clone());
         drop(handed);
@@ -329,6 +330,11 @@ impl crate::Bridge {
     /// registration, which has no address to register a
     /// part of, is then handed out only whole and with its own rights
     /// ([`Error::InvalidArgument`] otherwise).
+    ///
+    /// Host memory being unmapped by another thread while this runs (its `munmap` not returned
+    /// yet) may be mapped anew before the monitor acts: the key's region may then reach the new
+    /// memory until the monitor revokes it a moment later, as for a `register_host` racing an
+    /// `munmap` (see its docs). An unmap that has returned is acted on before this registers.
     ///
     /// For bounce registrations the key names the staging buffer: the owner calls
     /// [`Bridge::sync_to_peers`](Self::sync_to_peers) before peers read and [`Bridge::sync_from_peers`](Self::sync_from_peers) after they

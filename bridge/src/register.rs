@@ -301,7 +301,9 @@ impl Bridge {
                         }
                         // SAFETY: the exporter keeps the memory valid until it notifies us
                         // (the backend's notices), and a notice revokes the registration —
-                        // windows, then the region — before it is acknowledged.
+                        // windows, then the region — before it is acknowledged. A free that
+                        // began after the miss's checks is seen by the epoch: the registration
+                        // is then refused by the cache and revoked before any post or key.
                         Ok(x) => unsafe { pd.register_dmabuf(x.fd(), x.offset(), len, range.start, mr_access_for(s)) }
                             .map(|m| (Mr::Direct(m), Some(x)))
                             .map_err(Error::from),
@@ -309,8 +311,10 @@ impl Bridge {
                 }
                 Strategy::PeerMem | Strategy::PinnedHost => {
                     // SAFETY: backend memory is revoked (deregistered) through its notices
-                    // before it is freed; host VA memory is the caller's `register_host`
-                    // contract, and its unmapping revokes through the monitor.
+                    // before it is freed (a free racing this miss is seen by the epoch, and
+                    // the registration revoked before any post or key); host VA memory is the
+                    // caller's `register_host` contract, and its unmapping revokes through the
+                    // monitor.
                     unsafe { pd.register_raw(range.start as *mut u8, len, mr_access_for(s)) }
                         .map(|m| (Mr::Direct(m), None))
                         .map_err(Error::from)

@@ -458,6 +458,7 @@ impl Registration {
         let Live { mr, export, .. } = live;
         let kept = std::mem::take(&mut w.kept);
         let range = mr.addr()..mr.addr() + mr.len();
+        let range_rkey = mr.rkey();
         let parts: Box<dyn Send> = if self.leaked().is_some() {
             Box::new((mr, export, kept))
         } else {
@@ -474,6 +475,11 @@ impl Registration {
             }
         };
         let why = self.leaked().unwrap_or("leaked");
+        // A dma-buf region's own rkey is a key where there are no windows: it still works, and
+        // must never be said revoked.
+        if !self.windowed && self.strategy == Strategy::DmaBuf {
+            w.failed.push(range_rkey);
+        }
         // A region that follows its memory: hold that memory's free back for ever.
         // Made when the leak became known (`pin_forever`).
         let hold = self.hold.lock().unwrap_or_else(|e| e.into_inner()).take();
