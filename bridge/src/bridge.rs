@@ -13,7 +13,7 @@ use std::time::Duration;
 use p2pbridge_gpu::{AllocationKey, MemoryBackend, Notice, Subscription};
 use p2pbridge_verbs::ProtectionDomain;
 
-use crate::cache::{CachePolicy, Domain, RegCache};
+use crate::cache::{CachePolicy, Domain, Handle, RegCache};
 use crate::error::Result;
 use crate::keys::KeyLedger;
 use crate::options::BridgeOptions;
@@ -35,16 +35,7 @@ impl Core {
     /// regions are deregistered, handles turn dead. Waits only for operations in flight on
     /// them. Returns how many there were, and the first failure.
     pub(crate) fn invalidate(&self, domain: Domain, range: Range<u64>) -> (usize, Result<()>) {
-        let gone = self.cache.remove_overlapping(domain, range);
-        let mut r = Ok(());
-        for e in &gone {
-            if let Err(err) = unwound(|| e.value().revoke()) {
-                if r.is_ok() {
-                    r = Err(err);
-                }
-            }
-        }
-        (gone.len(), r)
+        self.revoke_over(domain, range, |e| e.value().revoke())
     }
 
     /// [`invalidate`](Self::invalidate) for memory that is gone already (the monitor saw it
@@ -52,25 +43,39 @@ impl Core {
     /// registration an operation holds is deregistered later, once let go, by the teardown
     /// thread ([`crate::teardown`]), so that this never waits for a holder.
     pub(crate) fn invalidate_gone(&self, domain: Domain, range: Range<u64>) -> (usize, Result<()>) {
+        self.revoke_over(domain, range, crate::teardown::revoke_without_waiting)
+    }
+
+    /// Takes every registration of `domain` over `range` out of the cache and revokes each
+    /// with `revoke` (a panic in one turned into an error: the entries after it, taken out
+    /// already, are revoked all the same). For a backend allocation, a leaked region that
+    /// follows its memory — forgotten by the cache since — still holds its memory: `Leaked`.
+    /// Returns how many there were, and the first failure.
+    fn revoke_over(
+        &self,
+        domain: Domain,
+        range: Range<u64>,
+        revoke: impl Fn(Handle<Registration>) -> Result<()>,
+    ) -> (usize, Result<()>) {
         let gone = self.cache.remove_overlapping(domain, range);
         let n = gone.len();
         let mut r = Ok(());
         for e in gone {
-            if let Err(err) = unwound(|| crate::teardown::revoke_without_waiting(e)) {
+            let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| revoke(e)))
+                .unwrap_or(Err(crate::Error::InvalidArgument("a revocation panicked".into())));
+            if let Err(err) = done {
                 if r.is_ok() {
                     r = Err(err);
                 }
             }
         }
+        if let (Ok(()), Domain::Alloc(key)) = (&r, domain) {
+            if crate::graveyard::holds_back(key) {
+                r = Err(crate::Error::Leaked { why: "a region that follows this memory is leaked" });
+            }
+        }
         (n, r)
     }
-}
-
-/// Runs one revocation of a list, a panic in it turned into an error: the entries after it,
-/// taken out of the cache already, are revoked all the same (none is left live and forgotten).
-fn unwound(f: impl FnOnce() -> Result<()>) -> Result<()> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-        .unwrap_or(Err(crate::Error::InvalidArgument("a revocation panicked".into())))
 }
 
 pub(crate) struct Inner {
@@ -102,12 +107,9 @@ impl Inner {
     pub(crate) fn on_notice(core: &Core, inner: Option<Arc<Inner>>, notice: Notice) {
         // The notice's range is in offsets of the allocation, the cache's in addresses: the
         // whole allocation's registrations go (a part going is as rare as it is final).
-        let (_, mut r) = core.invalidate(Domain::Alloc(notice.key), 0..u64::MAX);
-        // A registration of it leaked meanwhile by another revoker (and forgotten by the cache
-        // since) still holds the free back.
-        if r.is_ok() && crate::graveyard::holds_back(notice.key) {
-            r = Err(crate::Error::Leaked { why: "a region that follows this memory is leaked" });
-        }
+        // (A registration of it leaked meanwhile by another revoker, and forgotten by the cache
+        // since, still holds the free back: `Core::invalidate` says `Leaked`.)
+        let (_, r) = core.invalidate(Domain::Alloc(notice.key), 0..u64::MAX);
         if let Some(inner) = inner.as_ref().filter(|_| notice.reason == p2pbridge_gpu::InvalidationReason::Free) {
             inner.subs.lock().unwrap_or_else(|e| e.into_inner()).remove(&notice.key);
             let mut allocs = inner.allocs.lock().unwrap_or_else(|e| e.into_inner());

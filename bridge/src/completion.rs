@@ -28,6 +28,20 @@ pub(crate) fn next_wr_ids(n: u64) -> u64 {
     NEXT_WR_ID.fetch_add(n, Ordering::Relaxed)
 }
 
+/// `r`, the reap of a request over `bufs`, with `bufs` given back where it was reaped (or
+/// failed otherwise: the NIC is done with them). Where the device neither completed nor
+/// flushed it (`DeviceStuck`), the NIC may still use them: they are given up for ever (leaked,
+/// never deregistered).
+pub(crate) fn reaped_with<T, B>(r: Result<T>, bufs: B) -> Result<(T, B)> {
+    match r {
+        Err(e @ Error::DeviceStuck { .. }) => {
+            std::mem::forget(bufs);
+            Err(e)
+        }
+        r => r.map(|v| (v, bufs)),
+    }
+}
+
 /// How long a flushed request's completion may take once its QP is in the error state.
 pub(crate) const FLUSH_WAIT: Duration = Duration::from_secs(5);
 

@@ -31,7 +31,7 @@ use p2pbridge_verbs::{AccessFlags, Connection, HostBuffer, SendFlags};
 use crate::bridge::Core;
 
 use crate::cache::Handle;
-use crate::completion::{next_wr_id, reap, reap_on};
+use crate::completion::{next_wr_id, reap, reap_on, reaped_with};
 use crate::error::{Error, Result};
 use crate::key::RemoteKey;
 use crate::registration::{Bound, Registered, Registration};
@@ -73,7 +73,7 @@ impl KeyLedger {
         let guard = r.live()?;
         let live = guard.as_ref().ok_or(Error::Revoked)?;
         let rkey = if r.windowed() {
-            let remote = access & (AccessFlags::REMOTE_READ | AccessFlags::REMOTE_WRITE | AccessFlags::REMOTE_ATOMIC);
+            let remote = access & AccessFlags::REMOTE_ANY;
             // Part of the region: bind over a region of exactly that part, so that providers
             // that bound a window's accesses by its region's range only (rxe) refuse the rest
             // too. Not for dma-buf regions (their memory has no mapping to register by
@@ -123,11 +123,7 @@ impl KeyLedger {
             // hold more rights than this handle asked for), deregistered with the
             // registration, or by `revoke_key`. A dma-buf region has no address to register a
             // part of: its own key only where it is exactly that.
-            let remote = access & (AccessFlags::REMOTE_READ | AccessFlags::REMOTE_WRITE | AccessFlags::REMOTE_ATOMIC);
-            let mr_remote = match &live.mr {
-                crate::registration::Mr::Direct(m) => m.access(),
-                crate::registration::Mr::Bounce(m) => m.access(),
-            } & (AccessFlags::REMOTE_READ | AccessFlags::REMOTE_WRITE | AccessFlags::REMOTE_ATOMIC);
+            let (remote, mr_remote) = (access & AccessFlags::REMOTE_ANY, live.mr.access() & AccessFlags::REMOTE_ANY);
             // A region of its own even for the whole registration: revoking the keys (a free,
             // an unmap) then kills it at once, before the registration's own region goes
             // (which waits for operations holding it).
@@ -383,11 +379,8 @@ impl crate::Bridge {
             .inspect_err(|_| conn.send_cq().unexpect(id))?;
         // `mr` lives until the completion is reaped (or the request flushed); a SEND the
         // device never completed nor flushed keeps it for ever.
-        let r = reap_on(conn, conn.send_cq(), id, self.inner.core.completion_timeout, "SEND of a key");
-        if matches!(r, Err(Error::DeviceStuck { .. })) {
-            std::mem::forget(mr);
-        }
-        r.map(drop)
+        reaped_with(reap_on(conn, conn.send_cq(), id, self.inner.core.completion_timeout, "SEND of a key"), mr)
+            .map(drop)
     }
 
     /// Receives a key the peer sent with [`send_key`](Self::send_key), waiting up to `timeout`.
@@ -401,14 +394,7 @@ impl crate::Bridge {
         // SAFETY: `mr` stays registered until the receive is reaped (`reap_on` returns once it
         // completed or was flushed), and is leaked, never deregistered, where it was not.
         unsafe { conn.qp().post_recv(id, &slice) }.inspect_err(|_| conn.recv_cq().unexpect(id))?;
-        let wc = match reap_on(conn, conn.recv_cq(), id, timeout, "RECV of a key") {
-            Err(e @ Error::DeviceStuck { .. }) => {
-                // Not reaped: the NIC may still write it.
-                std::mem::forget(mr);
-                return Err(e);
-            }
-            r => r?,
-        };
+        let (wc, mr) = reaped_with(reap_on(conn, conn.recv_cq(), id, timeout, "RECV of a key"), mr)?;
         // The receive is complete and no peer has rights on this region: its bytes are settled.
         let bytes = mr.to_vec();
         RemoteKey::from_bytes(&bytes[..(wc.byte_len as usize).min(RemoteKey::WIRE_LEN)])

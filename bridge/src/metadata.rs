@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use p2pbridge_verbs::{AccessFlags, Connection, HostBuffer, RemoteBuf, SendFlags};
 
-use crate::completion::{next_wr_id, reap_on, FLUSH_WAIT};
+use crate::completion::{next_wr_id, reap_on, reaped_with, FLUSH_WAIT};
 use crate::error::{Error, Result};
 use crate::key::RemoteKey;
 
@@ -213,14 +213,8 @@ impl crate::Bridge {
         // SAFETY: `msg` stays registered until the receive is reaped (`reap_on` returns once it
         // completed or was flushed), and is leaked where it was not (below).
         unsafe { conn.qp().post_recv(id, &slice) }.inspect_err(|_| conn.recv_cq().unexpect(id))?;
-        let wc = match reap_on(conn, conn.recv_cq(), id, timeout, "RECV of a metadata announcement") {
-            Err(e @ Error::DeviceStuck { .. }) => {
-                // Not reaped: the NIC may still write it.
-                std::mem::forget(msg);
-                return Err(e);
-            }
-            r => r?,
-        };
+        let (wc, msg) =
+            reaped_with(reap_on(conn, conn.recv_cq(), id, timeout, "RECV of a metadata announcement"), msg)?;
         // Complete, and no peer has rights on this region: its bytes are settled.
         let m = msg.to_vec();
         if (wc.byte_len as usize) < ANNOUNCE {

@@ -32,6 +32,12 @@ impl Bridge {
     /// allocator's CUDA memory — is freed without a notice, so it is refused here with
     /// [`Error::NotAnnounced`]: register it with [`register_foreign`](Self::register_foreign).
     pub fn register(&self, addr: u64, len: u64, access: AccessFlags) -> Result<Registered> {
+        self.register_backend(addr, len, access, false)
+    }
+
+    /// [`register`](Self::register), or (`foreign`) [`register_foreign`](Self::register_foreign).
+    #[inline]
+    fn register_backend(&self, addr: u64, len: u64, access: AccessFlags, foreign: bool) -> Result<Registered> {
         check_range(addr, len)?;
         let access = access | AccessFlags::LOCAL_WRITE;
         // The hit path: no identification, one read lock. The cache finds the allocation by
@@ -47,7 +53,7 @@ impl Bridge {
         if let Some(handle) = self.inner.core.cache.lookup_at(addr..addr + len, access.bits()) {
             return Ok(Registered { handle, addr, len, access });
         }
-        self.register_identified(addr, len, access, false)
+        self.register_identified(addr, len, access, foreign)
     }
 
     /// Registers `len` bytes at `addr` of a backend's memory whose free the backend does not
@@ -67,12 +73,7 @@ impl Bridge {
     /// registered, and fail with [`Error::NotTheRegisteredMemory`] where not: a second guard,
     /// not a substitute for `report_free`.)
     pub unsafe fn register_foreign(&self, addr: u64, len: u64, access: AccessFlags) -> Result<Registered> {
-        check_range(addr, len)?;
-        let access = access | AccessFlags::LOCAL_WRITE;
-        if let Some(handle) = self.inner.core.cache.lookup_at(addr..addr + len, access.bits()) {
-            return Ok(Registered { handle, addr, len, access });
-        }
-        self.register_identified(addr, len, access, true)
+        self.register_backend(addr, len, access, true)
     }
 
     /// [`register`](Self::register) past its hit path: identify the memory, then look up,
@@ -252,7 +253,7 @@ impl Bridge {
         // without, keys are regions of their own over exactly what is handed out. A dma-buf
         // region without windows is the exception: it has no address to register a part of,
         // so its own rkey is the key (handed out whole only).
-        let local = access & !(AccessFlags::REMOTE_READ | AccessFlags::REMOTE_WRITE | AccessFlags::REMOTE_ATOMIC);
+        let local = access & !AccessFlags::REMOTE_ANY;
         let mr_access_for = |s: Strategy| {
             if windowed {
                 local | AccessFlags::MW_BIND

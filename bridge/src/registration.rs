@@ -69,6 +69,18 @@ impl Mr {
             Mr::Bounce(m) => m.rkey(),
         }
     }
+    pub(crate) fn access(&self) -> AccessFlags {
+        match self {
+            Mr::Direct(m) => m.access(),
+            Mr::Bounce(m) => m.access(),
+        }
+    }
+    fn pd(&self) -> &p2pbridge_verbs::ProtectionDomain {
+        match self {
+            Mr::Direct(m) => m.pd(),
+            Mr::Bounce(m) => m.pd(),
+        }
+    }
     /// Binds `mw` over `offset..offset+len` of the region on `conn`'s QP (see
     /// [`QueuePair::post_bind_mw`](p2pbridge_verbs::QueuePair::post_bind_mw)).
     ///
@@ -99,12 +111,8 @@ impl Mr {
     /// # Safety
     /// The returned region must be deregistered before this one.
     pub(crate) unsafe fn sub_region(&self, offset: u64, len: u64) -> Result<MemoryRegion<Foreign>> {
-        let access = match self {
-            Mr::Direct(m) => m.access(),
-            Mr::Bounce(m) => m.access(),
-        };
         // SAFETY: forwarded from the caller.
-        unsafe { self.sub_region_with(offset, len, access) }
+        unsafe { self.sub_region_with(offset, len, self.access()) }
     }
 
     /// A region over exactly `offset..offset+len` of this one's memory with the rights
@@ -118,11 +126,7 @@ impl Mr {
         len: u64,
         access: AccessFlags,
     ) -> Result<MemoryRegion<Foreign>> {
-        let (pd, own) = match self {
-            Mr::Direct(m) => (m.pd(), m.access()),
-            Mr::Bounce(m) => (m.pd(), m.access()),
-        };
-        let access = access | (own & AccessFlags::ON_DEMAND);
+        let (pd, access) = (self.pd(), access | (self.access() & AccessFlags::ON_DEMAND));
         let len = usize::try_from(len).map_err(|_| Error::InvalidArgument("range too large".into()))?;
         // SAFETY: the range lies within this region's memory (the caller checked it) and the
         // caller drops the new region first. That memory is mapped: a backend's allocation is

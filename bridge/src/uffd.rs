@@ -997,13 +997,16 @@ mod tests {
         unsafe { rustix::mm::munmap(a as *mut _, len) }.unwrap();
     }
 
+    /// The kernel's pool of huge pages, by count.
+    const POOL: &str = "/proc/sys/vm/nr_hugepages";
+
     /// Puts the kernel's huge-page pool back as it was, however the test ends.
     struct Pool(Option<String>);
 
     impl Drop for Pool {
         fn drop(&mut self) {
             if let Some(v) = self.0.take() {
-                let _ = std::fs::write("/proc/sys/vm/nr_hugepages", v);
+                let _ = std::fs::write(POOL, v);
             }
         }
     }
@@ -1011,7 +1014,6 @@ mod tests {
     /// One 2 MiB huge page of anonymous hugetlb memory, reserving one in the kernel's pool where
     /// there is none and this process may (root); why not where it cannot be had.
     fn huge_page() -> std::result::Result<(u64, Pool), String> {
-        const POOL: &str = "/proc/sys/vm/nr_hugepages";
         let before = std::fs::read_to_string(POOL).map_err(|e| format!("{POOL}: {e}"))?;
         let restore = if before.trim() == "0" {
             std::fs::write(POOL, "1")

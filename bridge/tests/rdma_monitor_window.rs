@@ -8,26 +8,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use p2pbridge::gpu::{HostBackend, MemoryBackend};
-use p2pbridge::verbs::{AccessFlags, ConnectionOptions, Error as VerbsError, ProtectionDomain, WcStatus};
+use p2pbridge::verbs::{AccessFlags, Error as VerbsError, ProtectionDomain, WcStatus};
 use p2pbridge::{Bridge, BridgeOptions, Error, Policy, Registered, Strategy};
-use p2pbridge_test_support::fabric::{Side, SoftRoce};
+use p2pbridge_test_support::fabric::Side;
 use p2pbridge_test_support::pattern;
 
 #[path = "support/host_va.rs"]
 mod host_va;
 #[path = "support/links.rs"]
 mod links;
+#[path = "support/peers.rs"]
+mod peers;
+use peers::{fabric, opts};
 
 const LEN: usize = 65_536;
 const ROUNDS: usize = 24;
-
-fn fabric() -> SoftRoce {
-    SoftRoce::from_env().expect("this test needs the Soft-RoCE fabric: run it through scripts/test or scripts/softroce")
-}
-
-fn opts() -> ConnectionOptions {
-    ConnectionOptions { timeout: Duration::from_secs(30), rnr_retry_count: 7, ..Default::default() }
-}
 
 /// The writing peer: a bridge over host-backend memory filled with 0x5a.
 struct Writer {

@@ -30,6 +30,10 @@ bitflags! {
 }
 
 impl AccessFlags {
+    /// Every right a peer can be given: REMOTE_READ | REMOTE_WRITE | REMOTE_ATOMIC.
+    pub const REMOTE_ANY: AccessFlags =
+        AccessFlags::REMOTE_READ.union(AccessFlags::REMOTE_WRITE).union(AccessFlags::REMOTE_ATOMIC);
+
     /// LOCAL_WRITE | REMOTE_WRITE | REMOTE_READ: what a buffer that peers read and write needs.
     pub fn remote_rw() -> Self {
         AccessFlags::LOCAL_WRITE | AccessFlags::REMOTE_WRITE | AccessFlags::REMOTE_READ

@@ -570,7 +570,7 @@ impl QueuePair {
         if len == 0 || offset.checked_add(len).is_none_or(|e| e > mr.len()) {
             return Err(Error::OutOfBounds { what: "memory window bind", offset, length: len as usize, len: mr.len() });
         }
-        let remote = access & (AccessFlags::REMOTE_WRITE | AccessFlags::REMOTE_READ | AccessFlags::REMOTE_ATOMIC);
+        let remote = access & AccessFlags::REMOTE_ANY;
         let rkey = mw.next_rkey();
         // SAFETY: ibv_send_wr is plain old data; zeroed is a valid empty request.
         let mut wr: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
